@@ -1,0 +1,7 @@
+"""``python -m slimtune`` (and ``torchrun ... -m slimtune``) runs the CLI."""
+
+import sys
+
+from slimtune.cli import main
+
+sys.exit(main())

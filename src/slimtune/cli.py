@@ -1,0 +1,230 @@
+"""The ``slimtune`` command line: run | train | eval | list.
+
+Every user error prints one line (``error: ...``) and exits with code 2; nothing is overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+
+# Offline by construction: the zoo's models and data come from installed packages.
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from slimtune.errors import SlimtuneError  # noqa: E402
+
+EPILOG = """\
+examples:
+  slimtune run                                   the main job: LoRA on minilm-l6 + movie-sentiment
+  slimtune train recipes/lora.yaml --set train.lr=5e-4 --out runs/lora
+  slimtune train recipes/lora.yaml --set method.r=16 --set task.name=trec-6
+  slimtune eval runs/lora                        reload base + delta, re-evaluate the test split
+  slimtune list methods                          every method's fields, defaults and meaning
+
+two processes on CPU (gloo):
+  torchrun --nproc_per_node 2 -m slimtune train recipes/lora.yaml --out runs/lora-2p
+"""
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        help="override a recipe field (repeatable), e.g. --set train.lr=5e-4 --set method.r=16",
+    )
+    parser.add_argument("--out", type=Path, help="run directory to create (default: runs/<method>-<task>-<time>)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--json", action="store_true", help="print report.json instead of the table")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slimtune",
+        description="Adapt pre-trained transformers cheaply and ship them slim. Every run writes a "
+        "run directory (recipe.yaml, delta.safetensors + delta.json, report.json) and prints a report card.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run", help="the main job: LoRA on minilm-l6 + movie-sentiment (a few minutes), with a report card",
+        description="Train the embedded default recipe (LoRA r=8 on minilm-l6, movie-sentiment, 2,000 training "
+        "sentences, 2 epochs) and print its report card. Any field can be changed with --set.",
+    )
+    _add_recipe_args(run)
+
+    train = sub.add_parser(
+        "train", help="train a recipe (YAML) and write a run directory",
+        description="Train RECIPE (see recipes/ and `slimtune list recipes`), evaluate on the test split, "
+        "measure the cost, and write the run directory.",
+        epilog="example: slimtune train recipes/lora.yaml --set train.epochs=3 --out runs/lora3",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("recipe", type=Path, help="a recipe YAML file")
+    _add_recipe_args(train)
+    train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run in RUN_DIR from its last good checkpoint")
+
+    ev = sub.add_parser(
+        "eval", help="reload base + delta from a run directory and re-evaluate",
+        description="Rebuild the base model, load the run's delta (refused if it was made for another base), "
+        "evaluate on the test split and print the metrics next to the run's report card.",
+    )
+    ev.add_argument("run_dir", type=Path, help="a run directory written by `slimtune train`/`run`")
+    ev.add_argument("--task", help="evaluate on another zoo task with the same labels")
+    ev.add_argument("--force", action="store_true", help="load the delta even if its base fingerprint differs")
+    ev.add_argument("--json", action="store_true", help="print JSON")
+
+    ls = sub.add_parser("list", help="list models, tasks, methods or recipes", description="List what slimtune has.")
+    ls.add_argument("what", choices=["models", "tasks", "methods", "recipes"], help="what to list")
+    return parser
+
+
+def _default_out(recipe) -> Path:
+    task = recipe.task.name or Path(recipe.task.file or "data").stem
+    return Path("runs") / f"{recipe.method_label}-{task}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def cmd_train(args, recipe_path: Path | None) -> int:
+    import json
+
+    from slimtune.measure.report import print_report
+    from slimtune.recipe import load_recipe
+    from slimtune.runner import train_run
+
+    if args.resume is not None:
+        source = recipe_path or args.resume / "recipe.yaml"
+        recipe = load_recipe(source, args.overrides)
+        out = args.resume
+    else:
+        recipe = load_recipe(recipe_path, args.overrides)
+        out = args.out or _default_out(recipe)
+    report = train_run(recipe, out, resume=args.resume is not None, progress=not args.no_progress)
+    if report:
+        if args.json:
+            print(json.dumps(report, indent=2, default=str))
+        else:
+            print_report(report)
+            print(f"run directory: {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from slimtune.runner import evaluate_run
+
+    result = evaluate_run(args.run_dir, task=args.task, force=args.force)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    table = Table(title=f"slimtune eval {args.run_dir} ({result['task']}, {result['n_test']} test examples)", title_justify="left")
+    table.add_column("metric")
+    table.add_column("re-evaluated")
+    table.add_column("report card")
+    saved = result.get("report_metrics") or {}
+    for key, value in result["metrics"].items():
+        table.add_row(key, f"{value:.4f}", f"{saved[key]:.4f}" if key in saved else "-")
+    Console().print(table)
+    return 0
+
+
+def cmd_list(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if args.what == "models":
+        from slimtune.zoo.models import list_models
+
+        table = Table(title="models (any local HF model directory works too: model.name: /path/to/dir)", title_justify="left")
+        for col in ("name", "family", "params", "installed", "description"):
+            table.add_column(col)
+        for row in list_models():
+            table.add_row(row["name"], row["family"], row["params"], "yes" if row["installed"] else "no", row["description"])
+    elif args.what == "tasks":
+        from slimtune.zoo.tasks import list_tasks
+
+        table = Table(title="tasks (or your own data: task: {file: data.csv, text: COL, label: COL})", title_justify="left")
+        for col in ("name", "labels", "metric", "installed", "description"):
+            table.add_column(col)
+        for row in list_tasks():
+            table.add_row(row["name"], str(row["n_labels"]), row["metric"], "yes" if row["installed"] else "no", row["description"])
+    elif args.what == "methods":
+        from slimtune.methods.base import all_methods
+
+        table = Table(title="methods (recipe: method: {name: NAME, FIELD: VALUE}; a list composes methods)", title_justify="left", show_lines=True)
+        for col in ("method", "what it does", "field", "default", "meaning"):
+            table.add_column(col)
+        for name, cls in all_methods().items():
+            fields = list(cls.Config.model_fields.items())
+            if not fields:
+                table.add_row(name, cls.description, "-", "", "")
+                continue
+            for i, (field, info) in enumerate(fields):
+                table.add_row(name if i == 0 else "", cls.description if i == 0 else "", field, repr(info.default), info.description or "")
+    else:
+        table = Table(title="recipes", title_justify="left")
+        table.add_column("recipe")
+        table.add_column("method")
+        table.add_column("model / task")
+        for path in find_recipes():
+            from slimtune.recipe import read_yaml
+
+            data = read_yaml(path)
+            method = data.get("method")
+            label = method if isinstance(method, str) else (method.get("name") if isinstance(method, dict) else "+".join(m if isinstance(m, str) else m.get("name", "?") for m in method or []))
+            model = (data.get("model") or {}).get("name", "minilm-l6") if isinstance(data.get("model"), dict) else data.get("model")
+            task = (data.get("task") or {}).get("name", (data.get("task") or {}).get("file")) if isinstance(data.get("task"), dict) else data.get("task")
+            table.add_row(str(path), str(label), f"{model} / {task}")
+    console.print(table)
+    return 0
+
+
+def find_recipes() -> list[Path]:
+    """Recipes in ./recipes and in the source checkout's recipes/ (editable installs)."""
+    roots = [Path("recipes"), Path(__file__).resolve().parents[2] / "recipes"]
+    seen, found = set(), []
+    for root in roots:
+        if root.is_dir():
+            for path in sorted(root.glob("*.yaml")):
+                if path.resolve() not in seen:
+                    seen.add(path.resolve())
+                    found.append(path)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "run":
+            args.resume = None
+            return cmd_train(args, None)
+        if args.command == "train":
+            return cmd_train(args, args.recipe)
+        if args.command == "eval":
+            return cmd_eval(args)
+        if args.command == "list":
+            return cmd_list(args)
+    except SlimtuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; resume with: slimtune train RECIPE --resume RUN_DIR", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""The report card: what a run achieved and what it cost, as ``report.json`` and a terminal table.
+
+Inference is measured on the model as it would be deployed: linear deltas merged into the base
+(so LoRA costs nothing at inference), other methods as they run. FLOPs are counted with eager
+attention (``FlopCounterMode`` cannot see the CPU SDPA kernel); latency is the median of timed
+repeats after warm-up at a fixed thread count, batch size and sequence length, all recorded.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+from typing import TYPE_CHECKING, Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from slimtune.measure.flops import flops_per_example
+from slimtune.measure.latency import measure_latency
+from slimtune.measure.memory import peak_rss_bytes
+from slimtune.measure.params import param_counts
+
+if TYPE_CHECKING:
+    from slimtune.runner import Built
+    from slimtune.train.trainer import Trainer, TrainResult
+
+VERSIONED_PACKAGES = ("slimtune", "torch", "transformers", "accelerate", "datasets", "safetensors", "peft", "opacus")
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def inference_inputs(trainer: Trainer, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """A batch of real test examples, truncated/padded to exactly ``seq_len`` tokens."""
+    rows = trainer._rows["test"] or trainer._rows["train"]
+    chosen = [rows[i % len(rows)] for i in range(batch_size)]
+    batch: dict[str, torch.Tensor] = {}
+    for key in chosen[0]:
+        if key == "labels":
+            continue
+        fill = trainer.pad_id if key == "input_ids" else 0
+        batch[key] = torch.tensor([(r[key] + [fill] * seq_len)[:seq_len] for r in chosen], dtype=torch.long)
+    return batch
+
+
+def measure_inference(built: Built, trainer: Trainer) -> dict[str, Any]:
+    cfg = built.recipe.measure
+    seq_len = cfg.seq_len or built.recipe.train.max_length
+    out: dict[str, Any] = {"merged": False}
+    if not (cfg.flops or cfg.latency):
+        return out
+    model, delta = built.model, built.delta
+    merge = delta.can_merge and any(m.mergeable for m in delta.methods)
+    if merge:
+        delta.merge(model)
+        out["merged"] = True
+    try:
+        if cfg.flops:
+            one = inference_inputs(trainer, 1, seq_len)
+            out["flops_per_example"] = flops_per_example(model, one)
+            out["flops_seq_len"] = seq_len
+        if cfg.latency:
+            batch = inference_inputs(trainer, cfg.batch_size, seq_len)
+            timing = measure_latency(model, batch, threads=cfg.threads, repeats=cfg.repeats)
+            out.update({k: timing[k] for k in ("latency_ms_median", "latency_ms_p90", "batch_size", "seq_len", "threads", "repeats")})
+    finally:
+        if merge:
+            delta.unmerge(model)
+    return out
+
+
+def build_report(
+    built: Built,
+    trainer: Trainer,
+    result: TrainResult,
+    test_metrics: dict[str, float],
+    validation_metrics: dict[str, float],
+    stored_bytes: int,
+    wall_seconds: float,
+) -> dict[str, Any]:
+    recipe, task = built.recipe, built.task
+    counts = param_counts(built.model, trainer.trainable.keys(), base_total=built.base_params)
+    report: dict[str, Any] = {
+        "model": {"name": recipe.model.name, "params_total": built.base_params, "type": built.arch.model_type},
+        "task": {
+            "name": task.name,
+            "n_train": len(task.splits["train"]),
+            "n_validation": len(task.splits["validation"]),
+            "n_test": len(task.splits["test"]),
+            "labels": task.label_names,
+            "primary_metric": task.metric if built.objective == "classification" else "perplexity",
+            "objective": built.objective,
+        },
+        "method": {"name": built.delta.label, "config": built.delta.config()},
+        "metrics": test_metrics,
+        "metrics_validation": validation_metrics,
+        "params": {
+            "trainable": counts["trainable"],
+            "trainable_pct": counts["trainable_pct"],
+            "head": sum(p.numel() for p in built.delta.head_parameters(built.model).values()),
+            "stored_bytes": stored_bytes,
+        },
+        "train": {
+            "steps": result.steps,
+            "epochs_completed": trainer.epoch,
+            "seconds": result.seconds,
+            "step_seconds_median": result.step_seconds_median,
+            "peak_memory_bytes": result.memory.get("peak"),
+            "memory_components_bytes": {k: v for k, v in result.memory.items() if k != "peak"},
+            "peak_rss_bytes": peak_rss_bytes(),
+            "processes": trainer.world_size,
+            "batch_size": recipe.train.batch_size,
+            "precision": recipe.train.precision,
+            "stop_reason": result.stop_reason,
+            "history": result.history,
+        },
+        "inference": measure_inference(built, trainer),
+        "seconds_total": wall_seconds,
+        "versions": versions(),
+    }
+    for hook in trainer.hooks:
+        section = hook.report()
+        if section:
+            report[hook.name] = section
+    return report
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _count(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def report_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    metrics = report.get("metrics", {})
+    train, inference, params = report.get("train", {}), report.get("inference", {}), report.get("params", {})
+    rows = [
+        ("model", f"{report['model']['name']} ({_count(report['model']['params_total'])} params)"),
+        ("task", f"{report['task']['name']} (train {report['task']['n_train']}, test {report['task']['n_test']})"),
+        ("method", report["method"]["name"]),
+    ]
+    rows += [(f"test {k}", f"{v:.4f}") for k, v in metrics.items()]
+    rows += [
+        ("trainable params", f"{params.get('trainable', 0):,} ({params.get('trainable_pct', 0):.3f}%)"),
+        ("stored (delta)", _bytes(params.get("stored_bytes"))),
+        ("train steps / time", f"{train.get('steps')} / {train.get('seconds', 0):.1f} s ({train.get('step_seconds_median', 0) * 1000:.0f} ms/step)"),
+        ("train peak memory", f"{_bytes(train.get('peak_memory_bytes'))} (RSS {_bytes(train.get('peak_rss_bytes'))})"),
+    ]
+    if "flops_per_example" in inference:
+        rows.append(("inference FLOPs/example", f"{_count(inference['flops_per_example'])} (seq {inference.get('flops_seq_len')})"))
+    if "latency_ms_median" in inference:
+        merged = ", merged" if inference.get("merged") else ""
+        rows.append(("inference latency", f"{inference['latency_ms_median']:.1f} ms (batch {inference['batch_size']} x {inference['seq_len']}, {inference['threads']} threads{merged})"))
+    if "privacy" in report:
+        p = report["privacy"]
+        rows.append(("privacy", f"ε = {p.get('epsilon', float('nan')):.2f} (δ = {p.get('delta')})"))
+    if train.get("stop_reason"):
+        rows.append(("stopped early", str(train["stop_reason"])))
+    return rows
+
+
+def print_report(report: dict[str, Any], console: Console | None = None, title: str = "slimtune report card") -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("", style="bold")
+    table.add_column("")
+    for key, value in report_rows(report):
+        table.add_row(key, value)
+    (console or Console()).print(table)

@@ -1,0 +1,298 @@
+"""The Method protocol, the registry and target addressing.
+
+A *method* decides what trains. Methods differ in shape (per-layer wrappers, inserted modules,
+shared parameter groups, side networks, input-level prompts, selectors of base parameters), yet
+every one answers the same questions, so the trainer never needs to know a method by name:
+
+- ``attach(model, arch)``: change the model in place (wrap, insert, register shared containers,
+  or only pick base parameters). Base weights are frozen and never copied.
+- ``trainable_parameters(model)``: ``{name: Parameter}`` with names as in ``model.named_parameters()``.
+- ``delta_state_dict(model)`` / ``load_delta_state_dict(model, state)``: all that is saved.
+- ``merge(model)`` / ``unmerge(model)`` for linear updates (``mergeable = True``); unmerge is exact.
+- ``param_count(model)`` and, where the paper gives one, ``expected_param_count(model)``.
+- ``claims(model)``: the module/parameter names it wraps or trains, so that two methods in one
+  recipe can be checked for conflicts.
+- ``hooks()``: trainer hooks the method needs (e.g. a pruning phase), usually none.
+
+Registration is one decorator line: ``@register`` on the class, whose ``name`` is the recipe key.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from slimtune.errors import SlimtuneError, did_you_mean
+
+# --------------------------------------------------------------------------------------------
+# Architectures: what the model is, where its parts live, what methods target by default.
+# --------------------------------------------------------------------------------------------
+
+#: HF ``model_type`` -> the family whose naming conventions the model follows.
+FAMILY_OF_MODEL_TYPE = {
+    "bert": "bert",
+    "roberta": "bert",
+    "distilbert": "bert",
+    "mpnet": "mpnet",
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "vit": "vit",
+}
+
+#: Default target module names per family, by role. Methods name a role; users may give patterns.
+DEFAULT_TARGETS: dict[str, dict[str, list[str]]] = {
+    "attention_qv": {
+        "bert": ["query", "value"],
+        "vit": ["q_proj", "v_proj"],  # transformers 5 names ViT's projections like Llama's
+        "mpnet": ["q", "v"],
+        "llama": ["q_proj", "v_proj"],
+    },
+    "attention_qkvo": {
+        "bert": ["query", "key", "value", "attention.output.dense"],
+        "vit": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "mpnet": ["q", "k", "v", "attention.o"],
+        "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    },
+    "ffn": {
+        "bert": ["intermediate.dense", "output.dense"],
+        "vit": ["mlp.fc1", "mlp.fc2"],
+        "mpnet": ["intermediate.dense", "output.dense"],
+        "llama": ["gate_proj", "up_proj", "down_proj"],
+    },
+}
+
+#: Modules that make up the task head (newly initialised, trained by every classification run).
+HEAD_MODULE_NAMES = ("classifier", "score")
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What a method needs to know about the model it attaches to."""
+
+    model_type: str
+    family: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    objective: str  # "classification" | "lm"
+
+    @classmethod
+    def of(cls, model: nn.Module, objective: str = "classification") -> Arch:
+        config = model.config
+        model_type = getattr(config, "model_type", "unknown")
+        return cls(
+            model_type=model_type,
+            family=FAMILY_OF_MODEL_TYPE.get(model_type, model_type),
+            hidden_size=getattr(config, "hidden_size", 0),
+            num_layers=getattr(config, "num_hidden_layers", 0),
+            num_heads=getattr(config, "num_attention_heads", 0),
+            objective=objective,
+        )
+
+    def default_targets(self, role: str) -> list[str]:
+        per_family = DEFAULT_TARGETS[role]
+        if self.family not in per_family:
+            raise SlimtuneError(
+                f"no default targets for role '{role}' on model type '{self.model_type}'; "
+                f"set method.targets to module name patterns"
+            )
+        return list(per_family[self.family])
+
+
+def head_parameter_names(model: nn.Module) -> list[str]:
+    """Parameters of the task head (``classifier``/``score``); empty for a causal LM."""
+    names = []
+    for module_name, module in model.named_modules():
+        if module_name.split(".")[-1] in HEAD_MODULE_NAMES:
+            names += [f"{module_name}.{n}" for n, _ in module.named_parameters()]
+    return names
+
+
+# --------------------------------------------------------------------------------------------
+# Target addressing by name patterns.
+# --------------------------------------------------------------------------------------------
+
+
+def pattern_matches(pattern: str, module_name: str) -> bool:
+    """``pattern`` matches a module name when it is the whole name, a dotted suffix of it
+    (``value`` matches ``encoder.layer.0.attention.self.value``), or, prefixed with ``re:``,
+    a regular expression that matches the whole name."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], module_name) is not None
+    return module_name == pattern or module_name.endswith("." + pattern)
+
+
+def find_targets(
+    model: nn.Module,
+    patterns: Iterable[str],
+    *,
+    kind: type[nn.Module] | tuple[type[nn.Module], ...] = nn.Linear,
+    field: str = "method.targets",
+) -> list[tuple[str, nn.Module]]:
+    """All modules of type ``kind`` whose name matches any pattern, in model order.
+
+    Fails with one line when a pattern matches nothing, listing the names that would match."""
+    patterns = list(patterns)
+    candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, kind)]
+    candidates = [(n, m) for n, m in candidates if n.split(".")[-1] not in HEAD_MODULE_NAMES]
+    found = [(n, m) for n, m in candidates if any(pattern_matches(p, n) for p in patterns)]
+    for pattern in patterns:
+        if not any(pattern_matches(pattern, n) for n, _ in candidates):
+            leaf_names = sorted({".".join(n.split(".")[-2:]) for n, _ in candidates} | {n.split(".")[-1] for n, _ in candidates})
+            raise SlimtuneError(
+                f"{field}: pattern '{pattern}' matches no {_kind_name(kind)} module"
+                f"{did_you_mean(pattern, leaf_names)}"
+            )
+    return found
+
+
+def _kind_name(kind) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return "/".join(k.__name__ for k in kinds)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+# --------------------------------------------------------------------------------------------
+# The protocol.
+# --------------------------------------------------------------------------------------------
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's fields. Unknown fields are errors; each field has a description
+    that ``slimtune list methods`` prints."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Method:
+    """A way to decide what trains. Subclasses set ``name``, ``description``, ``paper`` and
+    ``Config``, implement ``attach`` and (if they add no parameters of their own) override
+    ``trainable_parameters``."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    paper: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    mergeable: ClassVar[bool] = False
+    #: Trains base parameters themselves (selectors such as BitFit): the model is "merged" already.
+    in_place: ClassVar[bool] = False
+
+    #: Prefix of modules/parameters the method adds; its parameters are found by it.
+    owned_marker: ClassVar[str] = ""
+
+    def __init__(self, config: MethodConfig | dict[str, Any] | None = None):
+        if config is None:
+            config = {}
+        self.config = config if isinstance(config, MethodConfig) else self.Config(**config)
+        self.merged = False
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def attach(self, model: nn.Module, arch: Arch) -> None:
+        raise NotImplementedError
+
+    def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """Default: every parameter whose name contains this method's ``owned_marker``."""
+        if not self.owned_marker:
+            raise NotImplementedError(f"{self.name}: override trainable_parameters")
+        return {n: p for n, p in model.named_parameters() if self.owned_marker in n}
+
+    def claims(self, model: nn.Module) -> set[str]:
+        """Names of base modules/parameters this method wraps or trains (for conflict checks)."""
+        return set(self.trainable_parameters(model))
+
+    def hooks(self) -> list[Any]:
+        return []
+
+    # -- the delta ----------------------------------------------------------------------------
+    def delta_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.trainable_parameters(model).items()}
+
+    def load_delta_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        params = self.trainable_parameters(model)
+        missing = sorted(set(params) - set(state))
+        if missing:
+            raise SlimtuneError(f"{self.name}: delta lacks {len(missing)} tensors, e.g. '{missing[0]}'")
+        with torch.no_grad():
+            for name, param in params.items():
+                if state[name].shape != param.shape:
+                    raise SlimtuneError(
+                        f"{self.name}: delta tensor '{name}' has shape {tuple(state[name].shape)}, "
+                        f"the model expects {tuple(param.shape)}"
+                    )
+                param.copy_(state[name])
+
+    # -- merging ------------------------------------------------------------------------------
+    def merge(self, model: nn.Module) -> None:
+        raise SlimtuneError(f"method '{self.name}' is not a linear update and cannot be merged")
+
+    def unmerge(self, model: nn.Module) -> None:
+        raise SlimtuneError(f"method '{self.name}' is not a linear update and cannot be unmerged")
+
+    # -- accounting ---------------------------------------------------------------------------
+    def param_count(self, model: nn.Module) -> int:
+        return sum(p.numel() for p in self.trainable_parameters(model).values())
+
+    def expected_param_count(self, model: nn.Module) -> int | None:
+        """The paper's closed form for this model's shape, where the paper gives one."""
+        return None
+
+    def describe(self) -> str:
+        fields = ", ".join(f"{k}={v}" for k, v in self.config.model_dump().items())
+        return f"{self.name}({fields})"
+
+
+# --------------------------------------------------------------------------------------------
+# The registry.
+# --------------------------------------------------------------------------------------------
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available to recipes under ``cls.name``."""
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"method name '{cls.name}' registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method_class(name: str) -> type[Method]:
+    _load_all()
+    if name not in METHODS:
+        raise SlimtuneError(f"method.name: unknown method '{name}'{did_you_mean(name, METHODS)}")
+    return METHODS[name]
+
+
+def all_methods() -> dict[str, type[Method]]:
+    _load_all()
+    return dict(sorted(METHODS.items()))
+
+
+def _load_all() -> None:
+    """Import every module of ``slimtune.methods`` once, so that each registers itself."""
+    import importlib
+    import pkgutil
+
+    import slimtune.methods as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name != "base" and not info.name.startswith("_"):
+            importlib.import_module(f"{package.__name__}.{info.name}")
+
+
+def iter_parameters(model: nn.Module, names: Iterable[str]) -> Iterator[tuple[str, nn.Parameter]]:
+    lookup = dict(model.named_parameters())
+    for name in names:
+        yield name, lookup[name]

@@ -1,0 +1,25 @@
+"""Linear probe: only the task head trains; the backbone is a frozen feature extractor."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from slimtune.methods.base import Arch, Method, MethodConfig, register
+
+
+@register
+class LinearProbe(Method):
+    name = "linear-probe"
+    description = "train only the task head on frozen features (baseline)"
+    paper = "Alain & Bengio 2016, linear classifier probes"
+    Config = MethodConfig
+    in_place = True
+
+    def attach(self, model: nn.Module, arch: Arch) -> None:
+        if arch.objective != "classification":
+            from slimtune.errors import SlimtuneError
+
+            raise SlimtuneError("method linear-probe needs a classification task (a causal LM has no new head)")
+
+    def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        return {}  # the head is trained for every classification run; nothing else

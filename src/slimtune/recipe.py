@@ -1,0 +1,310 @@
+"""The recipe: one YAML file that says what to adapt, on what, how, and how to measure it.
+
+Sections: ``model``, ``task``, ``method`` (a name, ``{name, fields...}``, or a list of those to
+compose), ``head``, ``train``, ``measure``, and feature sections (``privacy``, ``sparsity``,
+``compress``, ...) that features register with :func:`register_section`. Every field is validated
+into a one-line error (file, field, value, what is allowed); ``--set section.field=value``
+overrides any field.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from slimtune.errors import SlimtuneError, did_you_mean
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    name: str = Field("minilm-l6", description="a zoo model name (see `slimtune list models`) or a local HF model directory")
+
+
+class TaskSection(Section):
+    name: str | None = Field(None, description="a zoo task name (see `slimtune list tasks`)")
+    file: str | None = Field(None, description="a user data file (.csv/.tsv/.jsonl/.parquet) instead of a zoo task")
+    text: str | None = Field(None, description="user file: the text column")
+    text_pair: str | None = Field(None, description="user file: optional second text column (pairs)")
+    label: str | None = Field(None, description="user file: the label column")
+    split: str | None = Field(None, description="user file: optional column with train/validation/test")
+    train_size: int | None = Field(None, ge=1, description="use a seeded stratified subset of this many training rows")
+    eval_size: int | None = Field(None, ge=1, description="cap validation and test at this many rows (seeded)")
+    split_seed: int = Field(0, description="seed of the train/validation/test split (fixed, independent of train.seed)")
+    objective: Literal["auto", "classification", "lm"] = Field(
+        "auto", description="'classification', or 'lm' (causal-LM loss on the task's texts; decoders only); auto: classification"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TaskSection:
+        if (self.name is None) == (self.file is None):
+            raise ValueError("give exactly one of task.name (a zoo task) or task.file (your data)")
+        if self.file is not None and (self.text is None or self.label is None):
+            raise ValueError("a task.file needs task.text and task.label (column names)")
+        return self
+
+    def loader_spec(self) -> str | dict[str, Any]:
+        if self.name is not None:
+            return self.name
+        spec = {"file": self.file, "text": self.text, "label": self.label}
+        spec.update({k: v for k, v in (("text_pair", self.text_pair), ("split", self.split)) if v})
+        return spec
+
+
+class HeadSection(Section):
+    train_pooler: bool = Field(True, description="also train BERT's pooler (dense+tanh over [CLS]) with the classifier")
+
+
+class TrainSection(Section):
+    epochs: float = Field(2.0, gt=0, description="passes over the training split (max_steps wins when both are set)")
+    max_steps: int | None = Field(None, ge=1, description="total optimizer steps; wins over epochs")
+    batch_size: int = Field(32, ge=1, description="global (logical) batch size, split over processes")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate of the method's parameters")
+    head_lr: float | None = Field(None, gt=0, description="learning rate of the task head (default: lr)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases/LayerNorm)")
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="fraction of steps with linear warm-up")
+    scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="learning-rate schedule after warm-up")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the global gradient norm (null: no clipping)")
+    max_length: int = Field(128, ge=8, le=8192, description="tokens per example (longer texts are truncated)")
+    seed: int = Field(0, description="seed of initialisation, shuffling and dropout")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (fast on AMX CPUs) or fp32")
+    eval_each_epoch: bool = Field(True, description="evaluate on the validation split after each epoch")
+    checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N steps (always at each epoch end)")
+    log_every: int = Field(10, ge=1, description="steps between progress-bar loss updates")
+    eval_batch_size: int = Field(64, ge=1, description="batch size for evaluation")
+
+
+class MeasureSection(Section):
+    flops: bool = Field(True, description="count inference FLOPs per example (torch FlopCounterMode, eager attention)")
+    latency: bool = Field(True, description="measure inference latency (median of repeats after warm-up)")
+    memory: bool = Field(True, description="measure training peak tensor memory on one step")
+    batch_size: int = Field(32, ge=1, description="batch size for latency")
+    seq_len: int | None = Field(None, ge=1, description="sequence length for FLOPs/latency (default: train.max_length)")
+    threads: int = Field(2, ge=1, description="torch threads for latency")
+    repeats: int = Field(10, ge=1, description="timed repeats for latency (after 3 warm-ups)")
+
+
+class MethodSpec(BaseModel):
+    """One resolved method: its registry name and validated config."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    name: str
+    config: Any
+
+    def dump(self) -> dict[str, Any]:
+        return {"name": self.name, **self.config.model_dump()}
+
+
+#: Feature sections (privacy, sparsity, compress, ...) registered by the features themselves.
+SECTIONS: dict[str, type[Section]] = {}
+
+
+def register_section(name: str):
+    """Class decorator: make ``name:`` a valid recipe section validated by this model."""
+
+    def decorate(cls: type[Section]) -> type[Section]:
+        SECTIONS[name] = cls
+        return cls
+
+    return decorate
+
+
+CORE_SECTIONS = {"model": ModelSection, "task": TaskSection, "head": HeadSection, "train": TrainSection, "measure": MeasureSection}
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    model: ModelSection
+    task: TaskSection
+    methods: list[MethodSpec]
+    head: HeadSection
+    train: TrainSection
+    measure: MeasureSection
+    features: dict[str, Section] = {}
+    source: str = "recipe"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"model": self.model.model_dump(), "task": _drop_none(self.task.model_dump())}
+        dumped = [m.dump() for m in self.methods]
+        out["method"] = dumped[0] if len(dumped) == 1 else dumped
+        out["head"] = self.head.model_dump()
+        out["train"] = self.train.model_dump()
+        out["measure"] = self.measure.model_dump()
+        for name, section in self.features.items():
+            out[name] = section.model_dump()
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def method_label(self) -> str:
+        return "+".join(m.name for m in self.methods)
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+DEFAULT_RECIPE: dict[str, Any] = {
+    # The main job (`slimtune run`): LoRA on MiniLM-L6 + movie-sentiment, a few minutes on 2 cores.
+    "model": {"name": "minilm-l6"},
+    "task": {"name": "movie-sentiment", "train_size": 2000, "eval_size": 1000},
+    "method": {"name": "lora", "r": 8, "alpha": 16},
+    "train": {"epochs": 2, "batch_size": 32, "lr": 1e-3, "max_length": 64},
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overrides, validation.
+# --------------------------------------------------------------------------------------------
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise SlimtuneError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise SlimtuneError(f"{path}: not a UTF-8 text file") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise SlimtuneError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SlimtuneError(f"{path}: a recipe is a mapping of sections (model, task, method, train, ...)")
+    return data
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply ``section.field=value`` (value parsed as YAML; ``method.0.r=4`` indexes a list)."""
+    if "=" not in assignment:
+        raise SlimtuneError(f"--set {assignment!r}: expected section.field=value, e.g. train.lr=1e-4")
+    key, _, raw = assignment.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if len(parts) < 2:
+        raise SlimtuneError(f"--set {assignment!r}: expected section.field=value, e.g. train.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    if parts[0] == "method" and isinstance(data.get("method"), str):
+        data["method"] = {"name": data["method"]}
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise SlimtuneError(f"--set {key}: '{part}' is not an index of this list (0..{len(node) - 1})")
+            if isinstance(node[int(part)], str):
+                node[int(part)] = {"name": node[int(part)]}
+            node = node[int(part)]
+        else:
+            if not isinstance(node.get(part, {}), (dict, list)):
+                raise SlimtuneError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
+            node = node.setdefault(part, {})
+    if isinstance(node, list):
+        raise SlimtuneError(f"--set {key}: give an index into the method list, e.g. method.0.{parts[-1]}=...")
+    node[parts[-1]] = value
+
+
+def _format_validation_error(exc: ValidationError, prefix: str) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(x) for x in (prefix, *err["loc"]) if x != "")
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown field"
+    if "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
+        return f"{loc}: {msg} (got {err['input']!r})"
+    return f"{loc}: {msg}"
+
+
+def _validate_section(cls: type[BaseModel], data: Any, name: str, source: str) -> BaseModel:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SlimtuneError(f"{source}: section '{name}' must be a mapping of fields, got {data!r}")
+    unknown = [k for k in data if k not in cls.model_fields]
+    if unknown:
+        raise SlimtuneError(f"{source}: {name}.{unknown[0]}: unknown field{did_you_mean(unknown[0], cls.model_fields)}")
+    try:
+        return cls(**data)
+    except ValidationError as exc:
+        raise SlimtuneError(f"{source}: {_format_validation_error(exc, name)}") from None
+
+
+def parse_methods(raw: Any, source: str) -> list[MethodSpec]:
+    from slimtune.methods.base import get_method_class
+
+    items = raw if isinstance(raw, list) else [raw]
+    if not items or raw is None:
+        raise SlimtuneError(f"{source}: method: missing; give a method name, e.g. method: lora (see `slimtune list methods`)")
+    specs = []
+    for i, item in enumerate(items):
+        where = "method" if not isinstance(raw, list) else f"method.{i}"
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict) or "name" not in item:
+            raise SlimtuneError(f"{source}: {where}: expected a method name or a mapping with 'name', got {item!r}")
+        fields = {k: v for k, v in item.items() if k != "name"}
+        try:
+            cls = get_method_class(str(item["name"]))
+        except SlimtuneError as exc:
+            raise SlimtuneError(f"{source}: {where}.name: {str(exc).split(': ', 1)[-1]}") from None
+        specs.append(MethodSpec(name=cls.name, config=_validate_section(cls.Config, fields, where, source)))
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise SlimtuneError(f"{source}: method: '{names[0]}' is listed twice; each method may appear once")
+    return specs
+
+
+def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    _load_feature_sections()
+    data = copy.deepcopy(data)
+    valid = {*CORE_SECTIONS, "method", *SECTIONS}
+    for key in data:
+        if key not in valid:
+            raise SlimtuneError(f"{source}: unknown section '{key}'{did_you_mean(str(key), valid)}")
+    sections = {name: _validate_section(cls, data.get(name), name, source) for name, cls in CORE_SECTIONS.items()}
+    if "task" not in data:
+        raise SlimtuneError(f"{source}: task: missing; e.g. task: {{name: movie-sentiment}} (see `slimtune list tasks`)")
+    features = {name: _validate_section(cls, data[name], name, source) for name, cls in SECTIONS.items() if data.get(name) is not None}
+    return Recipe(methods=parse_methods(data.get("method"), source), features=features, source=source, **sections)
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe file (or the default main-job recipe), apply ``--set`` overrides, validate."""
+    data = read_yaml(path) if path is not None else copy.deepcopy(DEFAULT_RECIPE)
+    if isinstance(data.get("task"), str):
+        data["task"] = {"name": data["task"]}
+    if isinstance(data.get("model"), str):
+        data["model"] = {"name": data["model"]}
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    return validate_recipe(data, source=str(path) if path is not None else "default recipe")
+
+
+def _load_feature_sections() -> None:
+    """Import the modules that register feature sections (each registers itself on import)."""
+    import importlib
+
+    for module in FEATURE_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:  # a feature not built yet is simply absent
+            if exc.name != module:
+                raise
+
+
+#: Modules that register recipe sections; absent ones are skipped.
+FEATURE_MODULES = ["slimtune.privacy.engine", "slimtune.sparsity.schedules", "slimtune.compress.quantize"]

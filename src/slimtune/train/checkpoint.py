@@ -1,0 +1,166 @@
+"""Checkpoints that let a run continue exactly: trainable parameters, optimizer and scheduler
+state, RNG states, the data position and every hook's state — safetensors + JSON only.
+
+Layout: ``RUN_DIR/checkpoints/step-00000123/{tensors.safetensors, state.json}``. A checkpoint is
+built in a temp directory and renamed into place (after fsync), so a kill at any moment leaves
+either the previous checkpoint set or the new one. ``state.json`` is written last and carries
+a hash of the tensors file, so a truncated or altered checkpoint is detected on resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slimtune.errors import SlimtuneError
+from slimtune.io import read_json, read_safetensors, write_json, write_safetensors
+
+KEEP_LAST = 2
+
+
+def _rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    meta = {
+        "numpy": [np_state[0], None, int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    return meta, {"rng.torch": torch.get_rng_state(), "rng.numpy": torch.from_numpy(np_state[1].astype(np.int64))}
+
+
+def _set_rng_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    name, _, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, slots in state["state"].items():
+        for key, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{index}.{key}"] = value
+            else:
+                scalars[f"{index}.{key}"] = value
+    return {"param_groups": state["param_groups"], "scalars": scalars}, tensors
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    slots: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            slots.setdefault(int(index), {})[name] = value
+    for key, value in meta["scalars"].items():
+        index, name = key.split(".", 1)
+        slots.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(
+    run_dir: Path,
+    *,
+    step: int,
+    position: dict[str, int],
+    params: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    hooks: list[Any],
+) -> Path:
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+
+    rng_meta, rng_tensors = _rng_state()
+    opt_meta, opt_tensors = _optimizer_tensors(optimizer)
+    tensors = {f"param.{k}": v for k, v in params.items()} | opt_tensors | rng_tensors
+    hook_states = {}
+    for hook in hooks:
+        hook_states[hook.name] = hook.state_dict()
+        tensors |= {f"hook.{hook.name}.{k}": v for k, v in hook.tensor_state().items()}
+    write_safetensors(tmp / "tensors.safetensors", tensors)
+    digest = hashlib.sha256((tmp / "tensors.safetensors").read_bytes()).hexdigest()
+    write_json(
+        tmp / "state.json",
+        {
+            "step": step,
+            "position": position,
+            "optimizer": opt_meta,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": rng_meta,
+            "hooks": hook_states,
+            "tensors_sha256": digest,
+        },
+    )
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(run_dir)[:-KEEP_LAST]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    state = read_json(path / "state.json")
+    tensors_path = path / "tensors.safetensors"
+    if not tensors_path.is_file():
+        raise SlimtuneError(f"{tensors_path}: missing")
+    digest = hashlib.sha256(tensors_path.read_bytes()).hexdigest()
+    if digest != state.get("tensors_sha256"):
+        raise SlimtuneError(f"{tensors_path}: corrupt (its hash does not match state.json)")
+    return state, read_safetensors(tensors_path)
+
+
+def latest_good_checkpoint(run_dir: Path, warn=print) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]] | None:
+    """The newest checkpoint that reads back intact; falls back to older ones, saying so."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            state, tensors = read_checkpoint(path)
+            return path, state, tensors
+        except SlimtuneError as exc:
+            warn(f"warning: {exc}; falling back to the previous checkpoint")
+    return None
+
+
+def restore_checkpoint(
+    state: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    *,
+    params: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    hooks: list[Any],
+) -> None:
+    with torch.no_grad():
+        for name, param in params.items():
+            key = f"param.{name}"
+            if key not in tensors:
+                raise SlimtuneError(f"checkpoint lacks parameter '{name}' (was the recipe changed?)")
+            param.copy_(tensors[key])
+    _load_optimizer(optimizer, state["optimizer"], tensors)
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"], tensors)
+    for hook in hooks:
+        prefix = f"hook.{hook.name}."
+        hook.load_state_dict(state["hooks"].get(hook.name, {}), {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})

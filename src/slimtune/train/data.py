@@ -1,0 +1,91 @@
+"""From task splits to batches: tokenise once (HF datasets), then deterministic, resumable batches.
+
+The order of an epoch is a permutation seeded by ``(seed, epoch)``, so a run restarted at
+``(epoch, batch)`` sees exactly the batches it would have seen. With several processes, each
+global batch is split across ranks (``batch[rank::world]``): the global batch size is what the
+recipe says, whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import datasets
+import torch
+
+IGNORE_INDEX = -100
+
+
+def tokenize_split(split: datasets.Dataset, tokenizer, max_length: int, objective: str) -> datasets.Dataset:
+    pair = "text_pair" in split.column_names
+
+    def encode(rows):
+        texts = rows["text"]
+        pairs = rows["text_pair"] if pair else None
+        if objective == "lm" and tokenizer.eos_token is not None:
+            texts = [t + tokenizer.eos_token for t in texts]
+        encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+        if objective == "classification":
+            encoded["labels"] = rows["label"]
+        return encoded
+
+    keep = [c for c in split.column_names]
+    return split.map(encode, batched=True, remove_columns=keep, desc=None, load_from_cache_file=False)
+
+
+def collate(rows: list[dict], pad_id: int, objective: str) -> dict[str, torch.Tensor]:
+    """Pad to the longest row of the batch (dynamic padding, right side)."""
+    longest = max(len(r["input_ids"]) for r in rows)
+    batch: dict[str, torch.Tensor] = {}
+    for key in rows[0]:
+        if key == "labels":
+            continue
+        fill = pad_id if key == "input_ids" else 0
+        batch[key] = torch.tensor([r[key] + [fill] * (longest - len(r[key])) for r in rows], dtype=torch.long)
+    if objective == "classification":
+        batch["labels"] = torch.tensor([r["labels"] for r in rows], dtype=torch.long)
+    else:
+        labels = batch["input_ids"].clone()
+        labels[batch["attention_mask"] == 0] = IGNORE_INDEX
+        batch["labels"] = labels
+    return batch
+
+
+@dataclass
+class BatchPlan:
+    """Deterministic global batches of example indices, sliced for one rank."""
+
+    num_examples: int
+    batch_size: int
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    shuffle: bool = True
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return -(-self.num_examples // self.batch_size)
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.num_examples)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_examples, generator=generator)
+
+    def global_batch(self, epoch: int, index: int) -> list[int]:
+        order = self.epoch_order(epoch)
+        return order[index * self.batch_size : (index + 1) * self.batch_size].tolist()
+
+    def iter_epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[int, list[int]]]:
+        order = self.epoch_order(epoch)
+        for index in range(start, self.batches_per_epoch):
+            global_indices = order[index * self.batch_size : (index + 1) * self.batch_size].tolist()
+            yield index, global_indices[self.rank :: self.world_size]
+
+
+def eval_batches(num_examples: int, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[list[int]]:
+    """This rank's shard of the evaluation set, in order, in batches."""
+    shard = list(range(rank, num_examples, world_size))
+    for start in range(0, len(shard), batch_size):
+        yield shard[start : start + batch_size]

@@ -1,0 +1,66 @@
+"""Trainer hooks: how features (sparsity schedules, DP-SGD, structure search, method phases)
+attach to the one training loop without the loop knowing them by name.
+
+The loop calls, per optimizer step::
+
+    on_step_begin -> [backward: the first hook that returns a loss takes over, else loss.backward()]
+    -> on_after_backward (gradient transforms) -> [gradient all-reduce across processes, unless a
+    hook set ``trainer.gradients_synced``] -> on_before_optimizer_step -> optimizer.step()
+    -> on_step_end
+
+and ``on_train_begin``, ``on_epoch_end``, ``on_evaluate``, ``on_train_end`` around it. A hook may
+stop training by returning a reason from ``stop_reason``; its ``state_dict`` is checkpointed and
+its ``report`` is merged into ``report.json``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from slimtune.train.trainer import Trainer
+
+
+class Hook:
+    """Override the events you need; the defaults do nothing."""
+
+    #: Key of this hook's state in checkpoints and of its section in report.json.
+    name: str = "hook"
+
+    def on_train_begin(self, trainer: Trainer) -> None: ...
+
+    def on_step_begin(self, trainer: Trainer, batch: dict[str, torch.Tensor]) -> None: ...
+
+    def backward(self, trainer: Trainer, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Take over forward+backward for this step (e.g. per-sample gradients); return the loss."""
+        return None
+
+    def on_after_backward(self, trainer: Trainer) -> None: ...
+
+    def on_before_optimizer_step(self, trainer: Trainer) -> None: ...
+
+    def on_step_end(self, trainer: Trainer) -> None: ...
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None: ...
+
+    def on_evaluate(self, trainer: Trainer, split: str, metrics: dict[str, float]) -> None: ...
+
+    def on_train_end(self, trainer: Trainer) -> None: ...
+
+    def stop_reason(self, trainer: Trainer) -> str | None:
+        """A message when training must stop before the next step (e.g. the privacy budget)."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state; tensors go in ``tensor_state``."""
+        return {}
+
+    def tensor_state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None: ...
+
+    def report(self) -> dict[str, Any]:
+        return {}

@@ -1,0 +1,315 @@
+"""One training loop for every method: classification (cross-entropy on the task head) or causal
+LM (next-token loss on the task's texts), on ``accelerate`` for process setup, with hooks for
+everything else (see :mod:`slimtune.train.hooks`). It knows no method by name: it trains what
+the :class:`~slimtune.methods.delta.Delta` says is trainable.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from slimtune.errors import SlimtuneError
+from slimtune.methods.delta import Delta
+from slimtune.recipe import Recipe
+from slimtune.train import checkpoint as ckpt
+from slimtune.train.data import BatchPlan, collate, eval_batches, tokenize_split
+from slimtune.train.hooks import Hook
+from slimtune.zoo.tasks import TaskData, compute_metrics
+
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight", "layernorm")
+
+
+@dataclass
+class TrainResult:
+    steps: int = 0
+    seconds: float = 0.0
+    step_seconds: list[float] = field(default_factory=list)
+    stop_reason: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    memory: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def step_seconds_median(self) -> float:
+        # The first step pays one-off costs (allocations, lazy init); leave it out when we can.
+        times = self.step_seconds[1:] or self.step_seconds
+        return statistics.median(times) if times else 0.0
+
+
+class Trainer:
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        tokenizer,
+        task: TaskData,
+        delta: Delta,
+        recipe: Recipe,
+        objective: str,
+        run_dir: Path | None = None,
+        hooks: list[Hook] | None = None,
+        accelerator: Accelerator | None = None,
+        progress: bool = True,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.task = task
+        self.delta = delta
+        self.recipe = recipe
+        self.cfg = recipe.train
+        self.objective = objective
+        self.run_dir = run_dir
+        self.hooks = list(hooks or [])
+        self.accelerator = accelerator or Accelerator(cpu=True)
+        self.rank = self.accelerator.process_index
+        self.world_size = self.accelerator.num_processes
+        self.progress = progress and self.accelerator.is_main_process
+        if self.cfg.batch_size % self.world_size:
+            raise SlimtuneError(
+                f"train.batch_size: {self.cfg.batch_size} is not divisible by the {self.world_size} processes"
+            )
+        self.gradients_synced = False
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.last_loss = float("nan")
+        self.current_batch: dict[str, torch.Tensor] | None = None
+
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_id
+        self.splits = {
+            name: tokenize_split(task.splits[name], tokenizer, self.cfg.max_length, objective)
+            for name in ("train", "validation", "test")
+        }
+        self._rows = {name: split.to_list() for name, split in self.splits.items()}
+        self.plan = BatchPlan(len(self._rows["train"]), self.cfg.batch_size, self.cfg.seed, self.rank, self.world_size)
+        self.total_steps = self.cfg.max_steps or max(1, math.ceil(self.cfg.epochs * self.plan.batches_per_epoch))
+        self.trainable = delta.trainable_parameters(model)
+        if not self.trainable:
+            raise SlimtuneError(f"method '{delta.label}': nothing to train")
+        self.optimizer = self._build_optimizer()
+        self.scheduler = get_scheduler(
+            {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[self.cfg.scheduler],
+            self.optimizer,
+            num_warmup_steps=int(self.cfg.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps,
+        )
+
+    # -- setup --------------------------------------------------------------------------------
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        head = set(self.delta.head_names)
+        groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+        for name, param in self.trainable.items():
+            lr = (self.cfg.head_lr or self.cfg.lr) if name in head else self.cfg.lr
+            decay = 0.0 if any(k in name for k in NO_DECAY) else self.cfg.weight_decay
+            groups.setdefault((lr, decay), []).append(param)
+        return torch.optim.AdamW([{"params": p, "lr": lr, "weight_decay": wd} for (lr, wd), p in groups.items()])
+
+    def batch(self, split: str, indices: list[int]) -> dict[str, torch.Tensor]:
+        rows = self._rows[split]
+        return collate([rows[i] for i in indices], self.pad_id, self.objective)
+
+    def autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+
+    # -- the loop -----------------------------------------------------------------------------
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with self.autocast():
+            return self.model(**batch).loss
+
+    def train_step(self, batch: dict[str, torch.Tensor], meter=None) -> float:
+        self.current_batch = batch
+        self.gradients_synced = False
+        for hook in self.hooks:
+            hook.on_step_begin(self, batch)
+        loss = None
+        for hook in self.hooks:
+            loss = hook.backward(self, batch)
+            if loss is not None:
+                break
+        if loss is None:
+            if meter is not None:
+                with meter.track_forward():
+                    loss = self.loss(batch)
+            else:
+                loss = self.loss(batch)
+            loss.backward()
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise SlimtuneError(f"train step {self.step + 1}: loss is {loss_value}; stopping (the last checkpoint is kept)")
+        for hook in self.hooks:
+            hook.on_after_backward(self)
+        if not self.gradients_synced:
+            self.all_reduce_gradients()
+        if self.cfg.max_grad_norm is not None and not any(getattr(h, "clips_gradients", False) for h in self.hooks):
+            torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), self.cfg.max_grad_norm)
+        for hook in self.hooks:
+            hook.on_before_optimizer_step(self)
+        self.optimizer.step()
+        self.scheduler.step()
+        if meter is not None:
+            meter.finish(self.model, self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        for hook in self.hooks:
+            hook.on_step_end(self)
+        return loss_value
+
+    def all_reduce_gradients(self) -> None:
+        """Average gradients over processes (each rank computed the mean over its slice)."""
+        if self.world_size == 1:
+            return
+        for param in self.trainable.values():
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+            param.grad.div_(self.world_size)
+        self.gradients_synced = True
+
+    def fit(self, resume: bool = False) -> TrainResult:
+        set_seed(self.cfg.seed)
+        result = TrainResult()
+        if resume:
+            self._resume()
+        self.model.train()
+        for hook in self.hooks:
+            hook.on_train_begin(self)
+        memory_meter = self._memory_meter()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {self.delta.label}", disable=not self.progress, unit="step", dynamic_ncols=True)
+        started = time.perf_counter()
+        while self.step < self.total_steps and result.stop_reason is None:
+            for index, indices in self.plan.iter_epoch(self.epoch, self.batch_in_epoch):
+                reason = next((r for h in self.hooks if (r := h.stop_reason(self))), None)
+                if reason:
+                    result.stop_reason = reason
+                    break
+                batch = self.batch("train", indices)
+                measure = memory_meter if (memory_meter is not None and self.step == min(1, self.total_steps - 1)) else None
+                t0 = time.perf_counter()
+                self.last_loss = self.train_step(batch, measure)
+                result.step_seconds.append(time.perf_counter() - t0)
+                if measure is not None:
+                    result.memory = {**measure.components, "peak": measure.peak_bytes}
+                self.batch_in_epoch = index + 1
+                if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                    bar.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}", epoch=self.epoch + 1)
+                bar.update(1)
+                if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if self.step >= self.total_steps:
+                    break
+            else:
+                self._end_epoch(result)
+                continue
+            if self.batch_in_epoch >= self.plan.batches_per_epoch:
+                self._end_epoch(result)
+        bar.close()
+        result.steps = self.step
+        result.seconds = time.perf_counter() - started
+        if result.stop_reason and self.accelerator.is_main_process:
+            tqdm.write(f"stopped early: {result.stop_reason}")
+        for hook in self.hooks:
+            hook.on_train_end(self)
+        return result
+
+    def _end_epoch(self, result: TrainResult) -> None:
+        finished = self.epoch
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        for hook in self.hooks:
+            hook.on_epoch_end(self, finished)
+        entry: dict[str, Any] = {"epoch": finished + 1, "step": self.step, "train_loss": self.last_loss}
+        if self.cfg.eval_each_epoch and len(self._rows["validation"]):
+            entry["validation"] = self.evaluate("validation")
+            self.model.train()
+        result.history.append(entry)
+        if self.progress:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in entry.get("validation", {}).items())
+            tqdm.write(f"epoch {finished + 1}: train loss {self.last_loss:.4f}" + (f"; validation {shown}" if shown else ""))
+        self.save_checkpoint()
+
+    def _memory_meter(self):
+        if not self.recipe.measure.memory:
+            return None
+        from slimtune.measure.memory import TrainingMemoryMeter
+
+        return TrainingMemoryMeter()
+
+    # -- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, split: str = "test") -> dict[str, float]:
+        was_training = self.model.training
+        self.model.eval()
+        rows = self._rows[split]
+        predictions, labels, loss_sum, token_count = [], [], 0.0, 0
+        for indices in eval_batches(len(rows), self.cfg.eval_batch_size, self.rank, self.world_size):
+            batch = self.batch(split, indices)
+            with self.autocast():
+                out = self.model(**batch)
+            if self.objective == "classification":
+                predictions.append(out.logits.float().argmax(-1))
+                labels.append(batch["labels"])
+            else:
+                n_tokens = int((batch["labels"][:, 1:] != -100).sum())
+                loss_sum += float(out.loss) * n_tokens
+                token_count += n_tokens
+        self.model.train(was_training)
+        if self.objective == "classification":
+            preds = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
+            golds = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
+            preds, golds = self._gather(preds), self._gather(golds)
+            metrics = compute_metrics(preds.numpy(), golds.numpy(), len(self.task.label_names))
+        else:
+            totals = self._gather(torch.tensor([loss_sum, float(token_count)], dtype=torch.float64)).view(-1, 2).sum(0)
+            mean_loss = float(totals[0] / max(totals[1], 1))
+            metrics = {"loss": mean_loss, "perplexity": float(np.exp(mean_loss))}
+        for hook in self.hooks:
+            hook.on_evaluate(self, split, metrics)
+        return metrics
+
+    def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return tensor
+        parts: list[Any] = [None] * self.world_size
+        dist.all_gather_object(parts, tensor)
+        return torch.cat(parts)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        if self.run_dir is None or not self.accelerator.is_main_process:
+            return
+        ckpt.save_checkpoint(
+            self.run_dir,
+            step=self.step,
+            position={"epoch": self.epoch, "batch": self.batch_in_epoch},
+            params={n: p.detach() for n, p in self.trainable.items()},
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            hooks=self.hooks,
+        )
+
+    def _resume(self) -> None:
+        if self.run_dir is None:
+            raise SlimtuneError("resume needs a run directory")
+        found = ckpt.latest_good_checkpoint(self.run_dir, warn=tqdm.write)
+        if found is None:
+            raise SlimtuneError(f"{self.run_dir}: no intact checkpoint to resume from")
+        path, state, tensors = found
+        ckpt.restore_checkpoint(state, tensors, params=self.trainable, optimizer=self.optimizer, scheduler=self.scheduler, hooks=self.hooks)
+        self.step = state["step"]
+        self.epoch = state["position"]["epoch"]
+        self.batch_in_epoch = state["position"]["batch"]
+        if self.accelerator.is_main_process:
+            tqdm.write(f"resumed from {path} (step {self.step})")

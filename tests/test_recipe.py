@@ -1,0 +1,85 @@
+"""Recipe validation: every mistake is one line naming the field, the value and what is valid."""
+
+import pytest
+
+from slimtune.errors import SlimtuneError
+from slimtune.recipe import DEFAULT_RECIPE, apply_override, load_recipe, validate_recipe
+
+
+def recipe(**changes):
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in DEFAULT_RECIPE.items()}
+    data.update(changes)
+    return data
+
+
+def test_default_recipe_resolves_with_all_defaults():
+    r = load_recipe()
+    assert r.methods[0].name == "lora" and r.methods[0].config.r == 8
+    assert r.train.max_length == 64 and r.train.epochs == 2
+    again = validate_recipe(r.to_dict())
+    assert again.to_dict() == r.to_dict()
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        (recipe(trian={}), r"unknown section 'trian' \(did you mean 'train'\?\)"),
+        (recipe(train={"lr": -1}), r"train.lr: Input should be greater than 0 \(got -1\)"),
+        (recipe(train={"epcohs": 2}), r"train.epcohs: unknown field \(did you mean 'epochs'\?\)"),
+        (recipe(method={"name": "lorra"}), r"method.name: unknown method 'lorra'"),
+        (recipe(method={"name": "lora", "rank": 4}), r"method.rank: unknown field"),
+        (recipe(method={"name": "lora", "r": 0}), r"method.r: Input should be greater than or equal to 1 \(got 0\)"),
+        (recipe(method=[{"name": "lora"}, {"name": "lora"}]), r"'lora' is listed twice"),
+        (recipe(task={}), r"give exactly one of task.name"),
+        (recipe(task={"file": "x.csv"}), r"needs task.text and task.label"),
+        (recipe(train={"precision": "fp16"}), r"train.precision: Input should be 'fp32' or 'bf16'"),
+        (recipe(method=None), r"method: missing"),
+    ],
+)
+def test_validation_errors_are_one_clear_line(data, message):
+    with pytest.raises(SlimtuneError, match=message) as info:
+        validate_recipe(data, source="r.yaml")
+    assert "\n" not in str(info.value) and str(info.value).startswith("r.yaml: ")
+
+
+def test_overrides_set_any_field_and_parse_values():
+    r = load_recipe(None, ["train.lr=5e-4", "method.r=16", "task.name=trec-6", "train.max_steps=3"])
+    assert r.train.lr == 5e-4 and r.methods[0].config.r == 16 and r.task.name == "trec-6" and r.train.max_steps == 3
+
+
+def test_override_into_a_method_list_by_index(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("task: movie-sentiment\nmethod: [lora, bitfit]\n")
+    r = load_recipe(path, ["method.0.r=4"])
+    assert [m.name for m in r.methods] == ["lora", "bitfit"] and r.methods[0].config.r == 4
+
+
+@pytest.mark.parametrize("bad", ["trainlr", "lr=1", "train.lr.x=1", "method.5.r=1"])
+def test_bad_overrides_are_clear(bad):
+    with pytest.raises(SlimtuneError, match="--set"):
+        data = recipe()
+        data["method"] = [{"name": "lora"}]
+        apply_override(data, bad)
+        validate_recipe(data)
+
+
+def test_recipe_file_errors(tmp_path):
+    with pytest.raises(SlimtuneError, match="recipe file not found"):
+        load_recipe(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name: [\n")
+    with pytest.raises(SlimtuneError, match=r"bad.yaml: invalid YAML \(line"):
+        load_recipe(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(SlimtuneError, match="a recipe is a mapping"):
+        load_recipe(listy)
+
+
+def test_every_shipped_recipe_validates():
+    from slimtune.cli import find_recipes
+
+    paths = find_recipes()
+    assert len(paths) >= 4
+    for path in paths:
+        load_recipe(path)
