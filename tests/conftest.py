@@ -9,6 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
+from tests.conftest_tiny import tiny_data_file, tiny_model_dir, tiny_recipe  # noqa: F401 (fixtures)
 from tests.tiny import tiny_bert, tiny_llama, tiny_vit
 
 torch.set_num_threads(1)

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import datasets
 import torch
 
+# Tokenising a few thousand rows takes well under a second; its progress bars are noise.
+datasets.disable_progress_bars()
+
 IGNORE_INDEX = -100
 
 

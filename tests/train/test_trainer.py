@@ -1,0 +1,177 @@
+"""The trainer and the run directory on a tiny local model: files, report card, determinism,
+resume, hooks, numerical faults, eval round trip, wrong-base refusal."""
+
+import json
+
+import pytest
+import torch
+
+from slimtune.errors import SlimtuneError
+from slimtune.io import read_safetensors
+from slimtune.recipe import validate_recipe
+from slimtune.runner import build, evaluate_run, train_run
+from slimtune.train.hooks import Hook
+from slimtune.train.trainer import Trainer
+
+REPORT_KEYS = {
+    "model": ["name", "params_total"],
+    "task": ["name", "n_train", "n_test"],
+    "method": ["name"],
+    "metrics": ["accuracy", "macro_f1"],
+    "params": ["trainable", "trainable_pct", "stored_bytes"],
+    "train": ["steps", "seconds", "step_seconds_median", "peak_memory_bytes", "peak_rss_bytes"],
+    "inference": ["flops_per_example"],
+}
+
+
+def test_run_dir_holds_recipe_delta_and_a_complete_report(tiny_recipe, tmp_path):
+    report = train_run(validate_recipe(tiny_recipe), tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    for name in ("recipe.yaml", "delta.safetensors", "delta.json", "report.json"):
+        assert (run / name).is_file(), name
+    assert json.loads((run / "report.json").read_text()) == json.loads(json.dumps(report, default=str))
+    for section, keys in REPORT_KEYS.items():
+        for key in keys:
+            assert report[section].get(key) is not None, f"{section}.{key}"
+    assert report["train"]["steps"] == 8
+    assert "versions" in report and report["versions"]["torch"].startswith("2.13")
+    # stored bytes are exactly the saved tensors: LoRA + head, not the base
+    tensors = read_safetensors(run / "delta.safetensors")
+    assert report["params"]["stored_bytes"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert report["params"]["trainable"] == sum(t.numel() for t in tensors.values())
+    meta = json.loads((run / "delta.json").read_text())
+    assert meta["methods"][0]["name"] == "lora" and meta["base"]["weights_sha256"]
+
+
+def test_same_seed_gives_identical_weights_and_another_seed_does_not(tiny_recipe, tmp_path):
+    first = train_run(validate_recipe(tiny_recipe), tmp_path / "a", progress=False)
+    second = train_run(validate_recipe(tiny_recipe), tmp_path / "b", progress=False)
+    a, b = read_safetensors(tmp_path / "a/delta.safetensors"), read_safetensors(tmp_path / "b/delta.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert first["metrics"] == second["metrics"]
+    tiny_recipe["train"]["seed"] = 1
+    train_run(validate_recipe(tiny_recipe), tmp_path / "c", progress=False)
+    c = read_safetensors(tmp_path / "c/delta.safetensors")
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+class CrashAt(Hook):
+    name = "crash"
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, trainer, batch):
+        if trainer.step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_resume_after_a_crash_gives_the_same_weights_as_an_uninterrupted_run(tiny_recipe, tmp_path):
+    tiny_recipe["train"].update(max_steps=12, checkpoint_every=3, batch_size=32)  # 160 rows: 5 batches/epoch
+    recipe = validate_recipe(tiny_recipe)
+    train_run(recipe, tmp_path / "whole", progress=False)
+
+    built = build(recipe)
+    run = tmp_path / "crashed"
+    run.mkdir()
+    (run / "recipe.yaml").write_text(recipe.to_yaml())
+    trainer = Trainer(model=built.model, tokenizer=built.tokenizer, task=built.task, delta=built.delta, recipe=recipe,
+                      objective="classification", run_dir=run, hooks=[CrashAt(7)], progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert [p.name for p in (run / "checkpoints").iterdir()][-1] == "step-00000006"
+    train_run(recipe, run, resume=True, progress=False)
+    whole = read_safetensors(tmp_path / "whole/delta.safetensors")
+    resumed = read_safetensors(run / "delta.safetensors")
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+
+
+def test_hooks_see_every_event_in_order(tiny_recipe):
+    events = []
+
+    class Recorder(Hook):
+        name = "recorder"
+
+        def on_train_begin(self, trainer): events.append("begin")
+        def on_step_begin(self, trainer, batch): events.append("step")
+        def on_after_backward(self, trainer):
+            assert all(p.grad is not None for p in trainer.trainable.values())
+            events.append("grads")
+        def on_before_optimizer_step(self, trainer): events.append("optim")
+        def on_step_end(self, trainer): events.append("end")
+        def on_epoch_end(self, trainer, epoch): events.append(f"epoch{epoch}")
+        def on_train_end(self, trainer): events.append("finish")
+
+    tiny_recipe["train"].update(max_steps=None, epochs=1, batch_size=80, eval_each_epoch=False)
+    recipe = validate_recipe(tiny_recipe)
+    built = build(recipe)
+    trainer = Trainer(model=built.model, tokenizer=built.tokenizer, task=built.task, delta=built.delta, recipe=recipe,
+                      objective="classification", hooks=[Recorder()], progress=False)
+    trainer.fit()
+    steps = trainer.plan.batches_per_epoch
+    assert events == ["begin"] + ["step", "grads", "optim", "end"] * steps + ["epoch0", "finish"]
+
+
+def test_a_hook_can_stop_training_with_a_reason(tiny_recipe):
+    class Budget(Hook):
+        name = "budget"
+
+        def stop_reason(self, trainer):
+            return "budget spent" if trainer.step >= 3 else None
+
+    recipe = validate_recipe(tiny_recipe)
+    built = build(recipe)
+    trainer = Trainer(model=built.model, tokenizer=built.tokenizer, task=built.task, delta=built.delta, recipe=recipe,
+                      objective="classification", hooks=[Budget()], progress=False)
+    result = trainer.fit()
+    assert result.steps == 3 and result.stop_reason == "budget spent"
+
+
+def test_nan_loss_stops_with_the_step_named(tiny_recipe):
+    class Poison(Hook):
+        name = "poison"
+
+        def on_step_begin(self, trainer, batch):
+            if trainer.step == 2:
+                with torch.no_grad():
+                    trainer.model.classifier.weight.fill_(float("nan"))
+
+    recipe = validate_recipe(tiny_recipe)
+    built = build(recipe)
+    trainer = Trainer(model=built.model, tokenizer=built.tokenizer, task=built.task, delta=built.delta, recipe=recipe,
+                      objective="classification", hooks=[Poison()], progress=False)
+    with pytest.raises(SlimtuneError, match="train step 3: loss is nan"):
+        trainer.fit()
+
+
+def test_eval_round_trip_reproduces_the_report_metrics(tiny_recipe, tmp_path):
+    report = train_run(validate_recipe(tiny_recipe), tmp_path / "run", progress=False)
+    result = evaluate_run(tmp_path / "run")
+    assert result["metrics"] == report["metrics"]
+
+
+def test_a_delta_for_another_base_is_refused_unless_forced(tiny_recipe, tmp_path):
+    train_run(validate_recipe(tiny_recipe), tmp_path / "run", progress=False)
+    meta_path = tmp_path / "run/delta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["base"]["weights_sha256"] = "0" * 16
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(SlimtuneError, match="made for base"):
+        evaluate_run(tmp_path / "run")
+    assert evaluate_run(tmp_path / "run", force=True)["metrics"]
+
+
+def test_an_existing_run_dir_is_never_overwritten(tiny_recipe, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "keep.txt").write_text("mine")
+    with pytest.raises(SlimtuneError, match="exists and is not empty"):
+        train_run(validate_recipe(tiny_recipe), run, progress=False)
+    assert (run / "keep.txt").read_text() == "mine"
+
+
+def test_merged_inference_is_reported_for_linear_deltas(tiny_recipe, tmp_path):
+    tiny_recipe["measure"] = {"latency": True, "repeats": 2, "batch_size": 4}
+    report = train_run(validate_recipe(tiny_recipe), tmp_path / "run", progress=False)
+    assert report["inference"]["merged"] is True and report["inference"]["latency_ms_median"] > 0
