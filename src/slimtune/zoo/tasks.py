@@ -49,9 +49,15 @@ __all__ = [
     "SplitFrames",
     "TaskData",
     "TaskSpec",
+    "carve_validation",
     "compute_metrics",
+    "finish_task",
+    "held_out_size",
     "list_tasks",
     "load_task",
+    "split_pool",
+    "stratified_split",
+    "stratified_subset",
 ]
 
 Metric = Literal["accuracy", "macro_f1"]
