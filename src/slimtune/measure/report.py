@@ -40,7 +40,7 @@ def versions() -> dict[str, str]:
 
 def inference_inputs(trainer: Trainer, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
     """A batch of real test examples, truncated/padded to exactly ``seq_len`` tokens."""
-    rows = trainer._rows["test"] or trainer._rows["train"]
+    rows = trainer.rows["test"] or trainer.rows["train"]
     chosen = [rows[i % len(rows)] for i in range(batch_size)]
     batch: dict[str, torch.Tensor] = {}
     for key in chosen[0]:

@@ -20,7 +20,7 @@ Registration is one decorator line: ``@register`` on the class, whose ``name`` i
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -290,9 +290,3 @@ def _load_all() -> None:
     for info in pkgutil.iter_modules(package.__path__):
         if info.name != "base" and not info.name.startswith("_"):
             importlib.import_module(f"{package.__name__}.{info.name}")
-
-
-def iter_parameters(model: nn.Module, names: Iterable[str]) -> Iterator[tuple[str, nn.Parameter]]:
-    lookup = dict(model.named_parameters())
-    for name in names:
-        yield name, lookup[name]

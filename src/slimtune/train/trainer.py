@@ -93,8 +93,9 @@ class Trainer:
             name: tokenize_split(task.splits[name], tokenizer, self.cfg.max_length, objective)
             for name in ("train", "validation", "test")
         }
-        self._rows = {name: split.to_list() for name, split in self.splits.items()}
-        self.plan = BatchPlan(len(self._rows["train"]), self.cfg.batch_size, self.cfg.seed, self.rank, self.world_size)
+        # Tokenised examples as plain lists, per split: batches are built from these by index.
+        self.rows = {name: split.to_list() for name, split in self.splits.items()}
+        self.plan = BatchPlan(len(self.rows["train"]), self.cfg.batch_size, self.cfg.seed, self.rank, self.world_size)
         self.total_steps = self.cfg.max_steps or max(1, math.ceil(self.cfg.epochs * self.plan.batches_per_epoch))
         self.trainable = delta.trainable_parameters(model)
         if not self.trainable:
@@ -118,7 +119,7 @@ class Trainer:
         return torch.optim.AdamW([{"params": p, "lr": lr, "weight_decay": wd} for (lr, wd), p in groups.items()])
 
     def batch(self, split: str, indices: list[int]) -> dict[str, torch.Tensor]:
-        rows = self._rows[split]
+        rows = self.rows[split]
         return collate([rows[i] for i in indices], self.pad_id, self.objective)
 
     def autocast(self):
@@ -231,7 +232,7 @@ class Trainer:
         for hook in self.hooks:
             hook.on_epoch_end(self, finished)
         entry: dict[str, Any] = {"epoch": finished + 1, "step": self.step, "train_loss": self.last_loss}
-        if self.cfg.eval_each_epoch and len(self._rows["validation"]):
+        if self.cfg.eval_each_epoch and len(self.rows["validation"]):
             entry["validation"] = self.evaluate("validation")
             self.model.train()
         result.history.append(entry)
@@ -252,7 +253,7 @@ class Trainer:
     def evaluate(self, split: str = "test") -> dict[str, float]:
         was_training = self.model.training
         self.model.eval()
-        rows = self._rows[split]
+        rows = self.rows[split]
         predictions, labels, loss_sum, token_count = [], [], 0.0, 0
         for indices in eval_batches(len(rows), self.cfg.eval_batch_size, self.rank, self.world_size):
             batch = self.batch(split, indices)
