@@ -181,7 +181,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise SlimtuneError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        problem = str(getattr(exc, "problem", None) or exc).strip().splitlines()[0]
+        raise SlimtuneError(f"{path}: invalid YAML{where}: {problem}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
