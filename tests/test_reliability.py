@@ -158,6 +158,45 @@ def test_hook_state_continues_across_resume_and_never_restarts(tiny_recipe, tmp_
     assert resumed.steps == 10 and float(resumed.spent) == 5.0  # 6 restored + 4 new, not 4
 
 
+def test_non_trainable_delta_state_such_as_masks_is_checkpointed(tiny_recipe, tmp_path):
+    """A method may keep state outside its trainable parameters (a pruning mask, a buffer); the
+    delta's state dict is what defines it, and a resumed run continues from its saved value."""
+    tiny_recipe["train"].update(max_steps=10, checkpoint_every=3)
+    recipe = validate_recipe(tiny_recipe)
+
+    class GrowMask(Hook):
+        name = "grow"
+
+        def on_step_end(self, trainer):
+            trainer.model.toy_mask += 1  # the method's own state; the hook keeps none
+
+    def with_mask(trainer):
+        trainer.model.register_buffer("toy_mask", torch.zeros(3))
+        delta, model = trainer.delta, trainer.model
+        plain_state, plain_load = delta.state_dict, delta.load_state_dict
+        delta.state_dict = lambda m: {**plain_state(m), "toy_mask": m.toy_mask}
+        delta.load_state_dict = lambda m, state: (plain_load(m, state), m.toy_mask.copy_(state["toy_mask"]))
+        return trainer
+
+    with pytest.raises(KeyboardInterrupt):
+        with_mask(make_trainer(recipe, tmp_path, [GrowMask(), CrashAt(7)])).fit()
+    trainer = with_mask(make_trainer(recipe, tmp_path, [GrowMask()]))
+    trainer.fit(resume=True)
+    assert trainer.model.toy_mask.tolist() == [10.0, 10.0, 10.0]  # 6 restored + 4, not 4
+
+
+def test_resume_onto_another_base_model_is_refused(tiny_recipe, tmp_path):
+    tiny_recipe["train"].update(max_steps=3, checkpoint_every=2)
+    recipe = validate_recipe(tiny_recipe)
+    train_run(recipe, tmp_path / "run", progress=False)
+    state_path = list_checkpoints(tmp_path / "run")[-1] / "state.json"
+    state = json.loads(state_path.read_text())
+    state["trainer"]["base"]["weights_sha256"] = "0" * 16
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(SlimtuneError, match="this run was trained on another base model .*resume refused"):
+        train_run(recipe, tmp_path / "run", resume=True, progress=False)
+
+
 # -------------------------------------------------------------------------- safe loading
 
 

@@ -102,6 +102,7 @@ def train_run(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
         model=built.model, tokenizer=built.tokenizer, task=built.task, delta=built.delta, recipe=recipe,
         objective=built.objective, run_dir=out, hooks=built.hooks, accelerator=accelerator, progress=progress,
     )
+    trainer.base_fingerprint = built.fingerprint
     result: TrainResult = trainer.fit(resume=resume)
     test_metrics = trainer.evaluate("test")
     validation_metrics = trainer.evaluate("validation") if len(built.task.splits["validation"]) else {}

@@ -95,8 +95,10 @@ def save_checkpoint(
     scheduler: Any,
     hooks: list[Any],
     extra: dict[str, Any] | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically; ``extra`` is JSON the trainer gets back on resume."""
+    """Write checkpoint ``step`` atomically; ``extra`` (JSON) and ``extra_tensors`` are the
+    trainer's own state, handed back on resume."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -109,6 +111,7 @@ def save_checkpoint(
     rng_meta, rng_tensors = _rng_state()
     opt_meta, opt_tensors = _optimizer_tensors(optimizer)
     tensors = {f"param.{k}": v for k, v in params.items()} | opt_tensors | rng_tensors
+    tensors |= {f"extra.{k}": v for k, v in (extra_tensors or {}).items()}
     hook_states = {}
     for hook in hooks:
         hook_states[hook.name] = hook.state_dict()
@@ -180,16 +183,24 @@ def restore_latest(
     hooks: list[Any],
     warn=print,
     set_aside: bool = True,
+    restore_extra=None,
 ) -> tuple[Path, dict[str, Any]] | None:
     """Restore the newest checkpoint that reads back intact and fits this run. Each unusable
     one is set aside as ``corrupt-step-...`` with a warning, falling back to the previous one.
     None when there is no checkpoint at all; an error when none of them is usable. With several
-    processes only the main one sets files aside (``set_aside``); the others just skip them."""
+    processes only the main one sets files aside (``set_aside``); the others just skip them.
+    ``restore_extra(state, extra_tensors)`` restores the trainer's own part (may raise
+    SlimtuneError to reject the checkpoint)."""
     candidates = list_checkpoints(run_dir)
     for path in reversed(candidates):
         try:
             state, tensors = read_checkpoint(path)
             restore_checkpoint(state, tensors, params=params, optimizer=optimizer, scheduler=scheduler, hooks=hooks, source=path)
+            if restore_extra is not None:
+                try:
+                    restore_extra(state, {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")})
+                except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                    raise SlimtuneError(f"{path}: unusable checkpoint state ({type(exc).__name__}: {exc})") from None
             return path, state
         except SlimtuneError as exc:
             note = f"set it aside as {_set_aside(path).name}; " if set_aside and path.exists() else ""

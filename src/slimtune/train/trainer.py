@@ -96,6 +96,8 @@ class Trainer:
         self.current_batch: dict[str, torch.Tensor] | None = None
         self.step_skipped = False
         self.last_checkpoint: Path | None = None
+        #: Set by the runner: checkpoints record it and resume refuses a different base model.
+        self.base_fingerprint: dict[str, str] | None = None
         self.result = TrainResult()
 
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -342,8 +344,18 @@ class Trainer:
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             hooks=self.hooks,
-            extra={"history": self.result.history, "skipped_steps": self.result.skipped_steps},
+            extra={"history": self.result.history, "skipped_steps": self.result.skipped_steps, "base": self.base_fingerprint},
+            extra_tensors={f"delta.{k}": v for k, v in self._delta_only_state().items()},
         )
+
+    def _delta_only_state(self) -> dict[str, torch.Tensor]:
+        """Saved delta tensors that are not trainable parameters (e.g. a method's masks)."""
+        return {k: v for k, v in self.delta.state_dict(self.model).items() if k not in self.trainable}
+
+    def _restore_delta_only_state(self, state: dict[str, Any], extra: dict[str, torch.Tensor]) -> None:
+        saved = {k[len("delta."):]: v for k, v in extra.items() if k.startswith("delta.")}
+        if saved or self._delta_only_state():
+            self.delta.load_state_dict(self.model, {**{n: p.detach() for n, p in self.trainable.items()}, **saved})
 
     def _resume(self) -> None:
         if self.run_dir is None:
@@ -351,7 +363,8 @@ class Trainer:
         # Every process restores the same files; only the main one reports (and sets bad ones aside).
         main = self.accelerator.is_main_process
         found = ckpt.restore_latest(self.run_dir, params=self.trainable, optimizer=self.optimizer, scheduler=self.scheduler,
-                                    hooks=self.hooks, warn=tqdm.write if main else (lambda _: None), set_aside=main)
+                                    hooks=self.hooks, warn=tqdm.write if main else (lambda _: None), set_aside=main,
+                                    restore_extra=self._restore_delta_only_state)
         if found is None:
             if main:
                 tqdm.write(f"{self.run_dir}: no checkpoint was written before the interruption; starting from step 0")
@@ -365,6 +378,12 @@ class Trainer:
         except (KeyError, TypeError, ValueError):
             raise SlimtuneError(f"{path / 'state.json'}: no valid step/position") from None
         saved = state.get("trainer") or {}
+        base = saved.get("base")
+        if base and self.base_fingerprint and base != self.base_fingerprint:
+            raise SlimtuneError(
+                f"{path}: this run was trained on another base model ({base.get('model')}, weights "
+                f"{base.get('weights_sha256')}; now {self.base_fingerprint.get('weights_sha256')}); resume refused"
+            )
         self.result.history = list(saved.get("history", []))
         self.result.skipped_steps = list(saved.get("skipped_steps", []))
         self.result.resumed_from_step = self.step
