@@ -4,6 +4,7 @@ wrong-base deltas refused unless forced, and data-file validation naming file an
 
 import json
 import pickle
+import re
 import shutil
 
 import pytest
@@ -343,3 +344,20 @@ def test_bad_data_files_name_the_file_and_the_row(tmp_path, content, spec, messa
         load_task({"file": str(path), **spec})
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("deep.jsonl", '{"text": ' + "[" * 100_000 + "]" * 100_000 + ', "label": 1}\n', "line 1 is not usable JSON: nested too deeply"),
+        ("big.jsonl", '{"text": 1' + "0" * 5000 + ', "label": 1}\n', "line 1 is not usable JSON: Exceeds the limit"),
+        ("deep.yaml", "a: " + "[" * 100_000 + "]" * 100_000 + "\n", "invalid YAML: nested too deeply"),
+        ("deep.json", "[" * 100_000 + "]" * 100_000, "corrupt JSON (nested too deeply)"),
+    ],
+)
+def test_pathological_nesting_and_numbers_are_one_line_errors(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    read = {".jsonl": lambda: load_task({"file": str(path)}), ".yaml": lambda: load_recipe(path), ".json": lambda: read_json(path)}
+    with pytest.raises(SlimtuneError, match=re.escape(message)):
+        read[path.suffix]()

@@ -79,8 +79,9 @@ def read_json(path: Path) -> Any:
         raise SlimtuneError(f"{path}: file not found")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SlimtuneError(f"{path}: corrupt JSON ({str(exc).splitlines()[0]})") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, huge ints, deep nesting
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0]
+        raise SlimtuneError(f"{path}: corrupt JSON ({detail})") from None
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
