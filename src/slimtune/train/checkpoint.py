@@ -154,6 +154,10 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     state = read_json(path / "state.json")
     if not isinstance(state, dict) or not isinstance(state.get("tensors_sha256"), str):
         raise SlimtuneError(f"{path / 'state.json'}: not a slimtune checkpoint state (no tensors_sha256)")
+    position = state.get("position")
+    if not (isinstance(state.get("step"), int) and isinstance(position, dict)
+            and all(isinstance(position.get(k), int) for k in ("epoch", "batch"))):
+        raise SlimtuneError(f"{path / 'state.json'}: no valid step and data position (epoch, batch)")
     tensors_path = path / "tensors.safetensors"
     if not tensors_path.is_file():
         raise SlimtuneError(f"{tensors_path}: missing")
