@@ -234,6 +234,8 @@ class Trainer:
         memory_meter = self._memory_meter()
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {self.delta.label}", disable=not self.progress, unit="step", dynamic_ncols=True)
         started = time.perf_counter()
+        # Memory is measured on this process's second step (after one-off allocations), also when resumed.
+        measured_step = min(self.step + 1, self.total_steps - 1)
         while self.step < self.total_steps and result.stop_reason is None:
             for index, indices in self.plan.iter_epoch(self.epoch, self.batch_in_epoch):
                 reason = next((r for h in self.hooks if (r := h.stop_reason(self))), None)
@@ -242,7 +244,7 @@ class Trainer:
                     break
                 ckpt.crash_point("step", self.step + 1)
                 batch = self.batch("train", indices)
-                measure = memory_meter if (memory_meter is not None and self.step == min(1, self.total_steps - 1)) else None
+                measure = memory_meter if (memory_meter is not None and self.step == measured_step) else None
                 t0 = time.perf_counter()
                 self.last_loss = self.train_step(batch, measure)
                 result.step_seconds.append(time.perf_counter() - t0)
