@@ -97,6 +97,8 @@ def cmd_train(args, recipe_path: Path | None) -> int:
     from slimtune.runner import train_run
 
     if args.resume is not None:
+        if args.out is not None and args.out.resolve() != args.resume.resolve():
+            raise SlimtuneError(f"--out {args.out} with --resume {args.resume}: a resumed run continues in its own directory; drop --out")
         source = recipe_path or args.resume / "recipe.yaml"
         recipe = load_recipe(source, args.overrides)
         out = args.resume

@@ -26,10 +26,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -55,6 +56,22 @@ def refuse_pickle(path: Path) -> None:
         raise SlimtuneError(f"{path}: refusing to load a pickle-based file; slimtune reads only .safetensors and .json")
 
 
+def _pickle_siblings(path: Path) -> list[Path]:
+    """Pickle files standing where ``path`` was expected (``delta.bin`` for ``delta.safetensors``)."""
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.glob(f"{path.stem}.*") if p.suffix.lower() in PICKLE_SUFFIXES)
+
+
+def sniff_pickle(head: bytes) -> str | None:
+    """What a file's first bytes say it is, if it is a pickle (raw, or torch.save's zip)."""
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return "a Python pickle"
+    if head[:4] == b"PK\x03\x04":
+        return "a zip archive (torch.save format, which holds a pickle)"
+    return None
+
+
 def read_json(path: Path) -> Any:
     path = Path(path)
     refuse_pickle(path)
@@ -62,8 +79,9 @@ def read_json(path: Path) -> Any:
         raise SlimtuneError(f"{path}: file not found")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SlimtuneError(f"{path}: corrupt JSON ({str(exc).splitlines()[0]})") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, huge ints, deep nesting
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0]
+        raise SlimtuneError(f"{path}: corrupt JSON ({detail})") from None
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -72,7 +90,17 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix != ".safetensors":
         raise SlimtuneError(f"{path}: expected a .safetensors file")
     if not path.is_file():
+        pickles = _pickle_siblings(path)
+        if pickles:
+            raise SlimtuneError(
+                f"{path}: file not found; {pickles[0].name} is there but slimtune refuses pickle-based files "
+                "(only .safetensors and .json are read)"
+            )
         raise SlimtuneError(f"{path}: file not found")
+    with open(path, "rb") as handle:
+        kind = sniff_pickle(handle.read(8))
+    if kind:
+        raise SlimtuneError(f"{path}: this is {kind}, not safetensors; refusing to load it (pickle can run code)")
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises several types for truncated/corrupt headers

@@ -20,7 +20,8 @@ from slimtune.errors import SlimtuneError, did_you_mean
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/nan are never meaningful recipe values (epochs: .inf would train forever).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -36,7 +37,7 @@ class TaskSection(Section):
     split: str | None = Field(None, description="user file: optional column with train/validation/test")
     train_size: int | None = Field(None, ge=1, description="use a seeded stratified subset of this many training rows")
     eval_size: int | None = Field(None, ge=1, description="cap validation and test at this many rows (seeded)")
-    split_seed: int = Field(0, description="seed of the train/validation/test split (fixed, independent of train.seed)")
+    split_seed: int = Field(0, ge=0, description="seed of the train/validation/test split (fixed, independent of train.seed)")
     objective: Literal["auto", "classification", "lm"] = Field(
         "auto", description="'classification', or 'lm' (causal-LM loss on the task's texts; decoders only); auto: classification"
     )
@@ -72,10 +73,13 @@ class TrainSection(Section):
     scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="learning-rate schedule after warm-up")
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the global gradient norm (null: no clipping)")
     max_length: int = Field(128, ge=8, le=8192, description="tokens per example (longer texts are truncated)")
-    seed: int = Field(0, description="seed of initialisation, shuffling and dropout")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of initialisation, shuffling and dropout")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (fast on AMX CPUs) or fp32")
     eval_each_epoch: bool = Field(True, description="evaluate on the validation split after each epoch")
     checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N steps (always at each epoch end)")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN/inf loss or gradient: 'stop' (name the step, keep the last checkpoint) or 'skip' the step (counted in report.json)"
+    )
     log_every: int = Field(10, ge=1, description="steps between progress-bar loss updates")
     eval_batch_size: int = Field(64, ge=1, description="batch size for evaluation")
 
@@ -174,10 +178,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise SlimtuneError(f"{path}: not a UTF-8 text file") from None
+    except RecursionError:
+        raise SlimtuneError(f"{path}: invalid YAML: nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise SlimtuneError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        problem = str(getattr(exc, "problem", None) or exc).strip().splitlines()[0]
+        raise SlimtuneError(f"{path}: invalid YAML{where}: {problem}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -206,6 +213,8 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
                 raise SlimtuneError(f"--set {key}: '{part}' is not an index of this list (0..{len(node) - 1})")
             if isinstance(node[int(part)], str):
                 node[int(part)] = {"name": node[int(part)]}
+            if not isinstance(node[int(part)], dict):
+                raise SlimtuneError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
             node = node[int(part)]
         else:
             if not isinstance(node.get(part, {}), (dict, list)):
@@ -270,6 +279,8 @@ def parse_methods(raw: Any, source: str) -> list[MethodSpec]:
 
 def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
     _load_feature_sections()
+    if not isinstance(data, dict):
+        raise SlimtuneError(f"{source}: a recipe is a mapping of sections (model, task, method, train, ...), got {type(data).__name__}")
     data = copy.deepcopy(data)
     valid = {*CORE_SECTIONS, "method", *SECTIONS}
     for key in data:

@@ -87,7 +87,9 @@ def train_run(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
     out = Path(out)
     if accelerator.is_main_process:
         prepare_run_dir(out, resume)
-        if resume:
+        if resume and not (out / "recipe.yaml").is_file() and any(out.iterdir()):
+            raise SlimtuneError(f"--resume {out}: not a slimtune run directory (no recipe.yaml)")
+        if resume and (out / "recipe.yaml").is_file():
             saved = load_recipe(out / "recipe.yaml")
             if saved.to_dict() != recipe.to_dict():
                 raise SlimtuneError(f"--resume {out}: the recipe differs from the run's recipe.yaml; resume with the same recipe")
@@ -100,6 +102,7 @@ def train_run(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
         model=built.model, tokenizer=built.tokenizer, task=built.task, delta=built.delta, recipe=recipe,
         objective=built.objective, run_dir=out, hooks=built.hooks, accelerator=accelerator, progress=progress,
     )
+    trainer.base_fingerprint = built.fingerprint
     result: TrainResult = trainer.fit(resume=resume)
     test_metrics = trainer.evaluate("test")
     validation_metrics = trainer.evaluate("validation") if len(built.task.splits["validation"]) else {}

@@ -173,7 +173,7 @@ class MethodConfig(BaseModel):
     """Base of every method's fields. Unknown fields are errors; each field has a description
     that ``slimtune list methods`` prints."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # inf/nan never mean anything here
 
 
 class Method:

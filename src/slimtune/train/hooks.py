@@ -11,6 +11,10 @@ The loop calls, per optimizer step::
 and ``on_train_begin``, ``on_epoch_end``, ``on_evaluate``, ``on_train_end`` around it. A hook may
 stop training by returning a reason from ``stop_reason``; its ``state_dict`` is checkpointed and
 its ``report`` is merged into ``report.json``.
+
+A step whose loss or gradients are NaN/inf is skipped under ``train.on_nonfinite: skip``: then
+``on_before_optimizer_step`` is not called, and ``trainer.step_skipped`` is True in ``on_step_end``
+(a privacy accountant should still count the step: its batch was sampled).
 """
 
 from __future__ import annotations

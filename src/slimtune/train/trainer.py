@@ -2,6 +2,12 @@
 LM (next-token loss on the task's texts), on ``accelerate`` for process setup, with hooks for
 everything else (see :mod:`slimtune.train.hooks`). It knows no method by name: it trains what
 the :class:`~slimtune.methods.delta.Delta` says is trainable.
+
+Numerical faults: a NaN/inf loss or gradient (checked after the gradient hooks and all-reduce,
+so every process decides alike) stops the run naming the step, before anything is written, so
+the last checkpoint stays good; with ``train.on_nonfinite: skip`` the step's gradients are
+dropped instead (no optimizer step; the scheduler and hooks still advance, and
+``trainer.step_skipped`` tells hooks) and the skipped steps are listed in report.json.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ class TrainResult:
     stop_reason: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     memory: dict[str, int] = field(default_factory=dict)
+    skipped_steps: list[int] = field(default_factory=list)  # steps dropped for a NaN/inf loss or gradient
+    resumed_from_step: int | None = None
 
     @property
     def step_seconds_median(self) -> float:
@@ -86,6 +94,11 @@ class Trainer:
         self.batch_in_epoch = 0
         self.last_loss = float("nan")
         self.current_batch: dict[str, torch.Tensor] | None = None
+        self.step_skipped = False
+        self.last_checkpoint: Path | None = None
+        #: Set by the runner: checkpoints record it and resume refuses a different base model.
+        self.base_fingerprint: dict[str, str] | None = None
+        self.result = TrainResult()
 
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.pad_id = pad_id
@@ -148,12 +161,14 @@ class Trainer:
                 loss = self.loss(batch)
             loss.backward()
         loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            raise SlimtuneError(f"train step {self.step + 1}: loss is {loss_value}; stopping (the last checkpoint is kept)")
         for hook in self.hooks:
             hook.on_after_backward(self)
         if not self.gradients_synced:
             self.all_reduce_gradients()
+        fault = self._nonfinite(loss_value)
+        self.step_skipped = fault is not None
+        if fault is not None:
+            return self._handle_nonfinite(fault, loss_value)
         if self.cfg.max_grad_norm is not None and not any(getattr(h, "clips_gradients", False) for h in self.hooks):
             torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), self.cfg.max_grad_norm)
         for hook in self.hooks:
@@ -163,6 +178,36 @@ class Trainer:
         if meter is not None:
             meter.finish(self.model, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        for hook in self.hooks:
+            hook.on_step_end(self)
+        return loss_value
+
+    def _nonfinite(self, loss_value: float) -> str | None:
+        """What is NaN/inf this step (loss, else the first such gradient), or None."""
+        bad_loss = not math.isfinite(loss_value)
+        if self.world_size > 1:  # one process's NaN loss must stop (or skip) all of them alike
+            flag = torch.tensor([float(bad_loss)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            bad_loss = bool(flag.item())
+        if bad_loss:
+            return f"loss is {loss_value}" if not math.isfinite(loss_value) else "loss is not finite on another process"
+        for name, param in self.trainable.items():
+            if param.grad is not None and not bool(torch.isfinite(param.grad).all()):
+                return f"gradient of '{name}' is not finite ({'nan' if bool(param.grad.isnan().any()) else 'inf'})"
+        return None
+
+    def _handle_nonfinite(self, fault: str, loss_value: float) -> float:
+        step = self.step + 1
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.on_nonfinite == "stop":
+            kept = f"the last good checkpoint {self.last_checkpoint} is kept; resume from it with --resume" if self.last_checkpoint else "no checkpoint was written yet"
+            raise SlimtuneError(f"train step {step}: {fault}; stopping ({kept}; train.on_nonfinite: skip would skip such steps)")
+        self.result.skipped_steps.append(step)
+        if self.progress:
+            tqdm.write(f"warning: train step {step}: {fault}; step skipped (train.on_nonfinite: skip)")
+        # The step is consumed (data, schedule, hooks advance) but the weights do not move.
+        self.scheduler.step()
         self.step += 1
         for hook in self.hooks:
             hook.on_step_end(self)
@@ -181,7 +226,7 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> TrainResult:
         set_seed(self.cfg.seed)
-        result = TrainResult()
+        result = self.result = TrainResult()
         if resume:
             self._resume()
         self.model.train()
@@ -190,14 +235,17 @@ class Trainer:
         memory_meter = self._memory_meter()
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {self.delta.label}", disable=not self.progress, unit="step", dynamic_ncols=True)
         started = time.perf_counter()
+        # Memory is measured on this process's second step (after one-off allocations), also when resumed.
+        measured_step = min(self.step + 1, self.total_steps - 1)
         while self.step < self.total_steps and result.stop_reason is None:
             for index, indices in self.plan.iter_epoch(self.epoch, self.batch_in_epoch):
                 reason = next((r for h in self.hooks if (r := h.stop_reason(self))), None)
                 if reason:
                     result.stop_reason = reason
                     break
+                ckpt.crash_point("step", self.step + 1)
                 batch = self.batch("train", indices)
-                measure = memory_meter if (memory_meter is not None and self.step == min(1, self.total_steps - 1)) else None
+                measure = memory_meter if (memory_meter is not None and self.step == measured_step) else None
                 t0 = time.perf_counter()
                 self.last_loss = self.train_step(batch, measure)
                 result.step_seconds.append(time.perf_counter() - t0)
@@ -291,7 +339,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if self.run_dir is None or not self.accelerator.is_main_process:
             return
-        ckpt.save_checkpoint(
+        self.last_checkpoint = ckpt.save_checkpoint(
             self.run_dir,
             step=self.step,
             position={"epoch": self.epoch, "batch": self.batch_in_epoch},
@@ -299,18 +347,49 @@ class Trainer:
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             hooks=self.hooks,
+            extra={"history": self.result.history, "skipped_steps": self.result.skipped_steps, "base": self.base_fingerprint},
+            extra_tensors={f"delta.{k}": v for k, v in self._delta_only_state().items()},
         )
+
+    def _delta_only_state(self) -> dict[str, torch.Tensor]:
+        """Saved delta tensors that are not trainable parameters (e.g. a method's masks)."""
+        return {k: v for k, v in self.delta.state_dict(self.model).items() if k not in self.trainable}
+
+    def _restore_delta_only_state(self, state: dict[str, Any], extra: dict[str, torch.Tensor]) -> None:
+        saved = {k[len("delta."):]: v for k, v in extra.items() if k.startswith("delta.")}
+        if saved or self._delta_only_state():
+            self.delta.load_state_dict(self.model, {**{n: p.detach() for n, p in self.trainable.items()}, **saved})
 
     def _resume(self) -> None:
         if self.run_dir is None:
             raise SlimtuneError("resume needs a run directory")
-        found = ckpt.latest_good_checkpoint(self.run_dir, warn=tqdm.write)
+        # Every process restores the same files; only the main one reports (and sets bad ones aside).
+        main = self.accelerator.is_main_process
+        found = ckpt.restore_latest(self.run_dir, params=self.trainable, optimizer=self.optimizer, scheduler=self.scheduler,
+                                    hooks=self.hooks, warn=tqdm.write if main else (lambda _: None), set_aside=main,
+                                    restore_extra=self._restore_delta_only_state)
         if found is None:
-            raise SlimtuneError(f"{self.run_dir}: no intact checkpoint to resume from")
-        path, state, tensors = found
-        ckpt.restore_checkpoint(state, tensors, params=self.trainable, optimizer=self.optimizer, scheduler=self.scheduler, hooks=self.hooks)
-        self.step = state["step"]
-        self.epoch = state["position"]["epoch"]
-        self.batch_in_epoch = state["position"]["batch"]
-        if self.accelerator.is_main_process:
+            if main:
+                tqdm.write(f"{self.run_dir}: no checkpoint was written before the interruption; starting from step 0")
+            self.result.resumed_from_step = 0
+            return
+        path, state = found
+        try:
+            self.step = int(state["step"])
+            self.epoch = int(state["position"]["epoch"])
+            self.batch_in_epoch = int(state["position"]["batch"])
+        except (KeyError, TypeError, ValueError):
+            raise SlimtuneError(f"{path / 'state.json'}: no valid step/position") from None
+        saved = state.get("trainer") or {}
+        base = saved.get("base")
+        if base and self.base_fingerprint and base != self.base_fingerprint:
+            raise SlimtuneError(
+                f"{path}: this run was trained on another base model ({base.get('model')}, weights "
+                f"{base.get('weights_sha256')}; now {self.base_fingerprint.get('weights_sha256')}); resume refused"
+            )
+        self.result.history = list(saved.get("history", []))
+        self.result.skipped_steps = list(saved.get("skipped_steps", []))
+        self.result.resumed_from_step = self.step
+        self.last_checkpoint = path
+        if main:
             tqdm.write(f"resumed from {path} (step {self.step})")

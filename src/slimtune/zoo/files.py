@@ -94,6 +94,9 @@ def _read_jsonl(path: Path) -> tuple[pd.DataFrame, RowNamer]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise SlimtuneError(f"{path}: line {number} is not valid JSON: {error.msg}") from None
+        except (ValueError, RecursionError) as error:  # a 5,000-digit number; nesting 100,000 deep
+            reason = "nested too deeply" if isinstance(error, RecursionError) else str(error).split(":")[0]
+            raise SlimtuneError(f"{path}: line {number} is not usable JSON: {reason}") from None
         if not isinstance(record, dict):
             raise SlimtuneError(
                 f"{path}: line {number} is a JSON {type(record).__name__}; every line must be "

@@ -460,6 +460,7 @@ def load_model(
         )
 
     directory = model_dir(name_or_path)
+    require_safetensors_weights(directory)
     config = load_config(name_or_path)
     if objective == "classification":
         config.num_labels = num_labels
@@ -480,6 +481,7 @@ def load_model(
                 dtype=dtype if dtype is not None else _float32(),
                 attn_implementation=_attention_for(auto_class, config, attn_implementation),
                 output_loading_info=True,
+                use_safetensors=True,  # never fall back to pickle weights (pytorch_model.bin)
             )
     except (OSError, ValueError, RuntimeError) as error:
         label = _display_name(name_or_path)
@@ -488,6 +490,23 @@ def load_model(
         ) from error
     _warn_unexpected_loading(model, loading_info, config, _display_name(name_or_path))
     return model
+
+
+#: Weight files that are pickles underneath; transformers would unpickle them, slimtune refuses.
+_PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def require_safetensors_weights(directory: Path) -> None:
+    """Refuse a model directory whose weights are not safetensors (pickle can run code)."""
+    if any(directory.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix.lower() in _PICKLE_WEIGHTS)
+    if pickles:
+        raise SlimtuneError(
+            f"{directory}: its weights are pickle files ({', '.join(pickles[:3])}); slimtune loads only "
+            "safetensors weights (model.safetensors); convert them once in a trusted environment"
+        )
+    raise SlimtuneError(f"{directory}: no weights found; a model directory needs model.safetensors")
 
 
 def _attention_for(auto_class: Any, config: PretrainedConfig, requested: str) -> str:
