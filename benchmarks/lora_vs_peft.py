@@ -47,7 +47,7 @@ def main(argv=None) -> dict:
 
     # -- injection ---------------------------------------------------------------------------
     def inject_ours(model):
-        delta = Delta.from_specs(recipe.methods, train_pooler=False)
+        delta = Delta.from_specs(recipe.methods, train_pooler=False)  # as peft: classifier + LoRA
         delta.attach(model, Arch.of(model))
         return delta
 
@@ -146,14 +146,20 @@ def train_both(threads: int) -> dict[str, float]:
 
     torch.set_num_threads(threads)
     accuracy = {}
-    for pooler in (False, True):
-        recipe = load_recipe(None, [f"head.train_pooler={str(pooler).lower()}", "measure.latency=false", "measure.memory=false"])
+    # The head choice matters (ASSETS: a frozen CLS+pooler head learns slowly): measure each.
+    heads = {
+        "mean pooling (default)": ["head.pooling=mean"],
+        "cls, pooler frozen (as peft)": ["head.pooling=cls", "head.train_pooler=false"],
+        "cls, pooler trained": ["head.pooling=cls", "head.train_pooler=true"],
+    }
+    for label, overrides in heads.items():
+        recipe = load_recipe(None, [*overrides, "measure.latency=false", "measure.memory=false"])
         with tempfile.TemporaryDirectory() as out:
             report = train_run(recipe, f"{out}/run", progress=False)
-        accuracy[f"slimtune lora (pooler {'trained' if pooler else 'frozen'})"] = report["metrics"]["accuracy"]
+        accuracy[f"slimtune lora, {label}"] = report["metrics"]["accuracy"]
 
     # peft: same data pipeline and schedule, peft's model and injection.
-    recipe = load_recipe(None, ["method=linear-probe", "head.train_pooler=false"])
+    recipe = load_recipe(None, ["method=linear-probe", "head.pooling=cls", "head.train_pooler=false"])
     built = build(recipe)
     model = built.model
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], lora_dropout=0.0, task_type="SEQ_CLS"))

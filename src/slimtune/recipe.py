@@ -59,7 +59,13 @@ class TaskSection(Section):
 
 
 class HeadSection(Section):
-    train_pooler: bool = Field(True, description="also train BERT's pooler (dense+tanh over [CLS]) with the classifier")
+    pooling: Literal["auto", "mean", "cls"] = Field(
+        "auto",
+        description="how token states become the head's input: 'mean' (masked mean, as the sentence-embedding "
+        "checkpoints were trained), 'cls' (the model's own head: BERT's pooler over [CLS], ViT [CLS], Llama last "
+        "token); auto: mean for BERT-family encoders, cls otherwise",
+    )
+    train_pooler: bool = Field(True, description="with pooling 'cls': also train BERT's pooler (dense+tanh over [CLS])")
 
 
 class TrainSection(Section):

@@ -24,6 +24,7 @@ from slimtune.methods.delta import Delta, base_fingerprint, check_fingerprint, r
 from slimtune.recipe import Recipe, load_recipe
 from slimtune.train.hooks import Hook
 from slimtune.train.trainer import Trainer, TrainResult
+from slimtune.zoo.heads import configure_pooling
 from slimtune.zoo.models import load_model, load_tokenizer
 from slimtune.zoo.tasks import TaskData, load_task
 
@@ -40,6 +41,7 @@ class Built:
     fingerprint: dict[str, str]
     hooks: list[Hook]
     base_params: int  # parameters of the model before the delta was attached (task head included)
+    pooling: str  # what feeds the task head: "mean", "cls" or "none" (causal LM)
 
 
 def resolve_objective(recipe: Recipe) -> str:
@@ -56,16 +58,17 @@ def build(recipe: Recipe, task_override: str | None = None) -> Built:
     tokenizer = load_tokenizer(recipe.model.name)
     fingerprint = base_fingerprint(recipe.model.name, model)
     base_params = param_counts(model)["total"]
+    pooling = configure_pooling(model, recipe.head.pooling, objective)
     arch = Arch.of(model, objective)
     set_seed(recipe.train.seed)  # the delta's initialisation does not depend on how loading used the RNG
-    delta = Delta.from_specs(recipe.methods, recipe.head.train_pooler)
+    delta = Delta.from_specs(recipe.methods, train_pooler=recipe.head.train_pooler and pooling == "cls")
     delta.attach(model, arch)
     hooks = delta.hooks()
     for section in recipe.features.values():
         build_hook = getattr(section, "build_hook", None)
         if build_hook is not None:
             hooks.append(build_hook(recipe=recipe, model=model, delta=delta, task=task))
-    return Built(recipe, model, tokenizer, task, delta, arch, objective, fingerprint, hooks, base_params)
+    return Built(recipe, model, tokenizer, task, delta, arch, objective, fingerprint, hooks, base_params, pooling)
 
 
 def prepare_run_dir(out: Path, resume: bool) -> Path:

@@ -98,6 +98,7 @@ def build_report(
             "labels": task.label_names,
             "primary_metric": task.metric if built.objective == "classification" else "perplexity",
             "objective": built.objective,
+            "pooling": built.pooling,
         },
         "method": {"name": built.delta.label, "config": built.delta.config()},
         "metrics": test_metrics,
