@@ -1,0 +1,44 @@
+"""Shared helpers for method tests: attach a recipe's methods to a model, randomise a delta."""
+
+import torch
+
+from slimtune.methods.base import Arch, get_method_class
+from slimtune.methods.delta import Delta
+from slimtune.recipe import MethodSpec
+
+
+def attach(model, *methods, objective="classification"):
+    """attach(model, ("houlsby", {...}), "pfeiffer", ...) -> Delta."""
+    specs = []
+    for item in methods:
+        name, fields = (item, {}) if isinstance(item, str) else item
+        specs.append(MethodSpec(name=name, config=get_method_class(name).Config(**fields)))
+    delta = Delta.from_specs(specs)
+    delta.attach(model, Arch.of(model, objective))
+    return delta
+
+
+def randomize(delta, model, seed=1, scale=0.3):
+    """Move every trainable tensor away from its (near-identity) init."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in delta.trainable_parameters(model).values():
+            param.add_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * scale)
+
+
+def round_trip(factory, methods, batch, tmp_path, objective="classification"):
+    """Train-like change, save the delta alone, load it onto a fresh base: same outputs."""
+    from slimtune.methods.delta import read_delta
+
+    model = factory()
+    delta = attach(model, *methods, objective=objective)
+    randomize(delta, model)
+    expected = model(**batch).logits
+    delta.save(tmp_path, model, {"model": "tiny"})
+    meta, state = read_delta(tmp_path)
+    assert set(state) == set(delta.state_dict(model))
+    fresh = factory()
+    fresh_delta = attach(fresh, *methods, objective=objective)
+    fresh_delta.load_state_dict(fresh, state)
+    torch.testing.assert_close(fresh(**batch).logits, expected, rtol=0, atol=0)
+    return model, delta
