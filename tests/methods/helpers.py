@@ -18,11 +18,14 @@ def attach(model, *methods, objective="classification"):
     return delta
 
 
-def randomize(delta, model, seed=1, scale=0.3):
-    """Move every trainable tensor away from its (near-identity) init."""
+def randomize(delta, model, seed=1, scale=0.3, head=False):
+    """Move every tensor the methods train (and the head, if asked) away from its init."""
     generator = torch.Generator().manual_seed(seed)
+    params = {n: p for m in delta.methods for n, p in m.trainable_parameters(model).items()}
+    if head:
+        params.update(delta.head_parameters(model))
     with torch.no_grad():
-        for param in delta.trainable_parameters(model).values():
+        for param in params.values():
             param.add_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * scale)
 
 
@@ -32,7 +35,7 @@ def round_trip(factory, methods, batch, tmp_path, objective="classification"):
 
     model = factory()
     delta = attach(model, *methods, objective=objective)
-    randomize(delta, model)
+    randomize(delta, model, head=True)
     expected = model(**batch).logits
     delta.save(tmp_path, model, {"model": "tiny"})
     meta, state = read_delta(tmp_path)
