@@ -144,17 +144,22 @@ def norm_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return chosen
 
 
-class BottleneckConfig(MethodConfig):
+class AdapterPlacementConfig(MethodConfig):
+    """Fields every adapter-shaped method has (bottleneck adapters, Compacter)."""
+
     reduction_factor: float = Field(16, gt=0, description="bottleneck width = hidden // reduction_factor (AdapterHub default 16)")
     non_linearity: NonLinearity = Field("swish", description="activation inside the bottleneck (AdapterHub: swish for Houlsby, relu for Pfeiffer)")
-    init_std: float = Field(1e-3, gt=0, description="std of the truncated-normal init of both projections (adapter-bert: 1e-3, near identity)")
-    zero_up_init: bool = Field(False, description="start the up-projection at exactly zero (the adapter is exactly the identity at step 0)")
     train_layer_norm: bool = Field(True, description="also train the backbone's layer norms (Houlsby et al. do; AdapterHub does not)")
     targets: list[str] | None = Field(
         None,
         description="sublayer output projections to follow with an adapter (name patterns); default: after attention "
         "and after FFN (BERT attention.output.dense + layer.N.output.dense, Llama o_proj + down_proj, ViT o_proj + fc2)",
     )
+
+
+class BottleneckConfig(AdapterPlacementConfig):
+    init_std: float = Field(1e-3, gt=0, description="std of the truncated-normal init of both projections (adapter-bert: 1e-3, near identity)")
+    zero_up_init: bool = Field(False, description="start the up-projection at exactly zero (the adapter is exactly the identity at step 0)")
 
 
 class AdapterMethod(Method):

@@ -26,7 +26,7 @@ from pydantic import Field
 from torch import nn
 
 from slimtune.errors import SlimtuneError
-from slimtune.methods.adapter import AdapterMethod, BottleneckConfig, NonLinearity, activation
+from slimtune.methods.adapter import AdapterMethod, AdapterPlacementConfig, NonLinearity, activation
 from slimtune.methods.base import Arch, register
 
 
@@ -107,7 +107,7 @@ class PHMAdapter(nn.Module):
         return self.up(self.act(self.down(h)))
 
 
-class CompacterConfig(BottleneckConfig):
+class CompacterConfig(AdapterPlacementConfig):
     reduction_factor: float = Field(32, gt=0, description="bottleneck width = hidden // reduction_factor (Compacter: 32)")
     non_linearity: NonLinearity = Field("gelu", description="activation inside the bottleneck (Compacter: gelu)")
     phm_dim: int = Field(4, ge=1, description="n: number of Kronecker products; hidden and bottleneck must be divisible by n")
@@ -119,8 +119,6 @@ class CompacterConfig(BottleneckConfig):
     shared_phm_rule: bool = Field(True, description="share the rule matrices A_i across all adapter layers (Compacter: yes)")
     factorized_phm: bool = Field(True, description="factorise the fast weights B_i into rank-phm_rank products (Compacter: yes; PHM-Adapter: no)")
     phm_bias: bool = Field(True, description="bias in each PHM layer")
-    init_std: float = Field(1e-3, gt=0, description="unused by PHM layers (kept for the shared adapter fields)")
-    zero_up_init: bool = Field(False, description="unused by PHM layers (near-identity comes from the small rule init)")
     train_layer_norm: bool = Field(False, description="also train the backbone's layer norms (AdapterHub: no)")
 
 
