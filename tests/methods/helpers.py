@@ -45,3 +45,12 @@ def round_trip(factory, methods, batch, tmp_path, objective="classification"):
     fresh_delta.load_state_dict(fresh, state)
     torch.testing.assert_close(fresh(**batch).logits, expected, rtol=0, atol=0)
     return model, delta
+
+
+def tiny_mpnet(num_labels: int = 2):
+    from transformers import MPNetConfig, MPNetForSequenceClassification
+
+    torch.manual_seed(0)
+    config = MPNetConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=80, num_labels=num_labels)
+    return MPNetForSequenceClassification(config).eval()

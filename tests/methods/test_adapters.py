@@ -218,3 +218,16 @@ def test_composes_with_lora_and_bitfit():
 def test_conflicting_compositions_fail_clearly(methods, message):
     with pytest.raises(SlimtuneError, match=message):
         attach(tiny_bert(), *methods)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_mpnet_sites(name):
+    from tests.methods.helpers import tiny_mpnet
+
+    model = tiny_mpnet()
+    method = attach(model, (name, TINY_FIELDS[name])).methods[0]
+    expected = {"layer.0.output.dense", "layer.1.output.dense"}
+    if name in ("houlsby", "compacter"):
+        expected |= {"layer.0.attention.attn.o", "layer.1.attention.attn.o"}
+    assert {s.split("encoder.")[-1] for s in method.sites_found} == expected
+    model(**token_batch())

@@ -82,6 +82,7 @@ def test_merge_equals_unmerged_and_unmerge_restores_exactly(factory):
     unmerged = model(**batch).logits
     delta.merge(model)
     assert any(not torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules() if isinstance(m, torch.nn.Linear))
     torch.testing.assert_close(model(**batch).logits, unmerged, atol=1e-5, rtol=1e-5)
     delta.unmerge(model)
     for name, param in model.named_parameters():
@@ -118,3 +119,12 @@ def test_composes_with_lora_on_other_linears_and_conflicts_on_the_same():
 def test_feedforward_must_be_a_target():
     with pytest.raises(SlimtuneError, match="method.feedforward: 'fc9' is not among method.targets"):
         attach(tiny_bert(), ("ia3", {"targets": ["key"], "feedforward": ["fc9"]}))
+
+
+def test_mpnet_defaults():
+    from tests.methods.helpers import tiny_mpnet
+
+    model = tiny_mpnet()
+    method = attach(model, "ia3").methods[0]
+    assert method.param_count(model) == 2 * (32 + 32 + 64)
+    model(**token_batch())

@@ -127,3 +127,19 @@ def test_needs_input_ids():
     attach(model, "prompt")
     with pytest.raises(SlimtuneError, match="without input_ids"):
         model(inputs_embeds=torch.randn(1, 3, 32))
+
+
+def test_mpnet_inserts_after_the_first_token():
+    from tests.methods.helpers import tiny_mpnet
+
+    model = tiny_mpnet()
+    delta = attach(model, ("prompt", {"num_tokens": N}))
+    randomize(delta, model)
+    prompt = model.prompt_tuning.embeddings.detach()
+    batch = token_batch()
+    plain = tiny_mpnet()
+    words = plain.mpnet.embeddings.word_embeddings(batch["input_ids"])
+    embeds = torch.cat([words[:, :1], prompt.expand(3, -1, -1), words[:, 1:]], dim=1)
+    mask = batch["attention_mask"]
+    mask = torch.cat([mask[:, :1], torch.ones(3, N, dtype=mask.dtype), mask[:, 1:]], dim=1)
+    torch.testing.assert_close(model(**batch).logits, plain(inputs_embeds=embeds, attention_mask=mask).logits, rtol=0, atol=1e-6)

@@ -13,7 +13,7 @@ replaces its output ``h`` by ``h + f(h)``. The projections are
 family    after attention            after FFN
 ========  =========================  =======================================
 BERT      ``attention.output.dense``  ``layer.N.output.dense``
-MPNet     ``attention.o``             ``layer.N.output.dense``
+MPNet     ``attention.attn.o``        ``layer.N.output.dense``
 Llama     ``self_attn.o_proj``        ``mlp.down_proj``
 ViT       ``attention.o_proj``        ``mlp.fc2``
 ========  =========================  =======================================
@@ -49,7 +49,7 @@ from slimtune.methods.base import HEAD_MODULE_NAMES, Arch, Method, MethodConfig,
 ADAPTER_SITES: dict[str, dict[str, list[str]]] = {
     "attention": {
         "bert": ["attention.output.dense"],
-        "mpnet": ["attention.o"],
+        "mpnet": ["attn.o"],
         "llama": ["o_proj"],
         "vit": ["attention.o_proj"],
     },

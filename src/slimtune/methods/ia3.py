@@ -60,22 +60,23 @@ class IA3Site:
         size = linear.in_features if scales_input else linear.out_features
         linear.register_parameter(VECTOR, nn.Parameter(torch.ones(size, dtype=linear.weight.dtype)))
         self.original: tuple[torch.Tensor, torch.Tensor | None] | None = None  # while merged
-        if scales_input:
-            self.handle = linear.register_forward_pre_hook(self._scale_input)
+        self._hook()
+
+    def _hook(self) -> None:
+        if self.scales_input:
+            self.handle = self.linear.register_forward_pre_hook(self._scale_input)
         else:
-            self.handle = linear.register_forward_hook(self._scale_output)
+            self.handle = self.linear.register_forward_hook(self._scale_output)
 
     @property
     def vector(self) -> nn.Parameter:
         return getattr(self.linear, VECTOR)
 
     def _scale_input(self, module, args):
-        if self.original is None:
-            return (args[0] * self.vector, *args[1:])
-        return None
+        return (args[0] * self.vector, *args[1:])
 
     def _scale_output(self, module, args, output):
-        return output * self.vector if self.original is None else output
+        return output * self.vector
 
     def merge(self) -> None:
         if self.original is not None:
@@ -89,6 +90,7 @@ class IA3Site:
                 linear.weight.mul_(vector[:, None])
                 if linear.bias is not None:
                     linear.bias.mul_(vector)
+        self.handle.remove()  # merged: the linear runs exactly as a plain base linear
 
     def unmerge(self) -> None:
         if self.original is None:
@@ -99,6 +101,7 @@ class IA3Site:
             if bias is not None:
                 self.linear.bias.copy_(bias)
         self.original = None
+        self._hook()
 
 
 @register
