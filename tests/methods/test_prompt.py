@@ -143,3 +143,10 @@ def test_mpnet_inserts_after_the_first_token():
     mask = batch["attention_mask"]
     mask = torch.cat([mask[:, :1], torch.ones(3, N, dtype=mask.dtype), mask[:, 1:]], dim=1)
     torch.testing.assert_close(model(**batch).logits, plain(inputs_embeds=embeds, attention_mask=mask).logits, rtol=0, atol=1e-6)
+
+
+def test_too_long_for_the_position_table_fails_clearly():
+    model = tiny_bert()  # 64 positions
+    attach(model, ("prompt", {"num_tokens": 20}))
+    with pytest.raises(SlimtuneError, match="50 tokens \\+ 20 soft tokens exceed the model's 64 positions"):
+        model(input_ids=torch.ones(1, 50, dtype=torch.long))

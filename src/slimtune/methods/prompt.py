@@ -112,6 +112,9 @@ class PromptTuning(Method):
         if arch.family in ("bert", "mpnet"):
             self.insert_at = 1  # keep [CLS] (pooled by the head) at position 0
             self.embedding = embedding
+            # absolute position embeddings bound the widened sequence (MPNet/RoBERTa start at pad + 1)
+            offset = getattr(model.config, "pad_token_id", 0) + 1 if arch.family == "mpnet" else 0
+            self.max_positions = getattr(model.config, "max_position_embeddings", 10**9) - offset
         elif arch.family == "llama":
             self.insert_at = 0
             self.handles.append(embedding.register_forward_hook(self._prepend_to_embeddings))
@@ -138,6 +141,11 @@ class PromptTuning(Method):
         if types is not None:
             kwargs["token_type_ids"] = insert(types, types.new_zeros(batch, n), at)
         if self.family in ("bert", "mpnet"):
+            if input_ids.shape[1] + n > self.max_positions:
+                raise SlimtuneError(
+                    f"method prompt: {input_ids.shape[1]} tokens + {n} soft tokens exceed the model's "
+                    f"{self.max_positions} positions; lower train.max_length or method.num_tokens"
+                )
             embeds = self.embedding(input_ids)
             kwargs["inputs_embeds"] = insert(embeds, self.prompt.batch(batch, embeds.dtype), at)
             kwargs["input_ids"] = None
