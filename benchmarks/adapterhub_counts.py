@@ -11,6 +11,11 @@ project's (it imports no slimtune code):
 
 Measured 2026-11-29 (adapters 1.3.0, transformers 4.57): houlsby 226,080; pfeiffer 113,040;
 compacter 14,320; compacter++ 7,192 (adapter parameters after ``train_adapter``, head excluded).
+
+With ``--fixture OUT.safetensors`` it also writes randomised Compacter and Houlsby (reduction
+factor 96) adapter weights, a token batch and AdapterHub's resulting encoder outputs, which
+tests/methods/test_adapters.py loads into slimtune's adapters to compare outputs (both use the
+Houlsby placement: ``LayerNorm(h + f(h) + x)`` on the sublayer output ``h``).
 """
 
 import json
@@ -37,5 +42,36 @@ def main(model_dir: str) -> dict[str, int]:
     return counts
 
 
+def fixture(model_dir: str, out: str) -> None:
+    import adapters
+    import torch
+    from adapters import CompacterConfig, DoubleSeqBnConfig
+    from safetensors.torch import save_file
+    from transformers import BertModel
+
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(1000, 5000, (2, 10), generator=generator)
+    input_ids[:, 0], input_ids[0, -1], input_ids[1, 6] = 101, 102, 102
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 7:] = 0
+    input_ids[1, 7:] = 0
+    tensors = {"input_ids": input_ids, "attention_mask": attention_mask}
+    for name, config in {"compacter": CompacterConfig(), "houlsby": DoubleSeqBnConfig(reduction_factor=96)}.items():
+        model = BertModel.from_pretrained(model_dir, add_pooling_layer=False).eval()
+        adapters.init(model)
+        model.add_adapter("task", config=config)
+        model.set_active_adapters("task")
+        with torch.no_grad():
+            for key, param in model.named_parameters():
+                if ".adapters.task." in key or "shared_parameters.task." in key:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.5 / max(1, param.shape[-1]) ** 0.25)
+                    tensors[f"{name}/{key}"] = param.detach().clone().contiguous()
+            tensors[f"{name}/last_hidden_state"] = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.contiguous()
+    save_file(tensors, out)
+
+
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1]), indent=2))
+    if "--fixture" in sys.argv:
+        fixture(sys.argv[1], sys.argv[sys.argv.index("--fixture") + 1])
+    else:
+        print(json.dumps(main(sys.argv[1]), indent=2))

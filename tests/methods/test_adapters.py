@@ -231,3 +231,43 @@ def test_mpnet_sites(name):
         expected |= {"layer.0.attention.attn.o", "layer.1.attention.attn.o"}
     assert {s.split("encoder.")[-1] for s in method.sites_found} == expected
     model(**token_batch())
+
+
+ADAPTERHUB_FIXTURE = __import__("pathlib").Path(__file__).parent / "data" / "adapterhub_minilm_l6.safetensors"
+#: AdapterHub name pieces -> slimtune's, per method (site "attention.output" / "output" -> its ".dense").
+ADAPTERHUB_NAMES = {
+    "compacter": {".adapters.task.adapter_down.0.b": ".dense.compacter.down.phm_bias", ".adapters.task.adapter_up.b": ".dense.compacter.up.phm_bias",
+                  ".adapters.task.adapter_down.0.": ".dense.compacter.down.", ".adapters.task.adapter_up.": ".dense.compacter.up."},
+    "houlsby": {".adapters.task.adapter_down.0.weight": ".dense.houlsby.down_weight", ".adapters.task.adapter_down.0.bias": ".dense.houlsby.down_bias",
+                ".adapters.task.adapter_up.weight": ".dense.houlsby.up_weight", ".adapters.task.adapter_up.bias": ".dense.houlsby.up_bias"},
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("name", "fields"), [("compacter", {}), ("houlsby", {"reduction_factor": 96, "train_layer_norm": False})])
+def test_outputs_equal_adapterhub_with_the_same_weights(name, fields):
+    """AdapterHub 1.3 (own venv; benchmarks/adapterhub_counts.py --fixture) computed the encoder
+    output of all-MiniLM-L6-v2 with randomised adapter weights; the same weights here give the same output."""
+    from slimtune.io import read_safetensors
+    from slimtune.zoo.models import load_model
+
+    fixture = read_safetensors(ADAPTERHUB_FIXTURE)
+    model = load_model("minilm-l6").eval()
+    delta = attach(model, (name, fields))
+    ours = delta.methods[0].trainable_parameters(model)
+    loaded = 0
+    with torch.no_grad():
+        for key, tensor in fixture.items():
+            if not key.startswith(f"{name}/") or key.endswith("last_hidden_state"):
+                continue
+            target = "bert." + key.split("/", 1)[1]
+            if "shared_parameters.task." in target:
+                target = f"{name}_shared.phm_rule"
+            for theirs, mine in ADAPTERHUB_NAMES[name].items():
+                target = target.replace(theirs, mine)
+            ours[target].copy_(tensor)
+            loaded += 1
+    assert loaded == len(ours)
+    hidden = model.bert(input_ids=fixture["input_ids"], attention_mask=fixture["attention_mask"]).last_hidden_state
+    real = fixture["attention_mask"].bool()
+    torch.testing.assert_close(hidden[real], fixture[f"{name}/last_hidden_state"][real], atol=1e-5, rtol=1e-4)
