@@ -27,8 +27,9 @@ is caught by the claims check rather than silently stacking.
 Defaults follow the official code: Houlsby's adapter-bert initialises both projections from a
 truncated normal with std 1e-3 (near-identity) and trains the layer norms too; the
 non-linearity is AdapterHub's ``DoubleSeqBnConfig`` default (swish), reduction factor 16.
-Parameter counts equal AdapterHub's ``DoubleSeqBnConfig`` (226,080 on MiniLM-L6, checked in the
-tests; AdapterHub does not train layer norms, so compare with ``train_layer_norm: false``).
+Parameter counts equal AdapterHub's ``DoubleSeqBnConfig`` (226,080 on MiniLM-L6; AdapterHub does
+not train layer norms, so compare with ``train_layer_norm: false``), and with the same weights the
+encoder output equals AdapterHub 1.3's (both checked in tests/methods/test_adapters.py).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Placement as Houlsby adapters (after attention and after FFN; see :mod:`slimtune
 Defaults are the paper's/AdapterHub's ``CompacterConfig``: n = 4, reduction factor 32, gelu,
 shared rule initialised Normal(0, 1e-4) (``phm_init_range``), B factors Glorot-uniform, bias
 zero, rank 1. Parameter counts equal AdapterHub's on the same model (MiniLM-L6: 14,320; measured
-with ``adapters`` 1.3 and asserted in the tests). AdapterHub's ``init_W`` tests the truthiness of
+with ``adapters`` 1.3 and asserted in the tests), and so do outputs with the same weights. AdapterHub's ``init_W`` tests the truthiness of
 ``hypercomplex_nonlinearity`` before comparing it, so it actually draws Glorot-*normal*; the
 official Compacter code and AdapterHub's config both say Glorot-uniform, which is the default here.
 """
