@@ -163,7 +163,7 @@ def test_rule_matrices_are_one_tensor_shared_by_all_layers():
 
 
 def test_phm_dim_must_divide_the_bottleneck():
-    with pytest.raises(SlimtuneError, match="method.phm_dim: 4 does not divide the bottleneck width"):
+    with pytest.raises(SlimtuneError, match=r"method.phm_dim: 4 does not divide the bottleneck width \(hidden 32 // reduction_factor 32\) = 1"):
         attach(tiny_bert(), "compacter")  # hidden 32 // 32 = 1
 
 

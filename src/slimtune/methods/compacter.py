@@ -145,9 +145,11 @@ class Compacter(AdapterMethod):
     def make_adapter(self, hidden: int, dtype) -> nn.Module:
         c = self.config
         bottleneck = self.bottleneck_width(hidden)
-        for size, what in ((hidden, "the hidden size"), (bottleneck, f"the bottleneck width (hidden // reduction_factor = {bottleneck})")):
+        for size, what in ((hidden, "the hidden size"), (bottleneck, f"the bottleneck width (hidden {hidden} // reduction_factor {c.reduction_factor:g})")):
             if size % c.phm_dim:
-                raise SlimtuneError(f"method.phm_dim: {c.phm_dim} does not divide {what} {size}; choose a divisor")
+                raise SlimtuneError(
+                    f"method.phm_dim: {c.phm_dim} does not divide {what} = {size}; choose phm_dim or reduction_factor so that it does"
+                )
         return PHMAdapter(
             hidden, bottleneck, c.non_linearity, n=c.phm_dim, rank=c.phm_rank, factorized=c.factorized_phm,
             bias=c.phm_bias, init=c.phm_init, shared_rules=self.shared, init_range=c.phm_init_range, dtype=dtype,
