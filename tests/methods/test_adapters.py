@@ -271,3 +271,10 @@ def test_outputs_equal_adapterhub_with_the_same_weights(name, fields):
     hidden = model.bert(input_ids=fixture["input_ids"], attention_mask=fixture["attention_mask"]).last_hidden_state
     real = fixture["attention_mask"].bool()
     torch.testing.assert_close(hidden[real], fixture[f"{name}/last_hidden_state"][real], atol=1e-5, rtol=1e-4)
+
+
+def test_targets_must_be_linear_layers():
+    with pytest.raises(SlimtuneError, match="method.targets: 'bert.encoder.layer.0.attention.output' is a BertSelfOutput, not a linear layer"):
+        attach(tiny_bert(), ("houlsby", {"targets": ["re:.*layer\\.0\\.attention\\.output"]}))
+    with pytest.raises(SlimtuneError, match="method.targets: pattern 'nothing' matches no module"):
+        attach(tiny_bert(), ("pfeiffer", {"targets": ["nothing"]}))

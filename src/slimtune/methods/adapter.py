@@ -84,11 +84,15 @@ def find_modules_by_name(model: nn.Module, patterns: Iterable[str], field: str) 
     return found
 
 
-def output_features(module: nn.Module, name: str) -> int:
-    for candidate in (module, getattr(module, "base", None)):
-        if isinstance(candidate, nn.Linear):
-            return candidate.out_features
-    raise SlimtuneError(f"method.targets: '{name}' is a {type(module).__name__}, not a linear layer")
+def is_linear_or_wrapped(module: nn.Module, name: str) -> bool:
+    """True for a plain ``nn.Linear``; False for a linear another method has wrapped (its
+    ``.base`` is the linear; the caller claims the name so that the conflict is reported);
+    an error for anything else."""
+    if isinstance(module, nn.Linear):
+        return True
+    if isinstance(getattr(module, "base", None), nn.Linear):
+        return False
+    raise SlimtuneError(f"method.targets: '{name}' is a {type(module).__name__}, not a linear layer; target linear layers")
 
 
 def truncated_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
@@ -201,7 +205,7 @@ class AdapterMethod(Method):
         self.handles = []
         for name, projection in find_modules_by_name(model, self.site_patterns(arch), "method.targets"):
             self.sites_found.append(name)
-            if not isinstance(projection, nn.Linear):
+            if not is_linear_or_wrapped(projection, name):
                 continue  # already wrapped by an earlier method: claims() names it, Delta reports the conflict
             if hasattr(projection, self.tag):
                 raise SlimtuneError(f"method {self.name}: '{name}' already has an adapter '{self.tag}'")

@@ -24,7 +24,7 @@ from pydantic import Field
 from torch import nn
 
 from slimtune.errors import SlimtuneError
-from slimtune.methods.adapter import find_modules_by_name
+from slimtune.methods.adapter import find_modules_by_name, is_linear_or_wrapped
 from slimtune.methods.base import Arch, Method, MethodConfig, pattern_matches, register
 
 #: (targets, feedforward targets) per family, as peft's IA3 defaults (ViT/MPNet by analogy).
@@ -128,7 +128,7 @@ class IA3(Method):
         self.claimed: list[str] = []
         for name, linear in find_modules_by_name(model, targets, "method.targets"):
             self.claimed.append(name)
-            if not isinstance(linear, nn.Linear):
+            if not is_linear_or_wrapped(linear, name):
                 continue  # wrapped by an earlier method: claims() names it and Delta reports the conflict
             scales_input = any(pattern_matches(p, name) for p in feedforward)
             self.sites[name] = IA3Site(linear, scales_input)
