@@ -112,7 +112,8 @@ def test_search_on_the_tiny_pipeline_emits_targets_kadaptation_and_lora_take(tin
     result = intrinsic_dim_search(tiny_recipe, config)
     assert len(result.submodules) == 6 and 0 <= result.head_only_score <= 1
     for row in result.submodules:
-        assert row.scores and all(d in (2, 16, 128) for d in row.scores)
+        gains = row.full_score - result.head_only_score >= config.min_gain
+        assert bool(row.scores) == gains and all(d in (2, 16, 128) for d in row.scores)
         assert row.d90 is None or row.d90 == max(row.scores)
     ranked = result.ranking()
     assert sorted(ranked, key=result._key) == ranked
