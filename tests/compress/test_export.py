@@ -82,3 +82,31 @@ def test_minilm_l2_lora_export_matches_peft(tmp_path):
     batch = tokens(built, ["a gripping, beautifully shot film", "tedious and overlong", "fine"])
     ours, theirs, _ = slimtune_and_peft_logits(tmp_path / "run", tmp_path / "peft", batch)
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_causal_lm_lora_exports_as_causal_lm_without_head(tmp_path):
+    import yaml
+    from transformers import LlamaForCausalLM
+
+    from slimtune.methods.base import Arch
+    from tests.methods.checks import attach, randomize
+    from tests.tiny import tiny_llama, token_batch
+
+    base_dir = tmp_path / "tiny-llama"
+    tiny_llama(lm=True).save_pretrained(base_dir)
+    model = LlamaForCausalLM.from_pretrained(base_dir).eval()
+    delta = attach(model, "lora", r=2, alpha=6, targets=["q_proj", "v_proj", "down_proj"])
+    randomize(model, delta)
+    assert Arch.of(model).family == "llama"
+    run = tmp_path / "run"
+    run.mkdir()
+    recipe = {"model": {"name": str(base_dir)}, "task": {"file": "unused.txt", "text": "text", "label": "label", "objective": "lm"}, "method": {"name": "lora", "r": 2, "alpha": 6, "targets": ["q_proj", "v_proj", "down_proj"]}}
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    delta.head_names = []
+    delta.save(run, model, {"model": str(base_dir)})
+    config = export_peft(run, tmp_path / "peft")
+    assert config["task_type"] == "CAUSAL_LM" and config["modules_to_save"] is None and len(config["target_modules"]) == 6
+    peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_dir), tmp_path / "peft").eval()
+    batch = token_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(**batch).logits, model(**batch).logits, atol=1e-5, rtol=1e-5)

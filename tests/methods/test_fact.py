@@ -121,3 +121,29 @@ def test_shared_factors_are_registered_once_and_used_by_every_layer():
 @pytest.mark.parametrize("name", ["fact-tt", "fact-tk"])
 def test_delta_round_trip_reproduces_metrics(tiny_recipe, tmp_path, name):
     check_round_trip(tiny_recipe, tmp_path, {"name": name, "rank": 4})
+
+
+def test_composes_with_bitfit_and_conflicts_with_lora_on_the_same_linears():
+    import pytest as _pytest
+
+    from slimtune.errors import SlimtuneError
+    from slimtune.methods.base import get_method_class
+    from slimtune.methods.delta import Delta
+    from slimtune.recipe import MethodSpec
+
+    def spec(name, **fields):
+        return MethodSpec(name=name, config=get_method_class(name).Config(**fields))
+
+    model = tiny_bert()
+    delta = Delta.from_specs([spec("fact-tt", rank=2), spec("bitfit")])
+    delta.attach(model, Arch.of(model))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("fact_core" in n for n in trainable) and any(n.endswith("base.bias") for n in trainable)
+    with _pytest.raises(SlimtuneError, match="query' is already changed by another method"):
+        Delta.from_specs([spec("fact-tk", rank=2), spec("lora")]).attach(tiny_bert(), Arch.of(model))
+    with _pytest.raises(SlimtuneError, match="already changed by another method"):
+        Delta.from_specs([spec("kadaptation", n=4), spec("fact-tt", rank=2)]).attach(tiny_bert(), Arch.of(model))
+    model = tiny_bert()  # KAdaptation on Q/V + FacT on the FFN: different linears, both train
+    delta = Delta.from_specs([spec("kadaptation", n=4), spec("fact-tt", rank=2, targets=["intermediate.dense", "output.dense"])])
+    delta.attach(model, Arch.of(model))
+    assert {m.name for m in delta.methods} == {"kadaptation", "fact-tt"}
