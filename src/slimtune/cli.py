@@ -1,4 +1,4 @@
-"""The ``slimtune`` command line: run | train | eval | list.
+"""The ``slimtune`` command line: run | train | eval | export | list.
 
 Every user error prints one line (``error: ...``) and exits with code 2; nothing is overwritten.
 """
@@ -24,6 +24,7 @@ examples:
   slimtune train recipes/lora.yaml --set train.lr=5e-4 --out runs/lora
   slimtune train recipes/lora.yaml --set method.r=16 --set task.name=trec-6
   slimtune eval runs/lora                        reload base + delta, re-evaluate the test split
+  slimtune export runs/lora --peft lora-peft     the LoRA delta as a peft adapter directory
   slimtune list methods                          every method's fields, defaults and meaning
 
 two processes on CPU (gloo):
@@ -78,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--task", help="evaluate on another zoo task with the same labels")
     ev.add_argument("--force", action="store_true", help="load the delta even if its base fingerprint differs")
     ev.add_argument("--json", action="store_true", help="print JSON")
+
+    export = sub.add_parser(
+        "export", help="write a run's delta for another toolkit (peft)",
+        description="Export the delta of a run directory. --peft OUT writes a LoRA run as a peft adapter "
+        "directory (adapter_config.json + adapter_model.safetensors) that peft.PeftModel.from_pretrained(base, OUT) loads.",
+    )
+    export.add_argument("run_dir", type=Path, help="a run directory written by `slimtune train`/`run`")
+    export.add_argument("--peft", type=Path, metavar="OUT", required=True, help="new directory for the peft adapter (LoRA runs only)")
 
     ls = sub.add_parser("list", help="list models, tasks, methods or recipes", description="List what slimtune has.")
     ls.add_argument("what", choices=["models", "tasks", "methods", "recipes"], help="what to list")
@@ -135,6 +144,14 @@ def cmd_eval(args) -> int:
     for key, value in result["metrics"].items():
         table.add_row(key, f"{value:.4f}", f"{saved[key]:.4f}" if key in saved else "-")
     Console().print(table)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from slimtune.compress.export import export_peft
+
+    config = export_peft(args.run_dir, args.peft)
+    print(f"peft adapter ({config['task_type']}, r={config['r']}, {len(config['target_modules'])} LoRA modules) written to {args.peft}")
     return 0
 
 
@@ -217,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args, args.recipe)
         if args.command == "eval":
             return cmd_eval(args)
+        if args.command == "export":
+            return cmd_export(args)
         if args.command == "list":
             return cmd_list(args)
     except SlimtuneError as exc:

@@ -143,6 +143,14 @@ def find_targets(
     candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, kind)]
     candidates = [(n, m) for n, m in candidates if n.split(".")[-1] not in HEAD_MODULE_NAMES]
     found = [(n, m) for n, m in candidates if any(pattern_matches(p, n) for p in patterns)]
+    # A target another method already wrapped (its frozen layer lives at `<name>.base`) is a
+    # conflict, not a miss: say so rather than silently skipping it or suggesting `.base`.
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "base", None), kind) and any(pattern_matches(p, name) for p in patterns):
+            raise SlimtuneError(
+                f"{field}: '{name}' is already changed by another method of this recipe; "
+                "compose methods that touch different parameters"
+            )
     for pattern in patterns:
         if not any(pattern_matches(pattern, n) for n, _ in candidates):
             leaf_names = sorted({".".join(n.split(".")[-2:]) for n, _ in candidates} | {n.split(".")[-1] for n, _ in candidates})
