@@ -185,3 +185,35 @@ def test_summaries_group_seeds_by_task_and_variant():
     assert list(out) == ["a", "b"]
     assert [(s.label, s.n) for s in out["a"]] == [("lora", 2), ("bitfit", 1)]
     assert out["a"][0].score_mean == pytest.approx(0.85) and out["a"][0].cost("stored_bytes") == 40
+
+
+def test_cli_bench_help_dry_run_and_errors(tmp_path, tiny_recipe, capsys):
+    from slimtune.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for word in ("grid:", "per_method", "results.jsonl", "Pareto", "--only", "--report-only", "resumes"):
+        assert word in text
+    suite = write_suite(tmp_path, {"recipe": tiny_recipe, "grid": {"method": ["lora", "bitfit"], "train.seed": [0, 1]}})
+    assert main(["bench", str(suite), "--out", str(tmp_path / "b"), "--dry-run", "--set", "train.max_steps=2"]) == 0
+    out = capsys.readouterr().out
+    assert "4 cells" in out and "bitfit__seed1: " in out and "train.max_steps=2" in out
+    assert not (tmp_path / "b").exists()
+    assert main(["bench", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml: suite file not found" in capsys.readouterr().err
+    assert main(["bench", str(suite), "--out", str(tmp_path / "b"), "--only", "nothing*"]) == 2
+    assert "matches no cell" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_shipped_suites_are_valid():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "suites"
+    quick = load_suite(root / "quick.yaml")
+    assert len(quick.cells) >= 6 and {c.group for c in quick.cells} >= {"lora", "bitfit", "linear-probe"}
+    assert all(c.recipe().model.name == "minilm-l2" for c in quick.cells)
+    paper = load_suite(root / "paper.yaml")
+    assert {c.recipe_data()["task"]["name"] for c in paper.cells} == {"movie-sentiment", "trec-6", "sms-spam"}
+    assert len({c.group for c in paper.cells}) >= 13

@@ -402,10 +402,10 @@ def run_suite(
     from tqdm.auto import tqdm
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     selected = [c for c in suite.cells if not only or any(fnmatch.fnmatchcase(c.id, pattern) for pattern in only)]
     if only and not selected:
         raise SlimtuneError(f"--only {' '.join(only)}: matches no cell; cells: {', '.join(c.id for c in suite.cells)}")
+    out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict[str, Any]] = {}
     for cell in suite.cells:  # what is already there (finished cells), the rest pending
         if finished(out, cell):

@@ -122,6 +122,12 @@ def fmt_bytes(n: float | None) -> str:
     return str(n)
 
 
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.2f} s" if value >= 1 else f"{value * 1000:.0f} ms"
+
+
 def fmt_score(summary: Summary) -> str:
     scale, digits = (100.0, 1) if summary.metric in PERCENT_METRICS else (1.0, 3)
     mean = f"{summary.score_mean * scale:.{digits}f}"
@@ -134,7 +140,7 @@ def metric_title(metric: str) -> str:
 
 
 def table(summaries: list[Summary]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of one task's table (ε only when some run is private)."""
+    """Header and rows of one task's table (ε only when some run is private; ∞ for the others)."""
     metric = summaries[0].metric
     private = any(s.cost("epsilon") is not None for s in summaries)
     header = ["method", "seeds", f"{metric_title(metric)}, mean ± std", "trainable params", "trainable %", "stored", "inference FLOPs/example", "train peak memory", "step time", "latency (batch)"]
@@ -155,12 +161,12 @@ def table(summaries: list[Summary]) -> tuple[list[str], list[list[str]]]:
             fmt_bytes(s.cost("stored_bytes")),
             fmt_count(s.cost("flops")),
             fmt_bytes(s.cost("peak_memory")),
-            f"{step * 1000:.0f} ms" if step is not None else "–",
+            _seconds(step),
             f"{latency:.1f} ms" if latency is not None else "–",
         ]
         if private:
             eps = s.cost("epsilon")
-            row.append(f"{eps:.2f}" if eps is not None else "∞ (not private)")
+            row.append(f"{eps:.2f}" if eps is not None else "∞")
         rows.append(row)
     return header, rows
 
@@ -191,7 +197,7 @@ def _setting_note(rows: list[dict[str, Any]]) -> str:
             inf, train = report.get("inference", {}), report.get("train", {})
             parts = [f"model {report['model']['name']}", f"train batch {train.get('batch_size')}"]
             if "flops_seq_len" in inf:
-                parts.append(f"FLOPs per example at {inf['flops_seq_len']} tokens" + (" (linear deltas merged)" if inf.get("merged") else ""))
+                parts.append(f"FLOPs per example at {inf['flops_seq_len']} tokens" + " (deltas with a linear update merged into the base)")
             if "latency_ms_median" in inf:
                 parts.append(f"latency: median per batch of {inf.get('batch_size')} x {inf.get('seq_len')} tokens, {inf.get('threads')} threads")
             parts.append("train peak memory: tensor memory of one training step (weights, activations, gradients, optimizer state)")

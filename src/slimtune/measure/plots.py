@@ -128,6 +128,8 @@ def _panel(ax, task: str, groups: list[Summary], axis: Axis, colour: dict) -> No
         ax.set_xlim(lo, hi * 3)
     else:
         ax.set_xlim(lo, hi + (hi - lo) * 0.25)
+    # The best metric of the front stays attainable at any higher cost: run the step to the edge.
+    ax.plot([fx[-1], ax.get_xlim()[1]], [fy[-1], fy[-1]], color="black", linewidth=1.4, alpha=0.8, zorder=2)
     ax.set_xlabel(axis.title)
     ax.set_ylabel(f"test {metric}{' (%)' if percent != 1.0 else ''}")
     ax.set_title(task)
