@@ -217,3 +217,14 @@ def test_shipped_suites_are_valid():
     paper = load_suite(root / "paper.yaml")
     assert {c.recipe_data()["task"]["name"] for c in paper.cells} == {"movie-sentiment", "trec-6", "sms-spam"}
     assert len({c.group for c in paper.cells}) >= 13
+
+
+def test_list_form_groups_seeds_and_checks_per_method(tmp_path, tiny_recipe):
+    suite = load_suite(write_suite(tmp_path, {"runs": [
+        {"recipe": tiny_recipe, "set": {"train.seed": 0}},
+        {"recipe": tiny_recipe, "set": {"train.seed": 1}},
+        {"recipe": tiny_recipe, "set": {"method.r": 2}, "id": "small"},
+    ]}))
+    assert [(c.id, c.group) for c in suite.cells] == [("lora__seed0", "lora"), ("lora__seed1", "lora"), ("small", "small")]
+    with pytest.raises(SlimtuneError, match="per_method.ful: no cell uses this method"):
+        load_suite(write_suite(tmp_path, {"recipe": tiny_recipe, "grid": {"method": ["lora", "full"]}, "per_method": {"ful": {"train.lr": 1}}}))

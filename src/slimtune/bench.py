@@ -222,9 +222,10 @@ def load_suite(path: str | Path, extra_overrides: list[str] | None = None) -> Su
         raise SlimtuneError(f"{path}: give exactly one of 'recipe' (a base recipe, with a grid) or 'runs' (a list of recipes)")
 
     # Bases: (id, recipe path or inline mapping, the run's own overrides).
-    bases: list[tuple[str, str | dict[str, Any], list[tuple[str, Any]]]] = []
+    # Bases: (id, variant id without seed/task parts, recipe path or inline mapping, the run's overrides).
+    bases: list[tuple[str, str, str | dict[str, Any], list[tuple[str, Any]]]] = []
     if "recipe" in data:
-        bases.append(("", _load_base(data["recipe"], path, f"{path}: recipe"), []))
+        bases.append(("", "", _load_base(data["recipe"], path, f"{path}: recipe"), []))
     else:
         runs = data["runs"]
         if not isinstance(runs, list) or not runs:
@@ -243,9 +244,13 @@ def load_suite(path: str | Path, extra_overrides: list[str] | None = None) -> Su
             run_id = item.get("id")
             if run_id is not None and (not isinstance(run_id, str) or not run_id.strip()):
                 raise SlimtuneError(f"{where}.id: expected a non-empty string, got {run_id!r}")
+            stem = _base_id(item["recipe"], base)
+            variant = "__".join([stem, *(id_part(k, v) for k, v in run_set if not _is_identity_neutral(k))])
             if run_id is None:
-                run_id = "__".join([_base_id(item["recipe"], base), *(id_part(k, v) for k, v in run_set)])
-            bases.append((_slug(run_id), base, run_set))
+                run_id = "__".join([stem, *(id_part(k, v) for k, v in run_set)])
+            else:
+                variant = run_id if not any(_is_identity_neutral(k) for k, _ in run_set) else variant
+            bases.append((_slug(run_id), _slug(variant), base, run_set))
 
     grid = data.get("grid") or {}
     if not isinstance(grid, dict):
@@ -265,18 +270,24 @@ def load_suite(path: str | Path, extra_overrides: list[str] | None = None) -> Su
     cli = _parse_set(list(extra_overrides or []), "--set")
 
     cells: list[Cell] = []
+    used_labels: set[str] = set()
     keys = [str(k) for k in grid]
     labels = {k: grid_id_parts(k, grid[k]) for k in keys}
-    for base_id, base, run_set in bases:
+    for base_id, base_variant, base, run_set in bases:
         for indices in itertools.product(*(range(len(grid[k])) for k in keys)):
             point = [(k, grid[k][i]) for k, i in zip(keys, indices)]
             parts = ([(None, base_id)] if base_id else []) + [(k, labels[k][i]) for k, i in zip(keys, indices)]
             cell_id = "__".join(p for _, p in parts)
             overrides = common + run_set + point
             label = _method_label(base, overrides)
-            group = "__".join(p for k, p in parts if k is None or not _is_identity_neutral(k)) or _slug(label or "recipe")
+            variant_parts = ([base_variant] if base_variant else []) + [p for k, p in parts if k is not None and not _is_identity_neutral(k)]
+            group = "__".join(variant_parts) or _slug(label or "recipe")
+            used_labels.add(label)
             overrides += per_method.get(label, []) + cli
             cells.append(Cell(id=cell_id, group=group, base=base, overrides=overrides, source=str(path)))
+    for label in per_method:
+        if label not in used_labels:
+            raise SlimtuneError(f"{path}: per_method.{label}: no cell uses this method{did_you_mean(label, used_labels)}")
     seen: dict[str, int] = {}
     for i, cell in enumerate(cells):
         if cell.id in seen:
