@@ -62,7 +62,7 @@ cell is recorded with its error and the others go on."""
 
 BENCH_EPILOG = """\
 examples:
-  slimtune bench suites/quick.yaml --out runs/quick        3 methods x 2 seeds, minilm-l2 (minutes)
+  slimtune bench suites/quick.yaml --out runs/quick        4 methods x 2 seeds, minilm-l2
   slimtune bench suites/quick.yaml --out runs/quick --dry-run
   slimtune bench suites/paper.yaml --out runs/paper --only 'lora__*'
   slimtune bench suites/quick.yaml --out runs/quick --report-only
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=BENCH_DESCRIPTION, epilog=BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     bench.add_argument("suite", type=Path, help="a suite YAML file (see suites/quick.yaml)")
-    bench.add_argument("--out", type=Path, help="bench directory (default: runs/bench-<suite name>); rerun with the same --out to resume")
+    bench.add_argument("--out", type=Path, metavar="DIR", help="bench directory (default: runs/bench-<suite name>); rerun with the same --out to resume")
     bench.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
         help="override a field in every cell, after the suite's own settings (repeatable)",
