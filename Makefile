@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-extra demo test test-fast bench clean
+.PHONY: setup setup-extra demo test test-fast bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,13 @@ test-fast: setup
 
 bench: setup
 	$(PY) -m benchmarks
+
+# The quick suite (4 methods x 2 seeds, minilm-l2; resumable) -> docs/quick/ (report + plots for the README).
+bench-quick: setup
+	$(VENV)/bin/slimtune bench suites/quick.yaml --out runs/quick
+	mkdir -p docs/quick/plots
+	cp runs/quick/report.md docs/quick/report.md
+	cp runs/quick/plots/*.png docs/quick/plots/
 
 clean:
 	rm -rf $(VENV)

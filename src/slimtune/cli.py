@@ -1,4 +1,4 @@
-"""The ``slimtune`` command line: run | train | eval | export | list.
+"""The ``slimtune`` command line: run | train | eval | export | bench | list.
 
 Every user error prints one line (``error: ...``) and exits with code 2; nothing is overwritten.
 """
@@ -26,9 +26,47 @@ examples:
   slimtune eval runs/lora                        reload base + delta, re-evaluate the test split
   slimtune export runs/lora --peft lora-peft     the LoRA delta as a peft adapter directory
   slimtune list methods                          every method's fields, defaults and meaning
+  slimtune bench suites/quick.yaml --out runs/quick   methods x seeds -> tables + Pareto plots
 
 two processes on CPU (gloo):
   torchrun --nproc_per_node 2 -m slimtune train recipes/lora.yaml --out runs/lora-2p
+"""
+
+
+BENCH_DESCRIPTION = """\
+Run every cell of a suite (one run directory each, under DIR/runs/<cell-id>), then compare them:
+DIR/results.jsonl (one line per cell: id, status, overrides, report.json), DIR/report.md and
+DIR/report.html (per task and method: mean ± std over seeds of the task metric, trainable
+parameters, stored bytes, inference FLOPs, training peak memory, step time, ε when private) and
+DIR/plots/*.png (the metric against each cost, Pareto front highlighted).
+
+A suite is either a base recipe plus a grid of --set paths (their cartesian product):
+
+  recipe: recipes/lora.yaml          # a path, or an inline recipe mapping
+  grid:
+    method: [lora, bitfit, linear-probe]   # 'method' replaces the whole method section
+    task.name: [movie-sentiment, trec-6]
+    train.seed: [0, 1, 2]
+  set: {model.name: minilm-l2, train.epochs: 1}   # every cell
+  per_method: {full: {train.lr: 5.0e-5}}          # cells of that method only
+
+or a list of recipes, each with optional overrides (and optionally crossed with a grid):
+
+  runs:
+    - recipes/lora.yaml
+    - {recipe: recipes/lora.yaml, set: {method.r: 16}, id: lora-r16}
+
+Cell ids are readable and stable (e.g. lora__movie-sentiment__seed0). Rerunning with the same
+--out resumes: finished cells (report.json present) are skipped; an interrupted cell resumes from
+its last intact checkpoint, or starts over if it has none; failed cells are retried. A failing
+cell is recorded with its error and the others go on."""
+
+BENCH_EPILOG = """\
+examples:
+  slimtune bench suites/quick.yaml --out runs/quick        4 methods x 2 seeds, minilm-l2
+  slimtune bench suites/quick.yaml --out runs/quick --dry-run
+  slimtune bench suites/paper.yaml --out runs/paper --only 'lora__*'
+  slimtune bench suites/quick.yaml --out runs/quick --report-only
 """
 
 
@@ -88,6 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", type=Path, help="a run directory written by `slimtune train`/`run`")
     export.add_argument("--peft", type=Path, metavar="OUT", required=True, help="new directory for the peft adapter (LoRA runs only)")
 
+    bench = sub.add_parser(
+        "bench", help="run a suite of recipes x a grid; write results.jsonl, report.md/html and Pareto plots",
+        description=BENCH_DESCRIPTION, epilog=BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_argument("suite", type=Path, help="a suite YAML file (see suites/quick.yaml)")
+    bench.add_argument("--out", type=Path, metavar="DIR", help="bench directory (default: runs/bench-<suite name>); rerun with the same --out to resume")
+    bench.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        help="override a field in every cell, after the suite's own settings (repeatable)",
+    )
+    bench.add_argument("--only", action="append", metavar="GLOB", help="run only the cells whose id matches (repeatable), e.g. --only 'lora__*'")
+    bench.add_argument("--dry-run", action="store_true", help="list the cells and their overrides; run nothing")
+    bench.add_argument("--report-only", action="store_true", help="rebuild report.md/html and the plots from DIR/results.jsonl; run nothing")
+    bench.add_argument("--no-progress", action="store_true", help="hide the progress bar over the cells")
+
     ls = sub.add_parser("list", help="list models, tasks, methods or recipes", description="List what slimtune has.")
     ls.add_argument("what", choices=["models", "tasks", "methods", "recipes"], help="what to list")
     return parser
@@ -121,6 +174,29 @@ def cmd_train(args, recipe_path: Path | None) -> int:
         else:
             print_report(report)
             print(f"run directory: {out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from slimtune.bench import describe_cells, load_suite, read_results, run_suite
+    from slimtune.measure.compare import write_reports
+
+    suite = load_suite(args.suite, args.overrides)
+    out = args.out or Path("runs") / f"bench-{suite.name}"
+    if args.dry_run:
+        print(f"{len(suite.cells)} cells; run directories under {out / 'runs'}")
+        for line in describe_cells(suite):
+            print(f"  {line}")
+        return 0
+    if args.report_only:
+        paths = write_reports(out, read_results(out), title=f"slimtune bench: {suite.name}", description=suite.description)
+    else:
+        rows = run_suite(suite, out, only=args.only, progress=not args.no_progress)
+        failed = [r for r in rows if r["status"] == "failed"]
+        done = sum(r["status"] == "ok" for r in rows)
+        print(f"{done} of {len(rows)} cells finished" + (f", {len(failed)} failed (see report.md)" if failed else ""))
+        paths = {"markdown": out / "report.md", "html": out / "report.html"}
+    print(f"results: {out / 'results.jsonl'}\nreport:  {paths['markdown']}\n         {paths['html']}")
     return 0
 
 
@@ -238,11 +314,16 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_export(args)
         if args.command == "list":
             return cmd_list(args)
+        if args.command == "bench":
+            return cmd_bench(args)
     except SlimtuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; resume with: slimtune train RECIPE --resume RUN_DIR", file=sys.stderr)
+        if args.command == "bench":
+            print("interrupted; rerun the same command to resume (finished cells are skipped)", file=sys.stderr)
+        else:
+            print("interrupted; resume with: slimtune train RECIPE --resume RUN_DIR", file=sys.stderr)
         return 130
     return 0
 

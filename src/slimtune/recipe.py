@@ -210,6 +210,12 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    set_field(data, key.strip(), value)
+
+
+def set_field(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``section.field`` (``method.0.r`` indexes a method list) to an already parsed value."""
+    parts = [p for p in key.split(".") if p]
     if parts[0] == "method" and isinstance(data.get("method"), str):
         data["method"] = {"name": data["method"]}
     node: Any = data

@@ -1,0 +1,50 @@
+"""`python -m benchmarks`: discovery of the scripts present, and the README section rendered
+from benchmarks/results/*.json between the markers (nothing else in the README changes)."""
+
+import json
+
+import pytest
+
+import benchmarks.__main__ as entry
+from benchmarks import readme
+
+LORA = {
+    "benchmark": "lora_vs_peft", "date": "2026-11-29 04:00", "machine": {"cpus": 2, "torch_threads": 2, "torch": "2.13.0"},
+    "settings": {"model": "minilm-l6", "batch_size": 32, "seq_len": 64, "r": 8, "alpha": 16, "targets": ["query", "value"]},
+    "step_ratio": 0.91, "inject_ratio": 0.2, "max_abs_logit_diff": 1.2e-6, "merged_latency_ratio": 1.01,
+    "accuracy": {"slimtune lora": 0.83, "peft lora": 0.823},
+}
+
+
+def test_render_known_and_generic_results():
+    section = readme.render_section({"lora_vs_peft": LORA, "future_thing": {"speedup": 2.5, "nested": {"bytes": 1024}, "history": [{"a": 1}]}})
+    assert "### slimtune LoRA vs peft LoRA" in section
+    assert "| train step time, slimtune / peft | 0.91 | <= 0.95 |" in section
+    assert "test accuracy: peft lora | 0.823" in section
+    assert "### future thing" in section and "| nested.bytes | 1,024 |" in section and "history" not in section
+    assert "2 CPUs" in section
+
+
+def test_readme_section_is_replaced_between_markers_only(tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "lora_vs_peft.json").write_text(json.dumps(LORA))
+    monkeypatch.setattr(entry, "RESULTS", results)
+    page = tmp_path / "README.md"
+    page.write_text(f"# title\n\nintro\n\n{readme.START}\nold table\n{readme.END}\n\nafter\n")
+    assert entry.main(["--render-only", "--readme", str(page)]) == 0
+    text = page.read_text()
+    assert text.startswith("# title\n\nintro\n\n") and text.endswith(f"{readme.END}\n\nafter\n")
+    assert "old table" not in text and "0.91" in text
+    # Idempotent, and a README without markers is left alone.
+    assert entry.main(["--render-only", "--readme", str(page)]) == 0 and page.read_text() == text
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("no markers\n")
+    assert entry.main(["--render-only", "--readme", str(plain)]) == 0 and plain.read_text() == "no markers\n"
+
+
+def test_discovery_and_only():
+    assert "lora_vs_peft" in entry.available()
+    assert set(entry.available()) <= set(entry.KNOWN)
+    with pytest.raises(SystemExit):
+        entry.main(["--only", "nope"])
