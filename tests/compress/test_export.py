@@ -35,6 +35,7 @@ def tokens(built, texts):
 def test_peft_loads_the_adapter_and_gives_the_same_outputs(tiny_recipe, tmp_path):
     run = tmp_path / "run"
     tiny_recipe["method"] = {"name": "lora", "r": 4, "alpha": 12, "targets": ["query", "value", "attention.output.dense"]}
+    tiny_recipe["head"] = {"pooling": "cls"}
     train_run(validate_recipe(tiny_recipe), run, progress=False)
     assert main(["export", str(run), "--peft", str(tmp_path / "peft")]) == 0
     config = json.loads((tmp_path / "peft/adapter_config.json").read_text())
@@ -67,12 +68,21 @@ def test_only_lora_runs_export_and_the_out_dir_is_never_overwritten(tiny_recipe,
     assert main(["export", str(tmp_path / "run"), "--peft", str(tmp_path / "peft2")]) == 2
 
 
+def test_a_mean_pooled_run_is_refused_by_the_peft_export(tiny_recipe, tmp_path):
+    tiny_recipe["method"] = {"name": "lora", "r": 2}
+    tiny_recipe["train"]["max_steps"] = 1
+    train_run(validate_recipe(tiny_recipe), tmp_path / "run", progress=False)
+    with pytest.raises(SlimtuneError, match="needs a run trained with head.pooling: cls"):
+        export_peft(tmp_path / "run", tmp_path / "peft")
+
+
 @pytest.mark.integration
 def test_minilm_l2_lora_export_matches_peft(tmp_path):
     recipe = validate_recipe({
         "model": {"name": "minilm-l2"},
         "task": {"name": "movie-sentiment", "train_size": 64, "eval_size": 32},
         "method": {"name": "lora", "r": 4, "alpha": 8},
+        "head": {"pooling": "cls"},
         "train": {"max_steps": 2, "batch_size": 16, "lr": 5e-3, "max_length": 32},
         "measure": {"latency": False, "flops": False, "memory": False},
     })

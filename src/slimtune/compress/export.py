@@ -49,6 +49,13 @@ def export_peft(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
         )
     lora = methods[0]
     objective = resolve_objective(recipe)
+    if objective == "classification" and recipe.head.pooling != "cls":
+        # peft wraps the plain HF model, whose head reads [CLS] through the pooler: a run trained
+        # on mean-pooled features would not compute the same function there.
+        raise SlimtuneError(
+            f"{run_dir / 'recipe.yaml'}: --peft needs a run trained with head.pooling: cls (the HF head that peft "
+            f"wraps reads [CLS]); this run used head.pooling: {recipe.head.pooling}"
+        )
     head_names: list[str] = list(meta.get("head", []))
 
     tensors = {}
