@@ -60,7 +60,7 @@ class Dense:
         return self.grads
 
     def sq_norms(self) -> torch.Tensor:
-        return self.grads.flatten(1).pow(2).sum(1)
+        return torch.linalg.vector_norm(self.grads.flatten(1), dim=1).square()
 
     def weighted_sum(self, weights: torch.Tensor) -> torch.Tensor:
         return torch.tensordot(weights.to(self.grads.dtype), self.grads, dims=1)
@@ -413,9 +413,11 @@ class PerSampleClipper:
                 slots.append((call, len(outputs), len(tensors)))
                 outputs.extend(tensors)
         total = losses.sum()
+        # The graph is kept for the first-batch check and for the fallback; otherwise freed as
+        # the backward pass goes, as in a plain step.
+        graph_alive = self.check_pending or bool(self.fallback) or not outputs
         if outputs:
-            # Kept for the first-batch check and the fallback (both may be needed only later).
-            grads = torch.autograd.grad(total, outputs, allow_unused=True, retain_graph=True)
+            grads = torch.autograd.grad(total, outputs, allow_unused=True, retain_graph=graph_alive)
             for call, start, count in slots:
                 call.grad = list(grads[start : start + count])
         contributions: dict[str, list] = {n: [] for n in self.params}
@@ -448,8 +450,9 @@ class PerSampleClipper:
         if self.fallback:
             names = list(self.fallback)
             batch = losses.shape[0]
-            eye = torch.eye(batch, dtype=losses.dtype)
-            grads = torch.autograd.grad(losses, [self.params[n] for n in names], grad_outputs=eye, is_grads_batched=True, allow_unused=True)
+            graph_losses = losses if graph_alive else forward()  # a rule failed after its first batch
+            eye = torch.eye(batch, dtype=graph_losses.dtype)
+            grads = torch.autograd.grad(graph_losses, [self.params[n] for n in names], grad_outputs=eye, is_grads_batched=True, allow_unused=True)
             for name, g in zip(names, grads):
                 g = torch.zeros((batch, *self.params[name].shape), dtype=dtype) if g is None else g.to(dtype)
                 contributions[name] = [Dense(g)]
