@@ -216,3 +216,23 @@ def test_clipping_bounds_every_sample_and_sums():
     factors = (clip / (norms + 1e-6)).clamp(max=1)
     for name in params:
         torch.testing.assert_close(sums[name], torch.einsum("b,b...->...", factors, expected[name]), rtol=1e-9, atol=1e-12)
+
+
+def test_lora_dropout_branch_passes_the_first_batch_check():
+    """With dropout on (train mode), per-sample LoRA gradients come from the dropped branch input:
+    their sum equals autograd's batch gradient on the same graph (no rule is demoted)."""
+    model = tiny_bert().train()
+    delta = attach(model, ("lora", {"r": 2, "dropout": 0.3}))
+    randomize(model)
+    model.double()
+    params = delta.trainable_parameters(model)
+    batch = make_batch(4, 6)
+    clipper = PerSampleClipper(model, params)
+
+    def forward():
+        return per_sample_losses(model(**{k: v for k, v in batch.items() if k != "labels"}), batch, "classification")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clipper.per_sample(forward, 4)
+    assert "batched-backward" not in clipper.describe().values()
