@@ -142,7 +142,7 @@ class CrashAt(Hook):
 def test_resume_continues_sampling_noise_and_accounting(tiny_recipe, tmp_path):
     tiny_recipe["train"].update(max_steps=4, checkpoint_every=2, batch_size=16, eval_each_epoch=False)
     tiny_recipe["measure"].update(memory=False, flops=False)
-    tiny_recipe["privacy"] = {"epsilon": 8.0, "accountant": "rdp", "seed": 11}
+    tiny_recipe["privacy"] = {"epsilon": 30.0, "noise_multiplier": 1.0, "accountant": "rdp", "seed": 11}
     recipe = validate_recipe(tiny_recipe)
     whole = train_run(recipe, tmp_path / "whole", progress=False)
     built = build(recipe)

@@ -7,6 +7,7 @@ JSON state that a checkpoint carries and a resumed run continues.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any
@@ -37,12 +38,16 @@ def _quiet(fn, *args, **kwargs):
 
 def epsilon_of(kind: str, history: list[Any], delta: float) -> float:
     """ε spent by a history of ``(noise_multiplier, sample_rate, steps)`` (an upper bound for PRV)."""
-    history = [tuple(h) for h in history if h[2] > 0]
+    return _epsilon_cached(kind, tuple((float(s), float(q), int(n)) for s, q, n in history if n > 0), float(delta))
+
+
+@functools.lru_cache(maxsize=256)
+def _epsilon_cached(kind: str, history: tuple, delta: float) -> float:
     if not history:
         return 0.0
     if any(sigma <= 0 for sigma, _, _ in history):
         return math.inf
-    return float(_quiet(make_accountant(kind, history).get_epsilon, delta=delta))
+    return float(_quiet(make_accountant(kind, list(history)).get_epsilon, delta=delta))
 
 
 def epsilon_for(kind: str, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
