@@ -100,7 +100,7 @@ class PrivacyHook(Hook):
             self.allowed_steps = self.steps_done() + accounting.max_steps_within(
                 cfg.accountant, self.history, self.noise_multiplier, self.sample_rate, cfg.delta, cfg.epsilon, limit=max(planned - trainer.step, 0) + 1
             )
-        if self.clipper is None:
+        if not isinstance(self.clipper, PerSampleClipper):
             self.clipper = PerSampleClipper(trainer.model, trainer.trainable, ghost=cfg.ghost)
 
     def _shared_secret_seed(self, trainer) -> int:
@@ -173,6 +173,11 @@ class PrivacyHook(Hook):
         else:
             self.history.append([*entry, 1])
 
+    def on_train_end(self, trainer) -> None:
+        if self.clipper is not None:
+            self.clipper.remove()  # evaluation and export run without capture hooks
+            self.clipper = _Described(self.clipper.describe())
+
     def stop_reason(self, trainer) -> str | None:
         if self.allowed_steps is not None and self.steps_done() >= self.allowed_steps and trainer.step < trainer.total_steps:
             return f"privacy budget: another step would spend more than ε={self.config.epsilon} (δ={self.config.delta}) after {self.steps_done()} steps"
@@ -209,6 +214,16 @@ class PrivacyHook(Hook):
             "steps": self.steps_done(),
             "per_sample_rules": _count_rules(self.clipper.describe()) if self.clipper else {},
         }
+
+
+class _Described:
+    """What a removed clipper used, kept for the report."""
+
+    def __init__(self, described: dict[str, str]):
+        self._described = described
+
+    def describe(self) -> dict[str, str]:
+        return self._described
 
 
 def _count_rules(described: dict[str, str]) -> dict[str, int]:
