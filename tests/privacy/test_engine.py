@@ -171,3 +171,18 @@ def test_recipe_errors_are_one_line(tiny_recipe):
     tiny_recipe["privacy"] = {"epsilon": 8, "max_grad_norm": 0}
     with pytest.raises(SlimtuneError, match="privacy.max_grad_norm"):
         validate_recipe(tiny_recipe)
+
+
+def test_bf16_autocast_keeps_the_fast_rules(tiny_recipe):
+    tiny_recipe["train"].update(max_steps=1, batch_size=16, precision="bf16")
+    tiny_recipe["measure"]["memory"] = False
+    tiny_recipe["privacy"] = {"epsilon": None, "noise_multiplier": 1.0}
+    trainer = make_trainer(tiny_recipe)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        trainer.fit()
+    hook = next(h for h in trainer.hooks if isinstance(h, PrivacyHook))
+    assert "batched-backward" not in hook.report()["per_sample_rules"]
+    assert all(torch.isfinite(p).all() for p in trainer.trainable.values())

@@ -436,6 +436,7 @@ class PerSampleClipper:
                     contributions[name].extend(items)
         if self.check_pending:
             self.check_pending = False
+            low_precision = any(t.dtype in (torch.bfloat16, torch.float16) for t in outputs)
             names = [n for n in self.params if n not in self.fallback]
             reference = torch.autograd.grad(total, [self.params[n] for n in names], allow_unused=True, retain_graph=True)
             for name, ref in zip(names, reference):
@@ -443,7 +444,10 @@ class PerSampleClipper:
                 items = contributions[name]
                 got = sum(item.weighted_sum(torch.ones(losses.shape[0], dtype=dtype)) for item in items) if items else torch.zeros_like(ref)
                 scale = float(ref.abs().max()) + 1e-12
-                if float((got - ref).abs().max()) > 1e-3 * scale + (1e-5 if dtype == torch.float32 else 1e-10):
+                # bf16 autocast: autograd's reference and our fp32 products differ by rounding;
+                # a broken rule (zeros, wrong sample, in-place op) is off by O(1) either way.
+                rtol = 5e-2 if low_precision else 1e-3
+                if float((got - ref).abs().max()) > rtol * scale + (1e-5 if dtype == torch.float32 else 1e-10):
                     warnings.warn(f"per-sample gradients of '{name}': the module rule disagrees with autograd; using the batched-backward fallback", stacklevel=2)
                     self.fallback[name] = self.params[name]
                     contributions[name] = []
