@@ -186,3 +186,27 @@ def test_bf16_autocast_keeps_the_fast_rules(tiny_recipe):
     hook = next(h for h in trainer.hooks if isinstance(h, PrivacyHook))
     assert "batched-backward" not in hook.report()["per_sample_rules"]
     assert all(torch.isfinite(p).all() for p in trainer.trainable.values())
+
+
+def test_causal_lm_dp_lora_reports_perplexity(tiny_data_file, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from slimtune.zoo.models import load_tokenizer
+
+    tokenizer = load_tokenizer("minilm-l6")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=64, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "tiny-llama")
+    tokenizer.save_pretrained(tmp_path / "tiny-llama")
+    recipe = {
+        "model": {"name": str(tmp_path / "tiny-llama")},
+        "task": {"file": str(tiny_data_file), "text": "text", "label": "label", "objective": "lm"},
+        "method": {"name": "lora", "r": 2},
+        "train": {"max_steps": 3, "batch_size": 16, "lr": 5e-3, "max_length": 16, "eval_each_epoch": False},
+        "measure": {"latency": False, "memory": False, "flops": False},
+        "privacy": {"epsilon": 8.0, "accountant": "rdp", "physical_batch_size": 8},
+    }
+    report = train_run(validate_recipe(recipe), tmp_path / "run", progress=False)
+    assert report["privacy"]["steps"] == 3 and report["privacy"]["epsilon"] <= 8.0
+    assert math.isfinite(report["metrics"]["perplexity"])
