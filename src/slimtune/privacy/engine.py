@@ -79,7 +79,6 @@ class PrivacyHook(Hook):
         self.clipper: PerSampleClipper | None = None
         self.last_batch_size = 0
         self.clipped_fraction = 0.0
-        self._restored = False
 
     # -- setup --------------------------------------------------------------------------------
     def on_train_begin(self, trainer) -> None:
@@ -194,7 +193,6 @@ class PrivacyHook(Hook):
         self.history = [list(h) for h in state.get("history", [])]
         self.noise_multiplier = state.get("noise_multiplier", self.noise_multiplier)
         self.seed = state.get("seed", self.seed)
-        self._restored = True
 
     def report(self) -> dict[str, Any]:
         if self.sample_rate is None:
