@@ -1,0 +1,238 @@
+"""Per-sample gradients (every rule) against a loop of one-sample backward passes, in float64."""
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from slimtune.methods.base import Arch, get_method_class
+from slimtune.methods.delta import Delta
+from slimtune.methods.lora import LoRALinear
+from slimtune.privacy.per_sample import PerSampleClipper, per_sample_losses
+from slimtune.recipe import MethodSpec
+from tests.tiny import tiny_bert, tiny_llama
+
+
+def attach(model, *methods, objective="classification"):
+    specs = [MethodSpec(name=name, config=get_method_class(name).Config(**fields)) for name, fields in methods]
+    delta = Delta.from_specs(specs)
+    delta.attach(model, Arch.of(model, objective))
+    return delta
+
+
+def make_batch(batch, seq, seed=0, vocab=100, objective="classification"):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    lengths = torch.randint(max(1, seq // 2), seq + 1, (batch,), generator=g)
+    for i, n in enumerate(lengths.tolist()):  # ragged rows, right-padded
+        mask[i, n:] = 0
+        ids[i, n:] = 0
+    out = {"input_ids": ids, "attention_mask": mask}
+    if objective == "classification":
+        out["labels"] = torch.randint(0, 2, (batch,), generator=g)
+    else:
+        labels = ids.clone()
+        labels[mask == 0] = -100
+        out["labels"] = labels
+    return out
+
+
+def randomize(model):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, LoRALinear):
+                layer.lora_B.normal_(std=0.5)
+
+
+def loop_reference(model, params, batch, objective):
+    """Per-sample gradients by one backward pass per example (the obvious way)."""
+    out = {n: [] for n in params}
+    for i in range(batch["input_ids"].shape[0]):
+        one = {k: v[i : i + 1] for k, v in batch.items()}
+        inputs = {k: v for k, v in one.items() if k != "labels"}
+        loss = per_sample_losses(model(**inputs), one, objective).sum()
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        for (name, p), g in zip(params.items(), grads):
+            out[name].append(torch.zeros_like(p) if g is None else g)
+    return {n: torch.stack(v) for n, v in out.items()}
+
+
+def engine_per_sample(model, params, batch, objective, **kwargs):
+    clipper = PerSampleClipper(model, params, **kwargs)
+
+    def forward():
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return per_sample_losses(model(**inputs), batch, objective)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no rule may be demoted in these tests
+        _, contributions = clipper.per_sample(forward, batch["input_ids"].shape[0])
+    clipper.remove()
+    dense = {}
+    for name, items in contributions.items():
+        dense[name] = sum(item.dense() for item in items).reshape(-1, *params[name].shape)
+    return dense, clipper
+
+
+def check(model, delta, batch, objective="classification", expect_rules=None, **kwargs):
+    model.double()
+    params = delta.trainable_parameters(model)
+    expected = loop_reference(model, params, batch, objective)
+    got, clipper = engine_per_sample(model, params, batch, objective, **kwargs)
+    for name in params:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
+    if expect_rules:
+        described = clipper.describe()
+        for name_part, kind in expect_rules.items():
+            found = {described[n] for n in params if name_part in n}
+            assert found == {kind}, (name_part, found)
+    return clipper
+
+
+@pytest.mark.parametrize("ghost", ["always", "never"])
+def test_lora_and_head(ghost):
+    model = tiny_bert().train()
+    for m in model.modules():  # exact comparison needs the same function in both passes
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    delta = attach(model, ("lora", {"r": 3}))
+    randomize(model)
+    check(model, delta, make_batch(4, 9), ghost=ghost, expect_rules={"lora_A": "lora", "lora_B": "lora", "classifier.weight": "linear"})
+
+
+def test_bitfit_with_lora_on_the_same_layers():
+    model = tiny_bert().eval()
+    delta = attach(model, ("lora", {"r": 2}), ("bitfit", {}))
+    randomize(model)
+    check(model, delta, make_batch(3, 7), expect_rules={"lora_A": "lora", "LayerNorm.bias": "layernorm"})
+
+
+@pytest.mark.parametrize("ghost", ["always", "never"])
+def test_full_fine_tuning_linear_layernorm_embeddings(ghost):
+    model = tiny_bert().eval()
+    delta = attach(model, ("full", {}))
+    clipper = check(model, delta, make_batch(3, 6), ghost=ghost,
+                    expect_rules={"word_embeddings": "embedding", "LayerNorm.weight": "layernorm", "attention.self.query.weight": "linear"})
+    assert "batched-backward" not in clipper.describe().values()
+
+
+def test_llama_lm_full_fine_tuning_uses_the_generic_rules():
+    model = tiny_llama(lm=True).eval()
+    delta = attach(model, ("full", {}), objective="lm")
+    clipper = check(model, delta, make_batch(2, 6, objective="lm"), objective="lm", expect_rules={"input_layernorm": "module-vmap"})
+    assert set(clipper.describe().values()) >= {"linear", "embedding", "module-vmap"}
+
+
+class HiddenScale(nn.Module):
+    """A toy method's parameter: a learned per-channel scale applied to a layer's output."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def test_toy_method_with_an_arbitrary_parameter_module_rule():
+    model = tiny_bert().eval()
+    layer = model.bert.encoder.layer[0].output
+    layer.scaler = HiddenScale(32)
+    original = layer.forward
+    layer.forward = lambda h, i: layer.scaler(original(h, i))
+    model.requires_grad_(False)
+    with torch.no_grad():
+        layer.scaler.scale.uniform_(0.5, 1.5)
+    layer.scaler.scale.requires_grad_(True)
+    params = {"scale": layer.scaler.scale, "classifier.weight": model.classifier.weight}
+    model.classifier.weight.requires_grad_(True)
+    model.double()
+    batch = make_batch(3, 5)
+    expected = loop_reference(model, params, batch, "classification")
+    got, clipper = engine_per_sample(model, params, batch, "classification")
+    assert clipper.describe()["scale"] == "module-vmap"
+    for name in params:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-9, atol=1e-11)
+
+
+def test_parameter_read_by_another_module_falls_back_to_the_exact_batched_backward():
+    """A container's parameter read directly by other modules (as shared Kronecker factors are):
+    its own forward never runs, the first-batch check notices, the fallback is exact."""
+    model = tiny_bert().eval()
+    container = nn.Module()
+    container.gain = nn.Parameter(torch.linspace(0.5, 1.5, 32))
+    model.shared = container
+    for block in model.bert.encoder.layer:
+        out = block.output
+        out.forward = (lambda o: (lambda h, i: o.LayerNorm(o.dense(h) * container.gain + i)))(out)
+    model.requires_grad_(False)
+    container.gain.requires_grad_(True)
+    model.double()
+    params = {"shared.gain": container.gain}
+    batch = make_batch(3, 5)
+    expected = loop_reference(model, params, batch, "classification")
+    clipper = PerSampleClipper(model, params)
+
+    def forward():
+        return per_sample_losses(model(**{k: v for k, v in batch.items() if k != "labels"}), batch, "classification")
+
+    _, contributions = clipper.per_sample(forward, batch["input_ids"].shape[0])
+    assert clipper.describe()["shared.gain"] == "batched-backward"
+    torch.testing.assert_close(contributions["shared.gain"][0].dense(), expected["shared.gain"], rtol=1e-9, atol=1e-11)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=st.integers(1, 5), seq=st.integers(2, 9), r=st.integers(1, 4), seed=st.integers(0, 10_000), ghost=st.sampled_from(["auto", "always", "never"]))
+def test_random_shapes_lora_head_bitfit(batch, seq, r, seed, ghost):
+    model = tiny_bert().eval()
+    delta = attach(model, ("lora", {"r": r}), ("bitfit", {}))
+    randomize(model)
+    check(model, delta, make_batch(batch, seq, seed=seed), ghost=ghost)
+
+
+def test_clipping_bounds_every_sample_and_sums():
+    model = tiny_bert().eval()
+    delta = attach(model, ("lora", {"r": 2}))
+    randomize(model)
+    model.double()
+    params = delta.trainable_parameters(model)
+    batch = make_batch(5, 6)
+    expected = loop_reference(model, params, batch, "classification")
+    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in expected.values()))
+    clip = float(norms.median())
+    clipper = PerSampleClipper(model, params)
+    sums = {n: torch.zeros_like(p) for n, p in params.items()}
+
+    def forward():
+        return per_sample_losses(model(**{k: v for k, v in batch.items() if k != "labels"}), batch, "classification")
+
+    _, got_norms = clipper.clipped_sum(forward, 5, clip, sums)
+    torch.testing.assert_close(got_norms, norms, rtol=1e-9, atol=1e-12)
+    factors = (clip / (norms + 1e-6)).clamp(max=1)
+    for name in params:
+        torch.testing.assert_close(sums[name], torch.einsum("b,b...->...", factors, expected[name]), rtol=1e-9, atol=1e-12)
+
+
+def test_lora_dropout_branch_passes_the_first_batch_check():
+    """With dropout on (train mode), per-sample LoRA gradients come from the dropped branch input:
+    their sum equals autograd's batch gradient on the same graph (no rule is demoted)."""
+    model = tiny_bert().train()
+    delta = attach(model, ("lora", {"r": 2, "dropout": 0.3}))
+    randomize(model)
+    model.double()
+    params = delta.trainable_parameters(model)
+    batch = make_batch(4, 6)
+    clipper = PerSampleClipper(model, params)
+
+    def forward():
+        return per_sample_losses(model(**{k: v for k, v in batch.items() if k != "labels"}), batch, "classification")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clipper.per_sample(forward, 4)
+    assert "batched-backward" not in clipper.describe().values()
