@@ -91,7 +91,7 @@ def test_noise_has_the_expected_scale_when_gradients_are_zero(tiny_recipe):
     hook.clipper.clipped_sum = lambda forward, n, c, into: (torch.zeros(n), torch.zeros(n))  # every gradient is 0
     trainer.fit()
     noise = torch.cat([g.flatten() for g in recorder.grads[0].values()])
-    assert noise.numel() > 2000
+    assert noise.numel() > 1000
     expected_std = sigma * clip / batch  # the parameter change under SGD is lr times this
     assert float(noise.mean()) == pytest.approx(0.0, abs=4 * expected_std / math.sqrt(noise.numel()))
     assert float(noise.std()) == pytest.approx(expected_std, rel=0.08)

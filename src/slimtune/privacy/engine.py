@@ -83,7 +83,7 @@ class PrivacyHook(Hook):
     # -- setup --------------------------------------------------------------------------------
     def on_train_begin(self, trainer) -> None:
         cfg = self.config
-        n_train = len(trainer._rows["train"])
+        n_train = len(trainer.rows["train"])
         if n_train == 0:
             raise SlimtuneError("privacy: the training split is empty")
         self.expected_batch = trainer.cfg.batch_size
@@ -117,7 +117,7 @@ class PrivacyHook(Hook):
         if not self.config.poisson:
             return batch_indices or []
         generator = torch.Generator().manual_seed(_mix(self.seed, trainer.step, _SAMPLE))
-        chosen = torch.nonzero(torch.rand(len(trainer._rows["train"]), generator=generator) < self.sample_rate).flatten().tolist()
+        chosen = torch.nonzero(torch.rand(len(trainer.rows["train"]), generator=generator) < self.sample_rate).flatten().tolist()
         return chosen[trainer.rank :: trainer.world_size]
 
     def backward(self, trainer, batch) -> torch.Tensor:
@@ -166,7 +166,7 @@ class PrivacyHook(Hook):
         return torch.tensor(loss_total / count if count else 0.0)
 
     def on_step_end(self, trainer) -> None:
-        entry = [float(self.noise_multiplier), float(self.sample_rate if self.config.poisson else self.expected_batch / len(trainer._rows["train"]))]
+        entry = [float(self.noise_multiplier), float(self.sample_rate if self.config.poisson else self.expected_batch / len(trainer.rows["train"]))]
         if self.history and self.history[-1][:2] == entry:
             self.history[-1][2] += 1
         else:
