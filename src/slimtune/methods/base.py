@@ -57,7 +57,7 @@ DEFAULT_TARGETS: dict[str, dict[str, list[str]]] = {
     "attention_qkvo": {
         "bert": ["query", "key", "value", "attention.output.dense"],
         "vit": ["q_proj", "k_proj", "v_proj", "o_proj"],
-        "mpnet": ["q", "k", "v", "attention.o"],
+        "mpnet": ["q", "k", "v", "attention.attn.o"],
         "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
     },
     "ffn": {
