@@ -19,6 +19,13 @@ classifier at ``[CLS]``, Llama's ``score`` at the last non-pad token, or ``lm_he
 The side attention gets the backbone's own attention mask (padding; causal for Llama) and, for
 Llama, rotary embeddings of the reduced head dimension.
 
+Side dropout: hidden dropout follows the backbone config (as in the official code), but dropout on
+the side's *attention weights* defaults to 0 (``attention_dropout``). The side keeps all heads, so
+its attention maps are as large as the backbone's (B x H x T x T per layer); with attention dropout
+PyTorch's CPU SDPA falls back to the math kernel and saves those maps for backward, which would
+cost more than all other side activations together (measured on MiniLM-L6, batch 32 x 128: 600 MB
+of saved activations with 0.1, see benchmarks/memory.py). With 0 the fused kernel saves none.
+
 How it wraps the model's forward (the protocol's "side network" shape), without the trainer
 knowing: ``attach`` overrides the ``forward`` of each backbone layer *instance* (parameter names
 stay unchanged) with one that runs the original layer under ``torch.no_grad()`` and then advances
@@ -93,6 +100,11 @@ class LadderConfig(MethodConfig):
     drop_every: int | None = Field(
         None, ge=2, description="layer dropping: leave out every k-th backbone layer (layers k-1, 2k-1, ...) from the ladders"
     )
+    attention_dropout: float = Field(
+        0.0, ge=0, lt=1,
+        description="dropout on the side blocks' attention weights (hidden dropout follows the backbone config); "
+        "0 lets SDPA use its fused kernel, which keeps no attention maps for backward",
+    )
     bias: bool = Field(True, description="bias in the ladder down-projections and the final up-projection")
     cache_hidden_states: HiddenStateCacheConfig | None = Field(
         None, description="cache backbone hidden states per example across epochs: {max_bytes: N}"
@@ -148,6 +160,9 @@ class _Bert(_Family):
         side.intermediate_size = _reduce(config.intermediate_size, r, "intermediate_size")
         side.num_hidden_layers = n_layers
         return side
+
+    def set_attention_dropout(self, side_config, p):
+        side_config.attention_probs_dropout_prob = p
 
     def build_block(self, side_config, index):
         return type(self.layers()[0])(side_config, layer_idx=index)
@@ -217,6 +232,9 @@ class _Llama(_Family):
         side.intermediate_size = _reduce(config.intermediate_size, r, "intermediate_size")
         side.num_hidden_layers = n_layers
         return side
+
+    def set_attention_dropout(self, side_config, p):
+        side_config.attention_dropout = p
 
     def build_block(self, side_config, index):
         return type(self.layers()[0])(side_config, layer_idx=index)
@@ -331,7 +349,8 @@ class LadderSideNetwork(nn.Module):
         return torch.sigmoid(self.gates[j] / self.gate_T)
 
     def begin(self, embeddings: torch.Tensor) -> None:
-        self._pass.side = self.first_down(embeddings)
+        # detach: the embedding output is the backbone's, and gradients stop at the backbone
+        self._pass.side = self.first_down(embeddings.detach())
 
     def ladder_step(self, j: int, backbone_hidden: torch.Tensor, block_output: torch.Tensor) -> None:
         g = self.gate(j)
@@ -436,6 +455,7 @@ class LadderSideTuning(Method):
         n = len(layers)
         ladder = self._ladder_layers(n)
         side_config = family.side_config(config, cfg.r, len(ladder))
+        family.set_attention_dropout(side_config, cfg.attention_dropout)
         side = LadderSideNetwork(family, config, side_config, ladder, cfg)
         dtype = next(model.parameters()).dtype
         side.to(dtype)
