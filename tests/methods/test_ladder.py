@@ -382,5 +382,6 @@ def test_trains_and_the_delta_round_trips_through_evaluate_run(tiny_recipe, tmp_
     report = train_run(validate_recipe(tiny_recipe), tmp_path / "run", progress=False)
     assert report["params"]["trainable"] > 0
     assert report["train"]["peak_memory_bytes"] > 0
+    assert report["lst_cache"]["entries"] > 0 and report["lst_cache"]["hit_batches"] > 0  # 12 steps > 1 epoch of 8 batches
     result = evaluate_run(tmp_path / "run")
     assert result["metrics"] == report["metrics"]

@@ -78,6 +78,7 @@ from torch import nn
 
 from slimtune.errors import SlimtuneError
 from slimtune.methods.base import Arch, Method, MethodConfig, register
+from slimtune.train.hooks import Hook
 
 SIDE_ATTRIBUTE = "lst"  # the side network's attribute on the model (its parameters: "lst.*")
 
@@ -604,3 +605,18 @@ class LadderSideTuning(Method):
         if self.cache is None:
             return None
         return {"entries": len(self.cache.entries), "bytes": self.cache.bytes, "hit_batches": self.cache.hits, "miss_batches": self.cache.misses}
+
+    def hooks(self) -> list[Any]:
+        return [_CacheReport(self)] if self.config.cache_hidden_states is not None else []
+
+
+class _CacheReport(Hook):
+    """Puts the hidden-state cache's figures in report.json (section ``lst_cache``)."""
+
+    name = "lst_cache"
+
+    def __init__(self, method: LadderSideTuning):
+        self.method = method
+
+    def report(self) -> dict[str, Any]:
+        return self.method.cache_stats() or {}
