@@ -10,7 +10,7 @@ Methods not in the registry (e.g. Houlsby adapters before that plug-in lands) ar
 Goals (issue 7): LST peak memory <= 0.35 x full FT and <= 0.6 x LoRA; accuracy within 3 points
 of LoRA (2,000 training sentences, 2 epochs, max_length 64, 1,000 test sentences).
 
-    python -m benchmarks.memory [--model minilm-l6] [--quick] [--threads 2] [--repeats 5]
+    python -m benchmarks.memory [--model minilm-l6] [--quick | --accuracy-only] [--threads 2] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -137,6 +137,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="minilm-l6")
     parser.add_argument("--quick", action="store_true", help="memory and step time only (no accuracy runs)")
+    parser.add_argument("--accuracy-only", action="store_true", help="only the accuracy runs (written to memory-<model>-accuracy.json)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -146,6 +147,11 @@ def main(argv=None) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.accuracy_only:
+        acc = accuracy(args.model, args.threads)
+        print_rows(f"test accuracy on movie-sentiment ({args.model})", list(acc.items()))
+        write_result(f"memory-{args.model}-accuracy", {"settings": {"model": args.model, "threads": args.threads, "lr": LR}, "accuracy": acc})
+        return acc
     results = measure(args.model, args.batch_size, args.seq_len, args.repeats)
     ratios = {}
     if "lst" in results:

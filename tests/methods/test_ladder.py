@@ -75,7 +75,7 @@ def test_gates_at_init_are_sigmoid_of_zero_over_T():
 
 @pytest.mark.parametrize("factory,objective,fields", CASES, ids=IDS)
 def test_output_equals_a_plain_recomputation(factory, objective, fields):
-    """out = up(norm(s_L)), s_j = g_j block_j(s_{j-1}) + (1 - g_j) down_j(h_{l_j}), s_0 = down_0(e),
+    """out = up(norm(s_L)), s_j = block_j(g_j s_{j-1} + (1 - g_j) down_j(h_{l_j})), s_0 = down_0(e),
     recomputed from an untouched copy of the backbone's layer outputs (unpadded batch)."""
     model = factory()
     plain = copy.deepcopy(model)
@@ -101,12 +101,12 @@ def test_output_equals_a_plain_recomputation(factory, objective, fields):
         s = side.first_down(captured["e"])
         positions = torch.arange(6)[None]
         for j, layer_index in enumerate(method.ladder):
-            if side.rotary is None:
-                block_out = side.blocks[j](s, None)
-            else:
-                block_out = side.blocks[j](s, attention_mask=None, position_ids=positions, position_embeddings=side.rotary(s, positions))
             g = torch.sigmoid(side.gates[j] / 0.1)
-            s = g * block_out + (1 - g) * side.downs[j](captured[layer_index])
+            s = g * s + (1 - g) * side.downs[j](captured[layer_index])
+            if side.rotary is None:
+                s = side.blocks[j](s, None)
+            else:
+                s = side.blocks[j](s, attention_mask=None, position_ids=positions, position_embeddings=side.rotary(s, positions))
         if side.final_norm is not None:
             s = side.final_norm(s)
         out = side.up(s)

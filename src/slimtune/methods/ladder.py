@@ -5,10 +5,12 @@ The side network (``model.lst``, the only new parameters besides the task head) 
 backbone's own block type at a reduced width: a copy of the backbone config with ``hidden_size``,
 ``intermediate_size`` and the head dimension divided by ``r`` (the number of heads is kept). With
 ``L`` ladder layers ``l_1 < ... < l_L`` of the backbone (all layers, or a subset when dropping
-layers) it computes, as the official code (ytsung/LST, ``modeling_t5.py``) does::
+layers) it computes, in the order of the official T5 code (ytsung/LST ``modeling_t5.py`` and
+the code derived from it: the backbone layer's output is merged into the side stream, then the
+side block runs)::
 
     s_0 = down_0(e)                                   # e: the backbone's embedding output
-    s_j = g_j * side_block_j(s_{j-1}) + (1 - g_j) * down_j(h_{l_j})     j = 1..L
+    s_j = side_block_j(g_j * s_{j-1} + (1 - g_j) * down_j(h_{l_j}))     j = 1..L
     g_j = sigmoid(alpha_j / T),  alpha_j = 0 at init (g = 0.5),  T = 0.1
     out = up(norm(s_L))                               # norm: the side's final RMSNorm (Llama only;
                                                       # BERT blocks end in LayerNorm already)
@@ -353,9 +355,10 @@ class LadderSideNetwork(nn.Module):
         # detach: the embedding output is the backbone's, and gradients stop at the backbone
         self._pass.side = self.first_down(embeddings.detach())
 
-    def ladder_step(self, j: int, backbone_hidden: torch.Tensor, block_output: torch.Tensor) -> None:
+    def merge(self, j: int, backbone_hidden: torch.Tensor) -> torch.Tensor:
+        """The gated ladder: g_j * s_{j-1} + (1 - g_j) * down_j(h_{l_j})."""
         g = self.gate(j)
-        self._pass.side = g * block_output + (1 - g) * self.downs[j](backbone_hidden)
+        return g * self._pass.side + (1 - g) * self.downs[j](backbone_hidden)
 
     def finish(self) -> torch.Tensor:
         side = self._pass.side
@@ -558,9 +561,9 @@ class LadderSideTuning(Method):
             hidden = output[0] if isinstance(output, tuple) else output
             if state.store and self.cache is not None:
                 self.cache.store(state.store, index, hidden)
-            block_out = family.call_block(side.blocks[ladder_j], state.side, args, kwargs, side)
-            block_out = block_out[0] if isinstance(block_out, tuple) else block_out
-            side.ladder_step(ladder_j, hidden, block_out)
+            merged = side.merge(ladder_j, hidden)
+            block_out = family.call_block(side.blocks[ladder_j], merged, args, kwargs, side)
+            state.side = block_out[0] if isinstance(block_out, tuple) else block_out
         return output
 
     def _final_hook(self, side: LadderSideNetwork, module, args, output):
