@@ -47,6 +47,13 @@ def test_overrides_set_any_field_and_parse_values():
     assert r.train.lr == 5e-4 and r.methods[0].config.r == 16 and r.task.name == "trec-6" and r.train.max_steps == 3
 
 
+def test_method_override_replaces_the_whole_method_section():
+    r = load_recipe(None, ["method=bitfit"])
+    assert [m.name for m in r.methods] == ["bitfit"]
+    r = load_recipe(None, ["method={name: lora, r: 4}"])
+    assert r.methods[0].config.r == 4 and r.methods[0].config.alpha == 16
+
+
 def test_override_into_a_method_list_by_index(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("task: movie-sentiment\nmethod: [lora, bitfit]\n")

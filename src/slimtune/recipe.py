@@ -199,11 +199,18 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply ``section.field=value`` (value parsed as YAML; ``method.0.r=4`` indexes a list)."""
+    """Apply ``section.field=value`` (value parsed as YAML; ``method.0.r=4`` indexes a list).
+    ``method=NAME`` (or a YAML mapping/list) replaces the whole method section."""
     if "=" not in assignment:
         raise SlimtuneError(f"--set {assignment!r}: expected section.field=value, e.g. train.lr=1e-4")
     key, _, raw = assignment.partition("=")
     parts = [p for p in key.strip().split(".") if p]
+    if parts == ["method"]:
+        try:
+            data["method"] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise SlimtuneError(f"--set {assignment!r}: the method is a name or a YAML mapping, e.g. method=bitfit") from None
+        return
     if len(parts) < 2:
         raise SlimtuneError(f"--set {assignment!r}: expected section.field=value, e.g. train.lr=1e-4")
     try:
