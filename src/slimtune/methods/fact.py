@@ -38,7 +38,8 @@ from pydantic import Field
 from torch import nn
 
 from slimtune.errors import SlimtuneError
-from slimtune.methods.base import Arch, Method, MethodConfig, find_targets, register, replace_module
+from slimtune.methods.base import Arch, MethodConfig, find_targets, register, replace_module
+from slimtune.methods.linear_update import LinearUpdate, LinearUpdateMethod
 
 SHARED_NAME = "fact_shared"
 
@@ -64,12 +65,11 @@ class FacTShared(nn.Module):
         return torch.einsum("pqk,ik->ipq", self.fact_C, self.fact_P[slices])
 
 
-class FacTLinear(nn.Module):
+class FacTLinear(LinearUpdate):
     """A frozen linear plus ``s * blocks(V Sigma U)``; ``Sigma`` is a (bo r) x (bi r) block core."""
 
     def __init__(self, base: nn.Linear, shared: FacTShared, *, scale: float, dropout: float, first_slice: int):
-        super().__init__()
-        self.base = base
+        super().__init__(base)
         d, r = shared.d, shared.rank
         self.blocks_out = -(-base.out_features // d)
         self.blocks_in = -(-base.in_features // d)
@@ -84,19 +84,10 @@ class FacTLinear(nn.Module):
             nn.init.kaiming_uniform_(core, a=math.sqrt(5))
             self.fact_core = nn.Parameter(core)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged_from: torch.Tensor | None = None
 
     @property
     def num_slices(self) -> int:
         return self.blocks_out * self.blocks_in
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
 
     def core(self) -> torch.Tensor:
         """The block core Sigma: (bo r) x (bi r); block (a, b) belongs to slice a * bi + b."""
@@ -113,10 +104,7 @@ class FacTLinear(nn.Module):
         full = full.reshape(self.blocks_out * d, self.blocks_in * d)
         return full[: self.base.out_features, : self.base.in_features] * self.scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        if self.merged_from is not None:
-            return out
+    def update(self, x: torch.Tensor) -> torch.Tensor:
         d, r = self.shared.d, self.shared.rank
         pad_in = self.blocks_in * d - x.shape[-1]
         h = F.pad(x, (0, pad_in)) if pad_in else x
@@ -124,25 +112,7 @@ class FacTLinear(nn.Module):
         h = self.dropout(h.reshape(*x.shape[:-1], self.blocks_in * r) @ self.core().T)  # (..., bo r)
         h = h.reshape(*x.shape[:-1], self.blocks_out, r) @ self.shared.fact_V.T  # (..., bo, d)
         h = h.reshape(*x.shape[:-1], self.blocks_out * d)[..., : self.base.out_features]
-        return out + h * self.scale
-
-    def merge(self, keep_original: bool = True) -> None:
-        if self.merged_from is not None:
-            return
-        with torch.no_grad():
-            original = self.base.weight.detach().clone() if keep_original else torch.empty(0)
-            self.base.weight.add_(self.delta_weight().to(self.base.weight.dtype))
-        self.merged_from = original
-
-    def unmerge(self) -> None:
-        if self.merged_from is None:
-            return
-        with torch.no_grad():
-            if self.merged_from.numel():
-                self.base.weight.copy_(self.merged_from)  # exact: no floating-point round trip
-            else:
-                self.base.weight.sub_(self.delta_weight().to(self.base.weight.dtype))
-        self.merged_from = None
+        return h * self.scale
 
     def extra_repr(self) -> str:
         return f"{self.kind}, blocks={self.blocks_out}x{self.blocks_in}, scale={self.scale:g}"
@@ -160,10 +130,10 @@ class FacTConfig(MethodConfig):
     )
 
 
-class _FacT(Method):
+class _FacT(LinearUpdateMethod):
     kind: str = ""
     Config = FacTConfig
-    mergeable = True
+    layer_class = FacTLinear
     owned_marker = "fact_"
 
     def attach(self, model: nn.Module, arch: Arch) -> None:
@@ -188,17 +158,6 @@ class _FacT(Method):
 
     def claims(self, model: nn.Module) -> set[str]:
         return set(self.wrapped)
-
-    def _layers(self, model: nn.Module) -> list[FacTLinear]:
-        return [m for m in model.modules() if isinstance(m, FacTLinear)]
-
-    def merge(self, model: nn.Module, keep_original: bool = True) -> None:
-        for layer in self._layers(model):
-            layer.merge(keep_original)
-
-    def unmerge(self, model: nn.Module) -> None:
-        for layer in self._layers(model):
-            layer.unmerge()
 
     def num_slices(self, model: nn.Module) -> int:
         return sum(layer.num_slices for layer in self._layers(model))

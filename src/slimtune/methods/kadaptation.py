@@ -37,7 +37,8 @@ from pydantic import Field
 from torch import nn
 
 from slimtune.errors import SlimtuneError
-from slimtune.methods.base import Arch, Method, MethodConfig, find_targets, register, replace_module
+from slimtune.methods.base import Arch, MethodConfig, find_targets, register, replace_module
+from slimtune.methods.linear_update import LinearUpdate, LinearUpdateMethod
 
 SLOW_NAME = "kadapt_slow"
 
@@ -70,13 +71,12 @@ class KAdaptSlow(nn.Module):
         return torch.bmm(self.kadapt_left[kind], self.kadapt_right[kind])
 
 
-class KronLinear(nn.Module):
+class KronLinear(LinearUpdate):
     """A frozen linear plus ``s * sum_i A_i (x) (u_i v_i)`` with shared ``A_i``."""
 
     def __init__(self, base: nn.Linear, slow: KAdaptSlow, kind: str, *, rank: int, scaling: float, dropout: float):
-        super().__init__()
+        super().__init__(base)
         n = slow.n
-        self.base = base
         self.kind = kind
         self.scaling = scaling
         object.__setattr__(self, "slow", slow)  # registered once on the model, not per layer
@@ -86,15 +86,6 @@ class KronLinear(nn.Module):
         for i in range(n):
             nn.init.kaiming_uniform_(self.kadapt_v[i], a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged_from: torch.Tensor | None = None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
 
     def delta_weight(self) -> torch.Tensor:
         """``s * sum_i kron(A_i, u_i v_i)``: (out x in)."""
@@ -105,29 +96,8 @@ class KronLinear(nn.Module):
         summed = (rules.reshape(n, n * n).T @ fast.reshape(n, p * q)).view(n, n, p, q)
         return summed.permute(0, 2, 1, 3).reshape(n * p, n * q) * self.scaling
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        if self.merged_from is not None:
-            return out
-        return out + F.linear(x, self.dropout(self.delta_weight()))
-
-    def merge(self, keep_original: bool = True) -> None:
-        if self.merged_from is not None:
-            return
-        with torch.no_grad():
-            original = self.base.weight.detach().clone() if keep_original else torch.empty(0)
-            self.base.weight.add_(self.delta_weight().to(self.base.weight.dtype))
-        self.merged_from = original
-
-    def unmerge(self) -> None:
-        if self.merged_from is None:
-            return
-        with torch.no_grad():
-            if self.merged_from.numel():
-                self.base.weight.copy_(self.merged_from)  # exact: no floating-point round trip
-            else:
-                self.base.weight.sub_(self.delta_weight().to(self.base.weight.dtype))
-        self.merged_from = None
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dropout(self.delta_weight()))
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, scaling={self.scaling:g}"
@@ -147,12 +117,12 @@ class KAdaptationConfig(MethodConfig):
 
 
 @register
-class KAdaptation(Method):
+class KAdaptation(LinearUpdateMethod):
     name = "kadaptation"
     description = "sum of Kronecker products A_i (x) u_i v_i on Q/V, slow A_i shared by all layers (mergeable)"
     paper = "He et al. 2022, Parameter-efficient Model Adaptation for Vision Transformers"
     Config = KAdaptationConfig
-    mergeable = True
+    layer_class = KronLinear
     owned_marker = "kadapt_"
 
     def attach(self, model: nn.Module, arch: Arch) -> None:
@@ -179,17 +149,6 @@ class KAdaptation(Method):
 
     def claims(self, model: nn.Module) -> set[str]:
         return set(self.wrapped)
-
-    def _layers(self, model: nn.Module) -> list[KronLinear]:
-        return [m for m in model.modules() if isinstance(m, KronLinear)]
-
-    def merge(self, model: nn.Module, keep_original: bool = True) -> None:
-        for layer in self._layers(model):
-            layer.merge(keep_original)
-
-    def unmerge(self, model: nn.Module) -> None:
-        for layer in self._layers(model):
-            layer.unmerge()
 
     def expected_param_count(self, model: nn.Module) -> int:
         """Slow: per kind n * 2 n * slow_rank (or n^3 when full); fast: r (in + out) per target."""

@@ -13,60 +13,36 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from slimtune.methods.base import Arch, Method, MethodConfig, find_targets, register, replace_module
+from slimtune.methods.base import Arch, MethodConfig, find_targets, register, replace_module
+from slimtune.methods.linear_update import LinearUpdate, LinearUpdateMethod
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(LinearUpdate):
     """A frozen ``nn.Linear`` plus a trainable low-rank branch. The base layer is kept, not copied."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
-        super().__init__()
-        self.base = base
+        super().__init__(base)
         self.r = r
         self.scaling = alpha / r
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=base.weight.dtype))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=base.weight.dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged_from: torch.Tensor | None = None  # the exact pre-merge weight, while merged
-
-    @property
-    def weight(self) -> torch.Tensor:  # modules that peek at `.weight` (e.g. dtype checks) still work
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        # Scale the tiny B (out x r) rather than the large output.
+        return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B * self.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if self.merged_from is not None:
             return out
-        # Scale the tiny B (out x r) rather than the large output; add in place (the base
-        # output is not saved for backward by F.linear, so this is safe for autograd).
-        low_rank = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B * self.scaling)
-        return out.add_(low_rank)
-
-    def merge(self, keep_original: bool = True) -> None:
-        if self.merged_from is not None:
-            return
-        with torch.no_grad():
-            original = self.base.weight.detach().clone() if keep_original else torch.empty(0)
-            self.base.weight.add_(self.delta_weight().to(self.base.weight.dtype))
-        self.merged_from = original
-
-    def unmerge(self) -> None:
-        if self.merged_from is None:
-            return
-        with torch.no_grad():
-            if self.merged_from.numel():
-                self.base.weight.copy_(self.merged_from)  # exact: no floating-point round trip
-            else:
-                self.base.weight.sub_(self.delta_weight().to(self.base.weight.dtype))
-        self.merged_from = None
+        # Add in place: F.linear does not save its output for backward, so this is safe for
+        # autograd and spares one activation-sized allocation per wrapped layer.
+        return out.add_(self.update(x))
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}"
@@ -84,12 +60,12 @@ class LoRAConfig(MethodConfig):
 
 
 @register
-class LoRA(Method):
+class LoRA(LinearUpdateMethod):
     name = "lora"
     description = "low-rank update W + (alpha/r) B A on target linears (mergeable)"
     paper = "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models"
     Config = LoRAConfig
-    mergeable = True
+    layer_class = LoRALinear
     owned_marker = ".lora_"
 
     def attach(self, model: nn.Module, arch: Arch) -> None:
@@ -101,17 +77,6 @@ class LoRA(Method):
 
     def claims(self, model: nn.Module) -> set[str]:
         return set(self.wrapped)
-
-    def _layers(self, model: nn.Module) -> list[LoRALinear]:
-        return [m for m in model.modules() if isinstance(m, LoRALinear)]
-
-    def merge(self, model: nn.Module, keep_original: bool = True) -> None:
-        for layer in self._layers(model):
-            layer.merge(keep_original)
-
-    def unmerge(self, model: nn.Module) -> None:
-        for layer in self._layers(model):
-            layer.unmerge()
 
     def expected_param_count(self, model: nn.Module) -> int:
         """r (in + out) per wrapped linear."""
