@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
+from slimtune.train.hooks import Hook
 from slimtune.zoo.models import load_tokenizer
 
 POSITIVE = ["good", "great", "lovely", "superb", "wonderful", "fine"]
@@ -47,3 +48,16 @@ def tiny_recipe(tiny_model_dir, tiny_data_file):
         "train": {"max_steps": 8, "batch_size": 16, "lr": 5e-3, "max_length": 16, "warmup_ratio": 0.0},
         "measure": {"latency": False},
     }
+
+
+class CrashAt(Hook):
+    """Simulates a crash (KeyboardInterrupt) at the start of the given step."""
+
+    name = "crash"
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, trainer, batch):
+        if trainer.step == self.step:
+            raise KeyboardInterrupt

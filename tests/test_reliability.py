@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from tests.conftest_tiny import CrashAt
 from slimtune import runner
 from slimtune.cli import main
 from slimtune.errors import SlimtuneError
@@ -131,17 +132,6 @@ class StepAccountant(Hook):
     def load_state_dict(self, state, tensors):
         self.steps = state["steps"]
         self.spent = tensors["spent"].clone()
-
-
-class CrashAt(Hook):
-    name = "crash"
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_begin(self, trainer, batch):
-        if trainer.step == self.step:
-            raise KeyboardInterrupt
 
 
 def test_hook_state_continues_across_resume_and_never_restarts(tiny_recipe, tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.conftest_tiny import CrashAt
 from slimtune.errors import SlimtuneError
 from slimtune.io import read_safetensors
 from slimtune.privacy import accounting
@@ -126,17 +127,6 @@ def test_training_stops_rather_than_exceed_the_budget(tiny_recipe):
     assert result.steps < 50 and "privacy budget" in result.stop_reason
     assert hook.epsilon() <= 2.0
     assert accounting.epsilon_for("rdp", 0.8, hook.sample_rate, result.steps + 1, 1e-5) > 2.0
-
-
-class CrashAt(Hook):
-    name = "crash"
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_begin(self, trainer, batch):
-        if trainer.step == self.step:
-            raise KeyboardInterrupt
 
 
 def test_resume_continues_sampling_noise_and_accounting(tiny_recipe, tmp_path):

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from tests.conftest_tiny import CrashAt
 from slimtune.errors import SlimtuneError
 from slimtune.io import read_safetensors
 from slimtune.recipe import validate_recipe
@@ -53,17 +54,6 @@ def test_same_seed_gives_identical_weights_and_another_seed_does_not(tiny_recipe
     train_run(validate_recipe(tiny_recipe), tmp_path / "c", progress=False)
     c = read_safetensors(tmp_path / "c/delta.safetensors")
     assert any(not torch.equal(a[k], c[k]) for k in a)
-
-
-class CrashAt(Hook):
-    name = "crash"
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_begin(self, trainer, batch):
-        if trainer.step == self.step:
-            raise KeyboardInterrupt
 
 
 def test_resume_after_a_crash_gives_the_same_weights_as_an_uninterrupted_run(tiny_recipe, tmp_path):
