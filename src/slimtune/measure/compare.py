@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from slimtune.io import atomic_write_text
+from slimtune.measure.report import fmt_bytes, fmt_count
 
 #: Metrics in [0, 1] shown as percentages.
 PERCENT_METRICS = {"accuracy", "macro_f1", "micro_f1", "f1", "matthews", "auc"}
@@ -101,25 +102,6 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, list[Summary]]:
 # --------------------------------------------------------------------------------------------
 # Formatting.
 # --------------------------------------------------------------------------------------------
-
-
-def fmt_count(n: float | None) -> str:
-    if n is None:
-        return "–"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:.0f}"
-
-
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "–"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _seconds(value: float | None) -> str:

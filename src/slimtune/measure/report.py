@@ -137,9 +137,10 @@ def build_report(
     return report
 
 
-def _bytes(n: int | None) -> str:
+def fmt_bytes(n: float | None) -> str:
+    """Human-readable bytes (1024-based); "–" when unknown."""
     if n is None:
-        return "-"
+        return "–"
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -147,9 +148,10 @@ def _bytes(n: int | None) -> str:
     return str(n)
 
 
-def _count(n: float | None) -> str:
+def fmt_count(n: float | None) -> str:
+    """Human-readable count (K/M/G, 1000-based); "–" when unknown."""
     if n is None:
-        return "-"
+        return "–"
     for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.2f}{unit}"
@@ -160,19 +162,19 @@ def report_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     metrics = report.get("metrics", {})
     train, inference, params = report.get("train", {}), report.get("inference", {}), report.get("params", {})
     rows = [
-        ("model", f"{report['model']['name']} ({_count(report['model']['params_total'])} params)"),
+        ("model", f"{report['model']['name']} ({fmt_count(report['model']['params_total'])} params)"),
         ("task", f"{report['task']['name']} (train {report['task']['n_train']}, test {report['task']['n_test']})"),
         ("method", report["method"]["name"]),
     ]
     rows += [(f"test {k}", f"{v:.4f}") for k, v in metrics.items()]
     rows += [
         ("trainable params", f"{params.get('trainable', 0):,} ({params.get('trainable_pct', 0):.3f}%)"),
-        ("stored (delta)", _bytes(params.get("stored_bytes"))),
+        ("stored (delta)", fmt_bytes(params.get("stored_bytes"))),
         ("train steps / time", f"{train.get('steps')} / {train.get('seconds', 0):.1f} s ({train.get('step_seconds_median', 0) * 1000:.0f} ms/step)"),
-        ("train peak memory", f"{_bytes(train.get('peak_memory_bytes'))} (RSS {_bytes(train.get('peak_rss_bytes'))})"),
+        ("train peak memory", f"{fmt_bytes(train.get('peak_memory_bytes'))} (RSS {fmt_bytes(train.get('peak_rss_bytes'))})"),
     ]
     if "flops_per_example" in inference:
-        rows.append(("inference FLOPs/example", f"{_count(inference['flops_per_example'])} (seq {inference.get('flops_seq_len')})"))
+        rows.append(("inference FLOPs/example", f"{fmt_count(inference['flops_per_example'])} (seq {inference.get('flops_seq_len')})"))
     if "latency_ms_median" in inference:
         merged = ", merged" if inference.get("merged") else ""
         rows.append(("inference latency", f"{inference['latency_ms_median']:.1f} ms (batch {inference['batch_size']} x {inference['seq_len']}, {inference['threads']} threads{merged})"))

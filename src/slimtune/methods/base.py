@@ -20,6 +20,7 @@ Registration is one decorator line: ``@register`` on the class, whose ``name`` i
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -184,7 +185,7 @@ class MethodConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # inf/nan never mean anything here
 
 
-class Method:
+class Method(ABC):
     """A way to decide what trains. Subclasses set ``name``, ``description``, ``paper`` and
     ``Config``, implement ``attach`` and (if they add no parameters of their own) override
     ``trainable_parameters``."""
@@ -207,13 +208,15 @@ class Method:
         self.merged = False
 
     # -- lifecycle --------------------------------------------------------------------------
+    @abstractmethod
     def attach(self, model: nn.Module, arch: Arch) -> None:
-        raise NotImplementedError
+        """Change the model in place (wrap, insert, register shared parameters, or just pick base
+        parameters). Every method implements it."""
 
     def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """Default: every parameter whose name contains this method's ``owned_marker``."""
         if not self.owned_marker:
-            raise NotImplementedError(f"{self.name}: override trainable_parameters")
+            raise TypeError(f"method class '{self.name}' sets no owned_marker: it must override trainable_parameters")
         return {n: p for n, p in model.named_parameters() if self.owned_marker in n}
 
     def claims(self, model: nn.Module) -> set[str]:
