@@ -49,6 +49,31 @@ def write_result(name: str, data: dict[str, Any]) -> Path:
     return path
 
 
+def train_peft(peft_config: Any, overrides: list[str]) -> dict[str, Any]:
+    """Train a peft-wrapped minilm-l6 through slimtune's own trainer (same tokenised data, batch
+    order, schedule and evaluation as a slimtune run of the same recipe) and return its test
+    metrics and trainable-parameter count. The head is the HF [CLS]+pooler classifier with the
+    pooler frozen, which is what peft's SEQ_CLS task trains (``modules_to_save``)."""
+    from peft import get_peft_model
+
+    from slimtune.recipe import load_recipe
+    from slimtune.runner import build
+    from slimtune.train.trainer import Trainer
+
+    recipe = load_recipe(None, [*overrides, "method=linear-probe", "head.pooling=cls", "head.train_pooler=false"])
+    built = build(recipe)
+    peft_model = get_peft_model(built.model, peft_config)
+    trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    # The trainer asks the delta what to train and which parameters are the head (head_lr).
+    built.delta.trainable_parameters = lambda model: trainable
+    built.delta.head_names = [n for n in trainable if "modules_to_save" in n]
+    trainer = Trainer(model=peft_model, tokenizer=built.tokenizer, task=built.task, delta=built.delta, recipe=recipe,
+                      objective="classification", run_dir=None, hooks=[], progress=False)
+    trainer.fit()
+    return {"metrics": trainer.evaluate("test"), "trainable": sum(p.numel() for p in trainable.values()),
+            "step_seconds_median": trainer.result.step_seconds_median}
+
+
 def print_rows(title: str, rows: list[tuple[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table

@@ -18,7 +18,7 @@ import copy
 import statistics
 import time
 
-from benchmarks.common import interleaved_medians, print_rows, write_result
+from benchmarks.common import interleaved_medians, print_rows, train_peft, write_result
 
 
 def main(argv=None) -> dict:
@@ -133,16 +133,15 @@ def main(argv=None) -> dict:
 
 
 def train_both(threads: int) -> dict[str, float]:
-    """Train slimtune's LoRA through `slimtune train` and peft's LoRA with a plain loop on the very
-    same tokenised batches (same data, order, schedule), then evaluate both on the same test set."""
+    """Train slimtune's LoRA through `slimtune train` and peft's LoRA through the same trainer on the
+    very same tokenised batches (same data, order, schedule), then evaluate both on the same test set."""
     import tempfile
 
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     from slimtune.recipe import load_recipe
-    from slimtune.runner import build, train_run
-    from slimtune.train.trainer import Trainer
+    from slimtune.runner import train_run
 
     torch.set_num_threads(threads)
     accuracy = {}
@@ -159,15 +158,8 @@ def train_both(threads: int) -> dict[str, float]:
         print(f"slimtune lora, {label}: test accuracy {report['metrics']['accuracy']:.4f}", flush=True)
 
     # peft: same data pipeline and schedule, peft's model and injection.
-    recipe = load_recipe(None, ["method=linear-probe", "head.pooling=cls", "head.train_pooler=false"])
-    built = build(recipe)
-    model = built.model
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], lora_dropout=0.0, task_type="SEQ_CLS"))
-    built.delta.trainable_parameters = lambda m: {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
-    trainer = Trainer(model=peft_model, tokenizer=built.tokenizer, task=built.task, delta=built.delta, recipe=recipe,
-                      objective="classification", run_dir=None, hooks=[], progress=False)
-    trainer.fit()
-    accuracy["peft lora"] = trainer.evaluate("test")["accuracy"]
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], lora_dropout=0.0, task_type="SEQ_CLS")
+    accuracy["peft lora"] = train_peft(config, [])["metrics"]["accuracy"]
     return accuracy
 
 
