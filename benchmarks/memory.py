@@ -170,5 +170,28 @@ def main(argv=None) -> dict:
     return data
 
 
+def render_markdown(result: dict) -> str:
+    """Both result files: ``memory-<model>`` (memory and step time) and ``memory-<model>-accuracy``."""
+    from slimtune.measure.report import fmt_bytes, fmt_count
+
+    s = result.get("settings", {})
+    accuracy = result.get("accuracy", {})
+    if "methods" not in result:  # the accuracy-only file
+        note = f" {result['note']}" if result.get("note") else ""
+        rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in accuracy.items())
+        return f"Test accuracy on movie-sentiment ({s.get('model')}, 2,000 training sentences, 2 epochs, max_length 64).{note}\n\n| method | test acc. |\n|---|---|\n{rows}"
+    header = "| method | trainable | peak memory | weights | grads | optimizer | activations | step (s) |" + (" test acc. |" if accuracy else "")
+    lines = [header, "|" + "---|" * header.count(" |")]
+    for label, m in result["methods"].items():
+        parts = m.get("memory", {})
+        cells = [label, fmt_count(m["trainable_params"]), fmt_bytes(m["peak_memory_bytes"]), *(fmt_bytes(parts.get(k)) for k in ("weights", "grads", "optimizer_state", "activations")), f"{m['step_seconds']:.2f}"]
+        if accuracy:
+            cells.append(f"{accuracy[label]:.3f}" if label in accuracy else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    ratios = ", ".join(f"{k} {v:.2f}" for k, v in result.get("ratios", {}).items())
+    intro = f"{s.get('model')}, one training step on batch {s.get('batch_size')} x {s.get('seq_len')} tokens (peak by tensor accounting)."
+    return intro + "\n\n" + "\n".join(lines) + (f"\n\nRatios: {ratios}." if ratios else "")
+
+
 if __name__ == "__main__":
     main()

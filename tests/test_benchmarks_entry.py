@@ -48,3 +48,18 @@ def test_discovery_and_only():
     assert set(entry.available()) <= set(entry.KNOWN)
     with pytest.raises(SystemExit):
         entry.main(["--only", "nope"])
+
+
+def test_result_variants_are_rendered_by_their_script(tmp_path):
+    """`memory-minilm-l6.json` comes from memory.py: its renderer, its title, its real source."""
+    assert readme.script_of("memory-minilm-l6-accuracy") == "memory"
+    assert readme.script_of("lora_vs_peft") == "lora_vs_peft"
+    assert readme.script_of("hand-made") is None
+    for name, data in {"memory-minilm-l6-accuracy": {"settings": {"model": "m"}, "accuracy": {"lora": 0.8}}, "lora_vs_peft": LORA, "hand-made": {"x": 1}}.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+    results = readme.load_results(tmp_path, entry.KNOWN)
+    assert list(results) == ["lora_vs_peft", "memory-minilm-l6-accuracy", "hand-made"]
+    section = readme.render_section(results)
+    assert "### Training memory (minilm-l6-accuracy)" in section and "| lora | 0.800 |" in section
+    assert "Source: `benchmarks/memory.py` -> `benchmarks/results/memory-minilm-l6-accuracy.json`." in section
+    assert "Source: `benchmarks/results/hand-made.json`." in section
