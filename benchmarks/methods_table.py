@@ -137,15 +137,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--only", action="append", metavar="RECIPE", help="re-run only these rows (recipe names, e.g. lora, ia3); keep the others")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1: the machine is shared; every row alike)")
     parser.add_argument("--no-peft", action="store_true", help="skip the peft twins")
+    parser.add_argument("--name", default="methods_table", help="results file name under benchmarks/results/ (a second process can fill a part of the table in another file)")
+    parser.add_argument("--merge-from", action="append", default=[], metavar="NAME", help="take the rows of benchmarks/results/NAME.json into this table (then delete that file yourself)")
     args = parser.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(args.threads)
-    path = RESULTS / "methods_table.json"
-    previous = json.loads(path.read_text()) if path.is_file() and not args.quick else {}
-    rows: dict[str, dict[str, Any]] = dict(previous.get("rows", {}))
-    peft: dict[str, dict[str, Any]] = dict(previous.get("peft", {}))
+    rows: dict[str, dict[str, Any]] = {}
+    peft: dict[str, dict[str, Any]] = {}
+    for name in ([] if args.quick else [args.name, *args.merge_from]):
+        path = RESULTS / f"{name}.json"
+        if path.is_file():
+            previous = json.loads(path.read_text())
+            rows.update(previous.get("rows", {}))
+            peft.update(previous.get("peft", {}))
     extra = ["task.train_size=200", "train.epochs=1", "task.eval_size=200"] if args.quick else []
     every = {**METHODS, **EXTRA}
     wanted = {label: name for label, name in METHODS.items() if (ROOT / "recipes" / f"{name}.yaml").is_file()}
@@ -168,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "complete": complete,
         }
         if not args.quick:  # a smoke run must not replace the table's figures
-            write_result("methods_table", result)
+            write_result(args.name, result)
         return result
 
     majority = majority_baseline()
