@@ -30,6 +30,7 @@ query heads are all removed is removed with them.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -163,10 +164,13 @@ def _sliced_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: to
         bias = bias.index_select(0, rows) if bias is not None else None
     if cols is not None:
         weight = weight.index_select(1, cols)
-    # skip_init: no random init of weights that are overwritten next (and none of zero-size ones)
-    new = torch.nn.utils.skip_init(
-        nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
-    )
+    # skip_init: no random init of weights that are overwritten next; a zero-width Linear (all
+    # heads/neurons gone) is legitimate, so torch's warning about initialising it is noise here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        new = torch.nn.utils.skip_init(
+            nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
+        )
     with torch.no_grad():
         new.weight.copy_(weight)
         if bias is not None:
