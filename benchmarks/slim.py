@@ -81,6 +81,17 @@ def slim(model, heads: dict, neurons: dict):
     return model
 
 
+def wait_for_quiet(max_wait: float, threshold: float = 4.0) -> list[float]:
+    """Wait (up to ``max_wait`` s) for the 1-minute load average to drop below ``threshold``; the
+    shared machine's load at timing is recorded with the result."""
+    import os
+
+    deadline = time.time() + max_wait
+    while os.getloadavg()[0] >= threshold and time.time() < deadline:
+        time.sleep(15)
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def bf16_autocast(model):
     import torch
 
@@ -100,6 +111,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--no-qat", action="store_true", help="skip the QAT training run")
+    parser.add_argument("--max-wait", type=float, default=600, help="seconds to wait for a 1-minute load < 4 before timing")
     parser.add_argument("--train-size", type=int, help="smoke runs only: fewer training sentences than 2,000")
     parser.add_argument("--eval-size", type=int, help="smoke runs only: fewer test sentences than 1,000")
     parser.add_argument("--epochs", type=float, help="smoke runs only: fewer epochs than 2")
@@ -152,7 +164,57 @@ def main(argv=None) -> dict:
         for level in LEVELS
     }
 
-    # 3. Latency and FLOPs of every variant, side by side.
+    acc: dict = {}
+    if not args.quick:
+        # 3. Accuracy: dense, then each slimmed model before and after re-tuning; each in fp32, bf16, int8.
+        n_labels = len(built.task.label_names)
+
+        def accuracy(model, autocast=False):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                return evaluate_model(model, rows["test"], pad, "classification", n_labels)["accuracy"]
+
+        def three_ways(model) -> dict:
+            saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            out = {"fp32": accuracy(model), "bf16-autocast": accuracy(model, autocast=True)}
+            model.to(torch.bfloat16)
+            out["bf16"] = accuracy(model)
+            model.to(torch.float32)
+            model.load_state_dict(saved)
+            out["int8"] = accuracy(quantize_int8(model))
+            return out
+
+        acc = {"fp32": three_ways(source.merged()[0])}
+        print(f"dense accuracy: {acc['fp32']}", flush=True)
+        for level in LEVELS:
+            name = f"slim{int(level * 100)}"
+            model, built_level = source.merged()
+            slim(model, *plans[level])
+            before = accuracy(model)
+            tuned_at = time.perf_counter()
+            delta = Delta.from_specs(source.recipe.methods)
+            delta.attach(model, Arch.of(model))
+            trainer = Trainer(model=model, tokenizer=built_level.tokenizer, task=built_level.task, delta=delta, recipe=source.recipe,
+                              objective="classification", run_dir=None, hooks=[], progress=False)
+            trainer.fit()
+            plain_merged(model, delta)
+            model.eval()
+            acc[name] = {"before_retune": before, **three_ways(model), "retune_seconds": time.perf_counter() - tuned_at}
+            print(f"{name} accuracy: {acc[name]}", flush=True)
+            result["accuracy"] = acc
+            write_result("slim", result)
+
+        # 4. QAT: the same run with fake-quant, then int8.
+        if not args.no_qat:
+            qat_dir = tmp / "qat"
+            report = train_run(base_recipe(args.model, qat=True), qat_dir, progress=False)
+            qat_model = Source(qat_dir, args.model).merged()[0]
+            acc["qat"] = {"fp32": accuracy(qat_model), "int8": accuracy(quantize_int8(qat_model)),
+                          "train_seconds": report["train"]["seconds"]}
+            print(f"qat accuracy: {acc['qat']}", flush=True)
+
+
+    # 5. Latency and FLOPs of every variant, side by side (last, once the machine is quieter).
+    result["load_before_timing"] = wait_for_quiet(args.max_wait)
     variants: dict[str, object] = {"fp32": dense}
     callables = {}
     twins = {}
@@ -198,55 +260,7 @@ def main(argv=None) -> dict:
         print(f"{name:22s} {row['latency_ms']:9.1f} ms  latency x{row['latency_ratio']:.3f}  FLOPs x{row['flop_ratio']:.3f}"
               + (f"  realised {row['flop_saving_realised']:.2f}" if row.get("flop_saving_realised") is not None else ""), flush=True)
     write_result("slim", result)
-    if args.quick:
-        return result
     del variants, callables
-
-    # 4. Accuracy: dense, then each slimmed model before and after re-tuning; each in fp32, bf16, int8.
-    n_labels = len(built.task.label_names)
-
-    def accuracy(model, autocast=False):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            return evaluate_model(model, rows["test"], pad, "classification", n_labels)["accuracy"]
-
-    def three_ways(model) -> dict:
-        saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        out = {"fp32": accuracy(model), "bf16-autocast": accuracy(model, autocast=True)}
-        model.to(torch.bfloat16)
-        out["bf16"] = accuracy(model)
-        model.to(torch.float32)
-        model.load_state_dict(saved)
-        out["int8"] = accuracy(quantize_int8(model))
-        return out
-
-    acc = {"fp32": three_ways(source.merged()[0])}
-    print(f"dense accuracy: {acc['fp32']}", flush=True)
-    for level in LEVELS:
-        name = f"slim{int(level * 100)}"
-        model, built_level = source.merged()
-        slim(model, *plans[level])
-        before = accuracy(model)
-        tuned_at = time.perf_counter()
-        delta = Delta.from_specs(source.recipe.methods)
-        delta.attach(model, Arch.of(model))
-        trainer = Trainer(model=model, tokenizer=built_level.tokenizer, task=built_level.task, delta=delta, recipe=source.recipe,
-                          objective="classification", run_dir=None, hooks=[], progress=False)
-        trainer.fit()
-        plain_merged(model, delta)
-        model.eval()
-        acc[name] = {"before_retune": before, **three_ways(model), "retune_seconds": time.perf_counter() - tuned_at}
-        print(f"{name} accuracy: {acc[name]}", flush=True)
-        result["accuracy"] = acc
-        write_result("slim", result)
-
-    # 5. QAT: the same run with fake-quant, then int8.
-    if not args.no_qat:
-        qat_dir = tmp / "qat"
-        report = train_run(base_recipe(args.model, qat=True), qat_dir, progress=False)
-        qat_model = Source(qat_dir, args.model).merged()[0]
-        acc["qat"] = {"fp32": accuracy(qat_model), "int8": accuracy(quantize_int8(qat_model)),
-                      "train_seconds": report["train"]["seconds"]}
-        print(f"qat accuracy: {acc['qat']}", flush=True)
 
     result["accuracy"] = acc
     result["recommendation"] = recommend(result)
