@@ -151,3 +151,34 @@ def test_cli_export_prints_the_report(run_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "exported (merged+slimmed" in printed and "latency ms" in printed
     assert (out / "export_report.json").is_file()
+
+
+@pytest.mark.parametrize("heads, layout", [
+    ({0: [1, 3], 1: [1, 3]}, "hf"),  # same head counts in every layer: Llama's config says so (head_dim explicit)
+    ({0: [2, 3]}, "rebuilt"),  # a whole KV group gone in one layer only: per-layer shapes
+])
+def test_llama_gqa_slimmed_round_trip(tmp_path, heads, layout):
+    from slimtune.compress.export import save_exported
+    from tests.tiny import tiny_llama, token_batch
+
+    model = tiny_llama()
+    remove_heads(model, heads)
+    remove_ffn_neurons(model, {0: list(range(16)), 1: list(range(16, 32))})
+    record = save_exported(model, tmp_path / "llama", pooling="cls")
+    assert record["layout"] == layout and record["kinds"] == ["merged", "slimmed"]
+    loaded = slimtune.load_exported(tmp_path / "llama")
+    batch = token_batch()
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+    int8 = save_exported(quantize_int8(model), tmp_path / "llama-int8", pooling="cls")
+    assert int8["layout"] == "rebuilt" and int8["int8"]
+    with torch.no_grad():
+        assert torch.equal(slimtune.load_exported(tmp_path / "llama-int8")(**batch).logits, model(**batch).logits)
+
+
+def test_load_exported_errors(tmp_path):
+    with pytest.raises(SlimtuneError, match="does not exist"):
+        slimtune.load_exported(tmp_path / "nope")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(SlimtuneError, match="not a slimtune export"):
+        slimtune.load_exported(tmp_path / "plain")

@@ -204,57 +204,104 @@ def _dedupe_shared(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def hf_expressible(model) -> bool:
-    """Whether the model's config can describe its (possibly slimmed) shapes; sets the config's
-    widths to them when it can."""
+def hf_config(model):
+    """A copy of the model's config that describes its (possibly slimmed) shapes, or None when
+    the config cannot express them (per-layer widths; fewer BERT/MPNet heads). The model's own
+    config is left as it is: the shape record is relative to it."""
+    import copy
+
     from slimtune.sparsity.structured import is_dense, model_family, shape_record
 
     record = shape_record(model)
+    config = copy.deepcopy(model.config)
     if is_dense(record):
-        return True
+        return config
     layers = record["layers"]
     widths = {len(layer["neurons"]) for layer in layers}
     heads = {len(layer["heads"]) for layer in layers}
     kv = {len(layer["kv_heads"]) for layer in layers}
-    family = model_family(model)
     if len(widths) != 1 or min(widths) == 0:
-        return False
-    if family == "llama":
+        return None
+    if model_family(model) == "llama":
         if len(heads) != 1 or len(kv) != 1 or min(heads) == 0:
-            return False
-        model.config.head_dim = record["head_dim"]
-        model.config.num_attention_heads = heads.pop()
-        model.config.num_key_value_heads = kv.pop()
+            return None
+        config.head_dim = record["head_dim"]
+        config.num_attention_heads = heads.pop()
+        config.num_key_value_heads = kv.pop()
     elif heads != {record["num_attention_heads"]}:
-        return False
-    model.config.intermediate_size = widths.pop()
-    return True
+        return None
+    config.intermediate_size = widths.pop()
+    return config
 
 
 def _write_model(model, staging: Path, *, int8: bool, bf16: bool) -> dict[str, Any]:
     """Write the weights and config; returns the layout part of the export record."""
-    import copy
-
     from slimtune.compress.loader import HF_WEIGHTS, REBUILT_WEIGHTS, SHAPES_FILE
     from slimtune.compress.quantize import INT8_FORMAT, int8_state
     from slimtune.sparsity.structured import is_dense, shape_record
 
     record = shape_record(model)
-    dense_config = copy.deepcopy(model.config)
-    if not int8 and hf_expressible(model):
-        model.save_pretrained(staging)
-        saved = staging / HF_WEIGHTS
-        if not saved.is_file():
-            raise SlimtuneError(f"{staging}: save_pretrained wrote no {HF_WEIGHTS}")
+    config = None if int8 else hf_config(model)
+    if config is not None:
+        # The Hugging Face layout: config.json + model.safetensors under the model's own names.
+        config.save_pretrained(staging)
+        write_safetensors(staging / HF_WEIGHTS, _dedupe_shared(model.state_dict()), metadata={"format": "pt"})
         return {"layout": "hf", "shapes": None, "int8": None}
-    dense_config.save_pretrained(staging)
-    state = int8_state(model) if int8 else {k: v for k, v in model.state_dict().items()}
+    model.config.save_pretrained(staging)  # the dense config; shapes.json says what was removed
+    state = int8_state(model) if int8 else dict(model.state_dict())
     write_safetensors(staging / REBUILT_WEIGHTS, _dedupe_shared(state), metadata={"format": "pt"})
     shapes = None
     if not is_dense(record):
         write_json(staging / SHAPES_FILE, record)
         shapes = SHAPES_FILE
     return {"layout": "rebuilt", "shapes": shapes, "int8": INT8_FORMAT if int8 else None}
+
+
+def save_exported(
+    model,
+    directory: str | Path,
+    *,
+    objective: str = "classification",
+    pooling: str = "cls",
+    labels: list[str] | None = None,
+    tokenizer=None,
+    kinds: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write an in-memory model (plain Linears: merged, possibly slimmed by
+    ``slimtune.sparsity.structured``, possibly int8 or bf16) as an export directory that
+    ``slimtune.load_exported`` loads; returns the export record. ``directory`` must not exist
+    or be empty. ``pooling``: what feeds a classification head (``mean`` re-installs slimtune's
+    masked-mean pooler at load time)."""
+    import torch
+
+    from slimtune.compress.loader import EXPORT_FORMAT, EXPORT_RECORD
+    from slimtune.compress.quantize import is_int8_linear
+    from slimtune.sparsity.structured import is_dense, shape_record
+
+    directory = Path(directory)
+    _check_export_out(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    int8 = any(is_int8_linear(m) for m in model.modules())
+    float_params = [p for p in model.parameters() if p.is_floating_point()]
+    bf16 = bool(float_params) and float_params[0].dtype == torch.bfloat16
+    if kinds is None:
+        kinds = ["merged"] + ([] if is_dense(shape_record(model)) else ["slimmed"]) + (["int8"] if int8 else []) + (["bf16"] if bf16 else [])
+    layout = _write_model(model, directory, int8=int8, bf16=bf16)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    record = {
+        "format": EXPORT_FORMAT,
+        "kinds": kinds,
+        "objective": objective,
+        "pooling": pooling,
+        "labels": labels,
+        "dtype": "bfloat16" if bf16 else "float32",
+        **layout,
+        **(extra or {}),
+    }
+    write_json(directory / EXPORT_RECORD, record)
+    return record
 
 
 def task_batches(rows: list[dict], pad_id: int, objective: str, batch_size: int, count: int, seed: int) -> list[dict]:
@@ -362,7 +409,7 @@ def export_run(
 
     import torch
 
-    from slimtune.compress.loader import EXPORT_FORMAT, EXPORT_RECORD, load_exported
+    from slimtune.compress.loader import load_exported
     from slimtune.measure.params import file_bytes
     from slimtune.methods.delta import check_fingerprint
     from slimtune.recipe import load_recipe
@@ -419,23 +466,13 @@ def export_run(
     staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if staging.exists():
         shutil.rmtree(staging)
-    staging.mkdir(parents=True)
     try:
-        layout = _write_model(model, staging, int8=int8, bf16=bf16)
-        built.tokenizer.save_pretrained(staging)
-        record = {
-            "format": EXPORT_FORMAT,
-            "kinds": kinds,
-            "objective": objective,
-            "pooling": built.pooling,
-            "labels": list(built.task.label_names),
-            "dtype": "bfloat16" if bf16 else "float32",
-            **layout,
-            "slim": slimming,
-            "source": {"run_dir": str(run_dir), "model": recipe.model.name, "method": built.delta.label, "task": built.task.name},
-            "max_length": max_length,
-        }
-        write_json(staging / EXPORT_RECORD, record)
+        record = save_exported(
+            model, staging, objective=objective, pooling=built.pooling, labels=list(built.task.label_names),
+            tokenizer=built.tokenizer, kinds=kinds,
+            extra={"slim": slimming, "max_length": max_length,
+                   "source": {"run_dir": str(run_dir), "model": recipe.model.name, "method": built.delta.label, "task": built.task.name}},
+        )
         exported = load_exported(staging)
         report: dict[str, Any] = {"export": record, "size_bytes": file_bytes(staging)}
         if measure:
