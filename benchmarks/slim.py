@@ -111,6 +111,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--no-qat", action="store_true", help="skip the QAT training run")
+    parser.add_argument("--all-accuracies", action="store_true", help="also evaluate bf16 autocast (bf16 weights are always evaluated)")
     parser.add_argument("--max-wait", type=float, default=600, help="seconds to wait for a 1-minute load < 4 before timing")
     parser.add_argument("--train-size", type=int, help="smoke runs only: fewer training sentences than 2,000")
     parser.add_argument("--eval-size", type=int, help="smoke runs only: fewer test sentences than 1,000")
@@ -164,57 +165,9 @@ def main(argv=None) -> dict:
         for level in LEVELS
     }
 
-    acc: dict = {}
-    if not args.quick:
-        # 3. Accuracy: dense, then each slimmed model before and after re-tuning; each in fp32, bf16, int8.
-        n_labels = len(built.task.label_names)
-
-        def accuracy(model, autocast=False):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                return evaluate_model(model, rows["test"], pad, "classification", n_labels)["accuracy"]
-
-        def three_ways(model) -> dict:
-            saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            out = {"fp32": accuracy(model), "bf16-autocast": accuracy(model, autocast=True)}
-            model.to(torch.bfloat16)
-            out["bf16"] = accuracy(model)
-            model.to(torch.float32)
-            model.load_state_dict(saved)
-            out["int8"] = accuracy(quantize_int8(model))
-            return out
-
-        acc = {"fp32": three_ways(source.merged()[0])}
-        print(f"dense accuracy: {acc['fp32']}", flush=True)
-        for level in LEVELS:
-            name = f"slim{int(level * 100)}"
-            model, built_level = source.merged()
-            slim(model, *plans[level])
-            before = accuracy(model)
-            tuned_at = time.perf_counter()
-            delta = Delta.from_specs(source.recipe.methods)
-            delta.attach(model, Arch.of(model))
-            trainer = Trainer(model=model, tokenizer=built_level.tokenizer, task=built_level.task, delta=delta, recipe=source.recipe,
-                              objective="classification", run_dir=None, hooks=[], progress=False)
-            trainer.fit()
-            plain_merged(model, delta)
-            model.eval()
-            acc[name] = {"before_retune": before, **three_ways(model), "retune_seconds": time.perf_counter() - tuned_at}
-            print(f"{name} accuracy: {acc[name]}", flush=True)
-            result["accuracy"] = acc
-            write_result("slim", result)
-
-        # 4. QAT: the same run with fake-quant, then int8.
-        if not args.no_qat:
-            qat_dir = tmp / "qat"
-            report = train_run(base_recipe(args.model, qat=True), qat_dir, progress=False)
-            qat_model = Source(qat_dir, args.model).merged()[0]
-            acc["qat"] = {"fp32": accuracy(qat_model), "int8": accuracy(quantize_int8(qat_model)),
-                          "train_seconds": report["train"]["seconds"]}
-            print(f"qat accuracy: {acc['qat']}", flush=True)
-
-
-    # 5. Latency and FLOPs of every variant, side by side (last, once the machine is quieter).
+    # 3. Latency and FLOPs of every variant, side by side.
     result["load_before_timing"] = wait_for_quiet(args.max_wait)
+    print(f"timing at load {result['load_before_timing']}", flush=True)
     variants: dict[str, object] = {"fp32": dense}
     callables = {}
     twins = {}
@@ -261,6 +214,56 @@ def main(argv=None) -> dict:
               + (f"  realised {row['flop_saving_realised']:.2f}" if row.get("flop_saving_realised") is not None else ""), flush=True)
     write_result("slim", result)
     del variants, callables
+
+    acc: dict = {}
+    if not args.quick:
+        # 4. Accuracy: dense, then each slimmed model before and after re-tuning; each in fp32, bf16, int8.
+        n_labels = len(built.task.label_names)
+
+        def accuracy(model, autocast=False):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                return evaluate_model(model, rows["test"], pad, "classification", n_labels)["accuracy"]
+
+        def three_ways(model) -> dict:
+            saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            out = {"fp32": accuracy(model)}
+            if args.all_accuracies:
+                out["bf16-autocast"] = accuracy(model, autocast=True)
+            model.to(torch.bfloat16)
+            out["bf16"] = accuracy(model)
+            model.to(torch.float32)
+            model.load_state_dict(saved)
+            out["int8"] = accuracy(quantize_int8(model))
+            return out
+
+        acc = {"fp32": three_ways(source.merged()[0])}
+        print(f"dense accuracy: {acc['fp32']}", flush=True)
+        for level in LEVELS:
+            name = f"slim{int(level * 100)}"
+            model, built_level = source.merged()
+            slim(model, *plans[level])
+            before = accuracy(model)
+            tuned_at = time.perf_counter()
+            delta = Delta.from_specs(source.recipe.methods)
+            delta.attach(model, Arch.of(model))
+            trainer = Trainer(model=model, tokenizer=built_level.tokenizer, task=built_level.task, delta=delta, recipe=source.recipe,
+                              objective="classification", run_dir=None, hooks=[], progress=False)
+            trainer.fit()
+            plain_merged(model, delta)
+            model.eval()
+            acc[name] = {"before_retune": before, **three_ways(model), "retune_seconds": time.perf_counter() - tuned_at}
+            print(f"{name} accuracy: {acc[name]}", flush=True)
+            result["accuracy"] = acc
+            write_result("slim", result)
+
+        # 5. QAT: the same run with fake-quant, then int8.
+        if not args.no_qat:
+            qat_dir = tmp / "qat"
+            report = train_run(base_recipe(args.model, qat=True), qat_dir, progress=False)
+            qat_model = Source(qat_dir, args.model).merged()[0]
+            acc["qat"] = {"fp32": accuracy(qat_model), "int8": accuracy(quantize_int8(qat_model)),
+                          "train_seconds": report["train"]["seconds"]}
+            print(f"qat accuracy: {acc['qat']}", flush=True)
 
     result["accuracy"] = acc
     result["recommendation"] = recommend(result)
