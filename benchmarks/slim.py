@@ -304,7 +304,9 @@ def render_markdown(result: dict) -> str:
         f"**Shipping slim** ({s.get('model')}, batch {s.get('batch_size')} x {s.get('seq_len')} tokens, "
         f"{s.get('threads')} threads; all variants timed side by side in one process, interleaved medians of "
         f"{s.get('repeats')}). Heads+FFN neurons removed by {s.get('criterion')} importance ({s.get('scope')} ranking), "
-        f"then re-tuned ({s.get('recipe')}). Accuracy = test accuracy on movie-sentiment (1,000 sentences).",
+        f"then re-tuned ({s.get('recipe')}"
+        + (f"; budget for this run: {', '.join(f'{k}={v}' for k, v in s['budget_overrides'].items())}" if s.get("budget_overrides") else "")
+        + f"). Accuracy = test accuracy on movie-sentiment ({(s.get('budget_overrides') or {}).get('eval_size', 1000):,} sentences).",
         "",
         "| variant | latency ms | latency / fp32 | FLOPs / fp32 | FLOP saving realised | accuracy |",
         "|---|---|---|---|---|---|",
