@@ -319,10 +319,24 @@ def render_markdown(result: dict) -> str:
             f"| {name} | {row['latency_ms']:.0f} | {row['latency_ratio']:.2f} | {row['flop_ratio']:.2f} | "
             f"{f'{realised:.2f}' if realised is not None else ''} | {f'{a:.3f}' if a is not None else ''} |"
         )
+    lat = result.get("latency", {})
+    if lat:
+        realised = [row["flop_saving_realised"] for name, row in lat.items() if row.get("flop_saving_realised") is not None]
+        goals = [f"FLOP saving realised {min(realised):.2f}..{max(realised):.2f} (goal >= 0.95: {'met' if min(realised) >= 0.95 else 'not met'})"]
+        if "fp32-int8" in lat:
+            goals.append(f"int8 / fp32 latency {lat['fp32-int8']['latency_ratio']:.2f} (goal <= 0.5: {'met' if lat['fp32-int8']['latency_ratio'] <= 0.5 else 'not met'})")
+        if acc.get("fp32", {}).get("int8") is not None:
+            change = 100 * (acc["fp32"]["int8"] - acc["fp32"]["fp32"])
+            goals.append(f"int8 accuracy change {change:+.1f} points (goal within 0.5: {'met' if abs(change) <= 0.5 else 'not met'})")
+        lines += ["", "Goals: " + "; ".join(goals) + "."]
+        if result.get("load_before_timing"):
+            lines.append(f"The shared 2-core machine's load average when timing began: {result['load_before_timing'][0]:.1f} "
+                         "(other jobs running), which inflates fixed per-call overheads; ratios come from interleaved timing.")
     before = [(k, v) for k, v in acc.items() if k.startswith("slim")]
     if before:
         lines += ["", "Slimmed accuracy before -> after re-tuning: " + ", ".join(
-            f"{k} {v['before_retune']:.3f} -> {v['fp32']:.3f}" for k, v in before) + "."]
+            f"{k} {v['before_retune']:.3f} -> {v['fp32']:.3f}" for k, v in before)
+            + " (a re-tuned model has had the base run plus one re-tuning run, so it may beat the dense reference)."]
     if "qat" in acc:
         q = acc["qat"]
         lines.append(f"QAT (fake-quant while tuning): fp32 {q['fp32']:.3f}, int8 {q['int8']:.3f} "
