@@ -340,7 +340,8 @@ def render_markdown(result: dict) -> str:
     if "qat" in acc:
         q = acc["qat"]
         lines.append(f"QAT (fake-quant while tuning): fp32 {q['fp32']:.3f}, int8 {q['int8']:.3f} "
-                     f"(post-training int8 of the plain run: {acc['fp32']['int8']:.3f}, its fp32 {acc['fp32']['fp32']:.3f}).")
+                     f"(post-training int8 of the plain run: {acc['fp32']['int8']:.3f}, its fp32 {acc['fp32']['fp32']:.3f})"
+                     + (f"; {q['note']}" if q.get("note") else "") + ".")
     rec = result.get("recommendation", {})
     if rec.get("recommended"):
         lines.append(f"**Recommended export** (fastest within 0.5 point of dense fp32 accuracy {rec['reference_accuracy']:.3f}): "
