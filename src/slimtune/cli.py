@@ -25,6 +25,7 @@ examples:
   slimtune train recipes/lora.yaml --set method.r=16 --set task.name=trec-6
   slimtune eval runs/lora                        reload base + delta, re-evaluate the test split
   slimtune export runs/lora --peft lora-peft     the LoRA delta as a peft adapter directory
+  slimtune export runs/lora --out ship --slim heads=0.5,ffn=0.5 --int8   a slim int8 model for load_exported
   slimtune list methods                          every method's fields, defaults and meaning
   slimtune bench suites/quick.yaml --out runs/quick   methods x seeds -> tables + Pareto plots
 
@@ -119,12 +120,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print JSON")
 
     export = sub.add_parser(
-        "export", help="write a run's delta for another toolkit (peft)",
-        description="Export the delta of a run directory. --peft OUT writes a LoRA run as a peft adapter "
-        "directory (adapter_config.json + adapter_model.safetensors) that peft.PeftModel.from_pretrained(base, OUT) loads.",
+        "export", help="ship a run: merged / slimmed / int8 / bf16 model directory, or a peft adapter",
+        description="Export a run directory. --out DIR writes the run's model with its delta merged "
+        "(optionally --slim: least important heads/neurons physically removed, --int8 or --bf16), loadable with "
+        "slimtune.load_exported(DIR) (plain Hugging Face format wherever the config can express it), plus "
+        "DIR/export_report.json (size, params, FLOPs, latency, task metrics vs the dense merged model). "
+        "--peft OUT writes a LoRA run as a peft adapter directory that peft.PeftModel.from_pretrained(base, OUT) loads.",
     )
     export.add_argument("run_dir", type=Path, help="a run directory written by `slimtune train`/`run`")
-    export.add_argument("--peft", type=Path, metavar="OUT", required=True, help="new directory for the peft adapter (LoRA runs only)")
+    export.add_argument("--peft", type=Path, metavar="OUT", help="new directory for the peft adapter (LoRA runs only)")
+    export.add_argument("--out", type=Path, metavar="DIR", help="new (or empty) directory for the exported model")
+    export.add_argument("--merge", action="store_true", help="merge the delta into the base (implied by --slim/--int8/--bf16)")
+    export.add_argument("--slim", metavar="SPEC", help="remove structure, e.g. heads=0.5,ffn=0.5 (fractions removed, chosen by "
+                        "importance on the task's training data); keys: heads, ffn, criterion=magnitude|delta|taylor|fisher, "
+                        "scope=global|local, batches=N")
+    export.add_argument("--int8", action="store_true", help="dynamic int8 Linear layers (CPU inference)")
+    export.add_argument("--bf16", action="store_true", help="bfloat16 weights")
+    export.add_argument("--threads", type=int, default=2, help="torch threads for the latency measurement (default 2)")
+    export.add_argument("--no-measure", dest="measure", action="store_false", help="skip the accuracy/latency report (faster)")
+    export.add_argument("--force", action="store_true", help="load the delta even if its base fingerprint differs")
 
     bench = sub.add_parser(
         "bench", help="run a suite of recipes x a grid; write results.jsonl, report.md/html and Pareto plots",
@@ -224,10 +238,30 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from slimtune.compress.export import export_peft
+    from slimtune.compress.export import export_peft, export_run, parse_slim_spec
 
-    config = export_peft(args.run_dir, args.peft)
-    print(f"peft adapter ({config['task_type']}, r={config['r']}, {len(config['target_modules'])} LoRA modules) written to {args.peft}")
+    model_flags = args.out or args.merge or args.slim or args.int8 or args.bf16
+    if args.peft is not None:
+        if model_flags:
+            raise SlimtuneError("export: --peft OUT exports the delta alone; it does not combine with --out/--merge/--slim/--int8/--bf16")
+        config = export_peft(args.run_dir, args.peft)
+        print(f"peft adapter ({config['task_type']}, r={config['r']}, {len(config['target_modules'])} LoRA modules) written to {args.peft}")
+        return 0
+    if args.out is None:
+        raise SlimtuneError("export: give --out DIR (with --merge, --slim SPEC, --int8 or --bf16) or --peft OUT")
+    if args.threads < 1:
+        raise SlimtuneError(f"--threads {args.threads}: must be >= 1")
+    spec = parse_slim_spec(args.slim) if args.slim is not None else None
+    report = export_run(args.run_dir, args.out, merge=args.merge, slim=spec, int8=args.int8, bf16=args.bf16,
+                        measure=args.measure, threads=args.threads, force=args.force)
+    print(f"exported ({'+'.join(report['export']['kinds'])}, {report['export']['layout']} layout) to {args.out}")
+    if "exported" in report:
+        ref, new = report["reference"], report["exported"]
+        metric = "accuracy" if "accuracy" in new["metrics"] else next(iter(new["metrics"]))
+        print(f"  {metric}: {ref['metrics'][metric]:.4f} -> {new['metrics'][metric]:.4f}")
+        for key, label in (("params", "params"), ("flops_per_example", "FLOPs/example"), ("latency_ms_median", "latency ms")):
+            print(f"  {label}: {ref[key]:.4g} -> {new[key]:.4g} ({report['ratios'].get(key, float('nan')):.2f}x)")
+        print(f"  size on disk: {report['size_bytes'] / 1e6:.1f} MB  (report: {args.out / 'export_report.json'})")
     return 0
 
 

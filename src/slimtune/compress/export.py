@@ -93,3 +93,432 @@ def export_peft(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
     write_safetensors(out / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
     write_json(out / "adapter_config.json", config)
     return config
+
+
+# --------------------------------------------------------------------------------------------
+# `slimtune export RUN_DIR --out DIR [--merge] [--slim SPEC] [--int8] [--bf16]`: a run shipped as
+# one model directory that `slimtune.load_exported` loads (see slimtune.compress.loader).
+# --------------------------------------------------------------------------------------------
+
+SLIM_DEFAULTS: dict[str, Any] = {"heads": 0.0, "ffn": 0.0, "criterion": "taylor", "scope": "global", "batches": 8}
+SLIM_HELP = (
+    "SPEC: comma-separated key=value; heads=F, ffn=F (fraction of attention heads / FFN neurons removed, "
+    "0 <= F < 1), criterion=magnitude|delta|taylor|fisher (default taylor), scope=global|local (default global), "
+    "batches=N (training batches of 16 scored by taylor/fisher, default 8)"
+)
+
+
+def parse_slim_spec(text: str) -> dict[str, Any]:
+    """``heads=0.5,ffn=0.5[,criterion=taylor][,scope=global][,batches=8]`` -> a dict (one-line errors)."""
+    from slimtune.errors import did_you_mean
+    from slimtune.sparsity.structured import CRITERIA
+
+    spec = dict(SLIM_DEFAULTS)
+    seen = set()
+    for item in str(text).split(","):
+        key, sep, value = item.strip().partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise SlimtuneError(f"--slim '{text}': '{item.strip()}' is not key=value; {SLIM_HELP}")
+        if key not in SLIM_DEFAULTS:
+            raise SlimtuneError(f"--slim '{text}': unknown key '{key}'{did_you_mean(key, SLIM_DEFAULTS)}")
+        if key in seen:
+            raise SlimtuneError(f"--slim '{text}': '{key}' given twice")
+        seen.add(key)
+        if key in ("heads", "ffn"):
+            try:
+                fraction = float(value)
+            except ValueError:
+                raise SlimtuneError(f"--slim '{text}': {key}={value} is not a number; give a fraction in [0, 1)") from None
+            if not 0 <= fraction < 1:  # also rejects nan
+                raise SlimtuneError(f"--slim '{text}': {key}={value} must be a fraction in [0, 1) (removed share)")
+            spec[key] = fraction
+        elif key == "batches":
+            if not value.isdigit() or int(value) < 1:
+                raise SlimtuneError(f"--slim '{text}': batches={value} must be a positive integer")
+            spec[key] = int(value)
+        elif key == "criterion":
+            if value not in CRITERIA:
+                raise SlimtuneError(f"--slim '{text}': criterion '{value}' is not known{did_you_mean(value, CRITERIA)}")
+            spec[key] = value
+        else:
+            if value not in ("global", "local"):
+                raise SlimtuneError(f"--slim '{text}': scope '{value}' must be global or local")
+            spec[key] = value
+    if "heads" not in seen and "ffn" not in seen:
+        raise SlimtuneError(f"--slim '{text}': give heads=F and/or ffn=F; {SLIM_HELP}")
+    return spec
+
+
+def plain_merged(model, delta) -> None:
+    """Merge the delta into the base weights and leave plain ``nn.Linear`` modules with only
+    ``weight``/``bias`` (no wrappers, no method parameters or hooks), in place."""
+    import torch
+    from torch import nn
+
+    from slimtune.methods.base import replace_module
+
+    if not delta.can_merge:
+        unmergeable = [m.name for m in delta.methods if not (m.mergeable or m.in_place)]
+        raise SlimtuneError(
+            f"method(s) {', '.join(unmergeable)} are not linear updates: their run cannot be merged into a plain model "
+            "(export supports runs of mergeable methods: lora, ia3, kadaptation, fact, bitfit, full, linear_probe)"
+        )
+    for method in delta.methods:
+        if method.mergeable:
+            import inspect
+
+            # Exporting needs no exact-unmerge copy of every merged weight.
+            takes_keep = "keep_original" in inspect.signature(method.merge).parameters
+            method.merge(model, keep_original=False) if takes_keep else method.merge(model)
+    for name, module in list(model.named_modules()):
+        base = getattr(module, "base", None)
+        if isinstance(base, nn.Linear) and getattr(module, "merged_from", None) is not None:
+            replace_module(model, name, base)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear):
+            extra = {n for n, _ in module.named_parameters(recurse=False)} - {"weight", "bias"}
+            if extra or module._forward_hooks or module._forward_pre_hooks or type(module) is not nn.Linear:
+                clean = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                  dtype=module.weight.dtype)
+                with torch.no_grad():
+                    clean.weight.copy_(module.weight)
+                    if module.bias is not None:
+                        clean.bias.copy_(module.bias)
+                replace_module(model, name, clean)
+    leftovers = [n for n, m in model.named_modules() if hasattr(m, "merged_from")]
+    if leftovers:
+        raise SlimtuneError(f"after merging, '{leftovers[0]}' is still a method wrapper; this method cannot be exported")
+    model.requires_grad_(False)
+
+
+def _dedupe_shared(state: dict[str, Any]) -> dict[str, Any]:
+    """Drop later names of tied tensors (safetensors refuses shared storage); loading re-ties them."""
+    seen, out = set(), {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)) if tensor.numel() else (name,)
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor
+    return out
+
+
+def hf_config(model):
+    """A copy of the model's config that describes its (possibly slimmed) shapes, or None when
+    the config cannot express them (per-layer widths; fewer BERT/MPNet heads). The model's own
+    config is left as it is: the shape record is relative to it."""
+    import copy
+
+    from slimtune.sparsity.structured import is_dense, model_family, shape_record
+
+    record = shape_record(model)
+    config = copy.deepcopy(model.config)
+    if is_dense(record):
+        return config
+    layers = record["layers"]
+    widths = {len(layer["neurons"]) for layer in layers}
+    heads = {len(layer["heads"]) for layer in layers}
+    kv = {len(layer["kv_heads"]) for layer in layers}
+    if len(widths) != 1 or min(widths) == 0:
+        return None
+    if model_family(model) == "llama":
+        if len(heads) != 1 or len(kv) != 1 or min(heads) == 0:
+            return None
+        config.head_dim = record["head_dim"]
+        config.num_attention_heads = heads.pop()
+        config.num_key_value_heads = kv.pop()
+    elif heads != {record["num_attention_heads"]}:
+        return None
+    config.intermediate_size = widths.pop()
+    return config
+
+
+def _write_model(model, staging: Path, *, int8: bool, bf16: bool) -> dict[str, Any]:
+    """Write the weights and config; returns the layout part of the export record."""
+    from slimtune.compress.loader import HF_WEIGHTS, REBUILT_WEIGHTS, SHAPES_FILE
+    from slimtune.compress.quantize import INT8_FORMAT, int8_state
+    from slimtune.sparsity.structured import is_dense, shape_record
+
+    record = shape_record(model)
+    config = None if int8 else hf_config(model)
+    if config is not None:
+        # The Hugging Face layout: config.json + model.safetensors under the model's own names.
+        config.save_pretrained(staging)
+        write_safetensors(staging / HF_WEIGHTS, _dedupe_shared(model.state_dict()), metadata={"format": "pt"})
+        return {"layout": "hf", "shapes": None, "int8": None}
+    model.config.save_pretrained(staging)  # the dense config; shapes.json says what was removed
+    state = int8_state(model) if int8 else dict(model.state_dict())
+    write_safetensors(staging / REBUILT_WEIGHTS, _dedupe_shared(state), metadata={"format": "pt"})
+    shapes = None
+    if not is_dense(record):
+        write_json(staging / SHAPES_FILE, record)
+        shapes = SHAPES_FILE
+    return {"layout": "rebuilt", "shapes": shapes, "int8": INT8_FORMAT if int8 else None}
+
+
+def save_exported(
+    model,
+    directory: str | Path,
+    *,
+    objective: str = "classification",
+    pooling: str = "cls",
+    labels: list[str] | None = None,
+    tokenizer=None,
+    kinds: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write an in-memory model (plain Linears: merged, possibly slimmed by
+    ``slimtune.sparsity.structured``, possibly int8 or bf16) as an export directory that
+    ``slimtune.load_exported`` loads; returns the export record. ``directory`` must not exist
+    or be empty. ``pooling``: what feeds a classification head (``mean`` re-installs slimtune's
+    masked-mean pooler at load time)."""
+    import torch
+
+    from slimtune.compress.loader import EXPORT_FORMAT, EXPORT_RECORD
+    from slimtune.compress.quantize import is_int8_linear
+    from slimtune.sparsity.structured import is_dense, shape_record
+
+    directory = Path(directory)
+    _check_export_out(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    int8 = any(is_int8_linear(m) for m in model.modules())
+    float_params = [p for p in model.parameters() if p.is_floating_point()]
+    bf16 = bool(float_params) and float_params[0].dtype == torch.bfloat16
+    if kinds is None:
+        kinds = ["merged"] + ([] if is_dense(shape_record(model)) else ["slimmed"]) + (["int8"] if int8 else []) + (["bf16"] if bf16 else [])
+    layout = _write_model(model, directory, int8=int8, bf16=bf16)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    record = {
+        "format": EXPORT_FORMAT,
+        "kinds": kinds,
+        "objective": objective,
+        "pooling": pooling,
+        "labels": labels,
+        "dtype": "bfloat16" if bf16 else "float32",
+        **layout,
+        **(extra or {}),
+    }
+    write_json(directory / EXPORT_RECORD, record)
+    return record
+
+
+def task_batches(rows: list[dict], pad_id: int, objective: str, batch_size: int, count: int, seed: int) -> list[dict]:
+    """``count`` shuffled training batches (with labels) for importance scores."""
+    import random
+
+    from slimtune.train.data import collate
+
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    return [collate([rows[i] for i in order[s:s + batch_size]], pad_id, objective)
+            for s in range(0, min(len(order), count * batch_size), batch_size)]
+
+
+def evaluate_model(model, rows: list[dict], pad_id: int, objective: str, num_labels: int, batch_size: int = 64) -> dict[str, float]:
+    """Accuracy/F1 (classification) or perplexity (lm) of ``model`` on tokenised ``rows``."""
+    import math
+
+    import torch
+
+    from slimtune.train.data import collate, eval_batches
+    from slimtune.zoo.tasks import compute_metrics
+
+    predictions, labels, loss_sum, tokens = [], [], 0.0, 0
+    with torch.inference_mode():
+        for indices in eval_batches(len(rows), batch_size):
+            batch = collate([rows[i] for i in indices], pad_id, objective)
+            if objective == "classification":
+                gold = batch.pop("labels")
+                predictions.append(model(**batch).logits.float().argmax(-1))
+                labels.append(gold)
+            else:
+                n = int((batch["labels"][:, 1:] != -100).sum())
+                loss_sum += float(model(**batch).loss) * n
+                tokens += n
+    if objective == "classification":
+        return compute_metrics(torch.cat(predictions).numpy(), torch.cat(labels).numpy(), num_labels)
+    mean = loss_sum / max(tokens, 1)
+    return {"loss": mean, "perplexity": math.exp(mean)}
+
+
+def fixed_length_batch(rows: list[dict], pad_id: int, batch_size: int, seq_len: int) -> dict:
+    """Real examples, truncated/padded to exactly ``seq_len`` tokens (latency/FLOPs inputs)."""
+    import torch
+
+    chosen = [rows[i % len(rows)] for i in range(batch_size)]
+    batch = {}
+    for key in chosen[0]:
+        if key == "labels":
+            continue
+        fill = pad_id if key == "input_ids" else 0
+        batch[key] = torch.tensor([(r[key] + [fill] * seq_len)[:seq_len] for r in chosen], dtype=torch.long)
+    return batch
+
+
+def measure_model(model, rows, pad_id, objective, num_labels, *, batch_size=32, seq_len=128, threads=2, repeats=10,
+                  directory: Path | None = None, shapes_from=None) -> dict[str, Any]:
+    """The export report's figures for one model: metrics, params, FLOPs, latency (and size)."""
+    from slimtune.measure.flops import flops_per_example
+    from slimtune.measure.latency import measure_latency
+    from slimtune.measure.params import file_bytes, param_counts
+
+    one = fixed_length_batch(rows, pad_id, 1, seq_len)
+    timing = measure_latency(model, fixed_length_batch(rows, pad_id, batch_size, seq_len), threads=threads, repeats=repeats)
+    out = {
+        "metrics": evaluate_model(model, rows, pad_id, objective, num_labels),
+        "params": param_counts(model)["total"],
+        "flops_per_example": flops_per_example(model, one, shapes_from=shapes_from),
+        "latency_ms_median": timing["latency_ms_median"],
+        "latency_ms_p90": timing["latency_ms_p90"],
+    }
+    if directory is not None:
+        out["size_bytes"] = file_bytes(directory)
+    return out
+
+
+def _check_export_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SlimtuneError(f"--out {out}: exists and is not an empty directory; choose a new one (nothing was written)")
+
+
+def export_run(
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    merge: bool = False,
+    slim: str | dict[str, Any] | None = None,
+    int8: bool = False,
+    bf16: bool = False,
+    measure: bool = True,
+    threads: int = 2,
+    batch_size: int = 32,
+    seq_len: int | None = None,
+    repeats: int = 10,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Merge a run's delta into its base, optionally remove the least important heads/neurons
+    (``slim``), convert to int8 or bf16, and write ``out`` (loadable by ``slimtune.load_exported``)
+    with ``export_report.json``: size on disk, params, FLOPs, latency and the task metrics of the
+    exported model (re-loaded from ``out``), next to the dense merged float32 model's, measured
+    side by side. Nothing is written unless all inputs are valid; ``out`` appears complete or not
+    at all (written under a temporary name, then renamed). Returns the report."""
+    import os
+    import shutil
+
+    import torch
+
+    from slimtune.compress.loader import load_exported
+    from slimtune.measure.params import file_bytes
+    from slimtune.methods.delta import check_fingerprint
+    from slimtune.recipe import load_recipe
+    from slimtune.runner import build
+    from slimtune.sparsity import structured
+    from slimtune.train.data import tokenize_split
+
+    run_dir, out = Path(run_dir), Path(out)
+    spec = parse_slim_spec(slim) if isinstance(slim, str) else slim
+    if not run_dir.is_dir():
+        raise SlimtuneError(f"{run_dir}: run directory does not exist")
+    if int8 and bf16:
+        raise SlimtuneError("--int8 and --bf16: choose one (int8 Linears run on float32 activations)")
+    if not (merge or spec or int8 or bf16):
+        raise SlimtuneError("export: give --merge, --slim SPEC, --int8 and/or --bf16 (or --peft OUT for a peft adapter)")
+    _check_export_out(out)
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    meta, state = read_delta(run_dir)
+
+    built = build(recipe)
+    check_fingerprint(meta, built.fingerprint, run_dir / "delta.json", force=force)
+    if meta.get("methods") != built.delta.config():
+        raise SlimtuneError(f"{run_dir / 'delta.json'}: its methods differ from recipe.yaml's; the run directory was edited")
+    built.delta.load_state_dict(built.model, state)
+    model, objective = built.model, built.objective
+    pad_id = built.tokenizer.pad_token_id if built.tokenizer.pad_token_id is not None else 0
+    max_length = recipe.train.max_length
+    seq_len = seq_len or recipe.measure.seq_len or max_length
+    rows = {name: tokenize_split(built.task.splits[name], built.tokenizer, max_length, objective).to_list()
+            for name in ("train", "test")}
+    num_labels = len(built.task.label_names)
+
+    plain_merged(model, built.delta)
+    model.eval()
+    reference = None
+    if measure:
+        reference = measure_model(model, rows["test"], pad_id, objective, num_labels, batch_size=batch_size,
+                                  seq_len=seq_len, threads=threads, repeats=repeats)
+    slimming = None
+    if spec:
+        slimming = _slim(model, built, spec, rows["train"], pad_id)
+    kinds = ["merged"] + (["slimmed"] if spec else []) + (["int8"] if int8 else []) + (["bf16"] if bf16 else [])
+    float_twin = None
+    if int8:
+        import copy
+
+        float_twin = copy.deepcopy(model)  # FLOPs of an int8 model are those of the same shapes
+        from slimtune.compress.quantize import quantize_int8
+
+        quantize_int8(model)
+    if bf16:
+        model.to(torch.bfloat16)
+
+    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if staging.exists():
+        shutil.rmtree(staging)
+    try:
+        record = save_exported(
+            model, staging, objective=objective, pooling=built.pooling, labels=list(built.task.label_names),
+            tokenizer=built.tokenizer, kinds=kinds,
+            extra={"slim": slimming, "max_length": max_length,
+                   "source": {"run_dir": str(run_dir), "model": recipe.model.name, "method": built.delta.label, "task": built.task.name}},
+        )
+        exported = load_exported(staging)
+        report: dict[str, Any] = {"export": record, "size_bytes": file_bytes(staging)}
+        if measure:
+            report["exported"] = measure_model(
+                exported, rows["test"], pad_id, objective, num_labels, batch_size=batch_size, seq_len=seq_len,
+                threads=threads, repeats=repeats, shapes_from=float_twin,
+            )
+            report["exported"]["size_bytes"] = report["size_bytes"]
+            report["reference"] = {**reference, "what": "the run's model merged, dense, float32, measured in this process"}
+            report["ratios"] = {
+                key: report["exported"][key] / reference[key]
+                for key in ("params", "flops_per_example", "latency_ms_median") if reference[key]
+            }
+            report["setting"] = {"batch_size": batch_size, "seq_len": seq_len, "threads": threads, "repeats": repeats,
+                                 "n_test": len(rows["test"])}
+        write_json(staging / "export_report.json", report)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return report
+
+
+def _slim(model, built, spec: dict[str, Any], train_rows: list[dict], pad_id: int) -> dict[str, Any]:
+    """Score heads and neurons on the task's training data and remove the requested fractions."""
+    from slimtune.sparsity import structured
+
+    batches = reference = None
+    if spec["criterion"] in ("taylor", "fisher"):
+        batches = task_batches(train_rows, pad_id, built.objective, 16, spec["batches"], built.recipe.train.seed)
+    if spec["criterion"] == "delta":
+        from slimtune.zoo.models import load_model
+
+        base = load_model(built.recipe.model.name, objective=built.objective, num_labels=len(built.task.label_names))
+        reference = base.state_dict()
+    head_scores, neuron_scores = structured.unit_importance(model, spec["criterion"], batches=batches, reference=reference)
+    heads = structured.select_heads(model, head_scores, spec["heads"], spec["scope"])
+    neurons = structured.select_lowest(neuron_scores, spec["ffn"], spec["scope"], "ffn")
+    structured.remove_heads(model, heads)
+    record = structured.remove_ffn_neurons(model, neurons)
+    return {
+        **spec,
+        "removed_heads": sum(len(v) for v in heads.values()),
+        "removed_neurons": sum(len(v) for v in neurons.values()),
+        "kept_heads_per_layer": [len(layer["heads"]) for layer in record["layers"]],
+        "kept_neurons_per_layer": [len(layer["neurons"]) for layer in record["layers"]],
+    }

@@ -1,0 +1,184 @@
+"""`slimtune export RUN --out DIR [--merge] [--slim SPEC] [--int8] [--bf16]` and
+`slimtune.load_exported`: round trips with identical outputs, int8/bf16 load and evaluate, and
+bad input fails with one line and writes nothing."""
+
+import json
+import re
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+import slimtune
+from slimtune.cli import main
+from slimtune.compress.quantize import is_int8_linear, quantize_int8
+from slimtune.compress.export import export_run, parse_slim_spec, plain_merged
+from slimtune.errors import SlimtuneError
+from slimtune.io import read_json
+from slimtune.methods.delta import read_delta
+from slimtune.recipe import load_recipe, validate_recipe
+from slimtune.runner import build, train_run
+from slimtune.sparsity.structured import remove_ffn_neurons, remove_heads
+
+TEXTS = ["the film was great and new", "the film was awful", "dull and long, very long indeed"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_model_dir, tiny_data_file):
+    run = tmp_path_factory.mktemp("slim") / "run"
+    recipe = {
+        "model": {"name": str(tiny_model_dir)},
+        "task": {"file": str(tiny_data_file), "text": "text", "label": "label"},
+        "method": {"name": "lora", "r": 4},
+        "train": {"max_steps": 8, "batch_size": 16, "lr": 5e-3, "max_length": 16, "warmup_ratio": 0.0},
+        "measure": {"latency": False},
+    }
+    train_run(validate_recipe(recipe), run, progress=False)
+    return run
+
+
+def merged_run_model(run):
+    built = build(load_recipe(run / "recipe.yaml"))
+    built.delta.load_state_dict(built.model, read_delta(run)[1])
+    plain_merged(built.model, built.delta)
+    return built.model.eval(), built
+
+
+def logits(model, built):
+    encoded = built.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).logits.float()
+
+
+def test_slimmed_export_round_trips_with_identical_outputs(run_dir, tmp_path):
+    out = tmp_path / "slim"
+    report = export_run(run_dir, out, slim="heads=0.5,ffn=0.5", repeats=2, batch_size=4)
+    record = read_json(out / "slimtune_export.json")
+    assert record["kinds"] == ["merged", "slimmed"] and record["layout"] == "rebuilt"
+    assert not (out / "model.safetensors").exists()  # a bare from_pretrained fails rather than mis-loads
+    shapes = read_json(out / "shapes.json")
+    assert sum(len(layer["heads"]) for layer in shapes["layers"]) == 4  # 8 heads, half removed
+    assert sum(len(layer["neurons"]) for layer in shapes["layers"]) == 64  # 128 neurons, half removed
+
+    # The same removal applied by hand to the merged run model gives the same outputs.
+    expected_model, built = merged_run_model(run_dir)
+    remove_heads(expected_model, {i: [h for h in range(4) if h not in layer["heads"]] for i, layer in enumerate(shapes["layers"])})
+    remove_ffn_neurons(expected_model, {i: [n for n in range(64) if n not in layer["neurons"]] for i, layer in enumerate(shapes["layers"])})
+    loaded = slimtune.load_exported(out)
+    assert torch.equal(logits(loaded, built), logits(expected_model, built))
+
+    assert report["exported"]["params"] < report["reference"]["params"]
+    assert report["ratios"]["flops_per_example"] < 0.75
+    assert set(report["exported"]["metrics"]) >= {"accuracy"}
+    assert report["size_bytes"] == report["exported"]["size_bytes"] > 0
+
+
+def test_merged_and_ffn_only_exports_are_plain_hugging_face(run_dir, tmp_path):
+    model, built = merged_run_model(run_dir)
+    out = tmp_path / "merged"
+    export_run(run_dir, out, merge=True, measure=False)
+    assert read_json(out / "slimtune_export.json")["layout"] == "hf"
+    assert torch.equal(logits(slimtune.load_exported(out), built), logits(model, built))
+    # Local scope keeps a uniform FFN width, which BERT's config can express.
+    ffn = tmp_path / "ffn"
+    export_run(run_dir, ffn, slim="ffn=0.25,scope=local,criterion=magnitude", measure=False)
+    assert read_json(ffn / "slimtune_export.json")["layout"] == "hf"
+    assert json.loads((ffn / "config.json").read_text())["intermediate_size"] == 48
+    AutoModelForSequenceClassification.from_pretrained(ffn)  # loads with no shape errors
+
+
+def test_int8_export_loads_and_evaluates(run_dir, tmp_path):
+    out = tmp_path / "int8"
+    report = export_run(run_dir, out, slim="heads=0.25", int8=True, repeats=2, batch_size=4)
+    loaded = slimtune.load_exported(out)
+    assert sum(is_int8_linear(m) for m in loaded.modules()) == 2 * 6 + 1  # 6 Linears per layer + classifier
+    # The stored int8 tensors are exactly those of the in-memory conversion.
+    model, built = merged_run_model(run_dir)
+    shapes = read_json(out / "shapes.json")
+    remove_heads(model, {i: [h for h in range(4) if h not in layer["heads"]] for i, layer in enumerate(shapes["layers"])})
+    assert torch.equal(logits(loaded, built), logits(quantize_int8(model), built))
+    # FLOPs of an int8 model are those of its float shapes, not 0
+    assert report["exported"]["flops_per_example"] > 0.5 * report["reference"]["flops_per_example"]
+    assert abs(report["exported"]["metrics"]["accuracy"] - report["reference"]["metrics"]["accuracy"]) <= 0.25
+
+
+def test_bf16_export_loads(run_dir, tmp_path):
+    out = tmp_path / "bf16"
+    export_run(run_dir, out, bf16=True, measure=False)
+    loaded = slimtune.load_exported(out)
+    assert next(loaded.parameters()).dtype == torch.bfloat16
+    model, built = merged_run_model(run_dir)
+    assert torch.allclose(logits(loaded, built), logits(model, built), atol=0.1)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("hedas=0.5", "unknown key 'hedas' (did you mean 'heads'?)"),
+    ("heads=1.0", "must be a fraction in [0, 1)"),
+    ("heads=-0.1", "must be a fraction in [0, 1)"),
+    ("heads=nan", "must be a fraction in [0, 1)"),
+    ("heads", "is not key=value"),
+    ("heads=0.5,criterion=taylr", "criterion 'taylr' is not known"),
+    ("criterion=fisher", "give heads=F and/or ffn=F"),
+])
+def test_bad_slim_specs(spec, message):
+    with pytest.raises(SlimtuneError, match=re.escape(message)):
+        parse_slim_spec(spec)
+
+
+def test_cli_errors_write_nothing(run_dir, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    cases = [
+        (["export", str(run_dir), "--out", str(tmp_path / "a"), "--slim", "heads=2"], "[0, 1)"),
+        (["export", str(tmp_path / "no-run"), "--out", str(tmp_path / "b"), "--merge"], "run directory does not exist"),
+        (["export", str(run_dir), "--out", str(taken), "--merge"], "not an empty directory"),
+        (["export", str(run_dir), "--out", str(tmp_path / "c")], "give --merge"),
+        (["export", str(run_dir), "--out", str(tmp_path / "d"), "--int8", "--bf16"], "choose one"),
+        (["export", str(run_dir), "--peft", str(tmp_path / "e"), "--int8"], "does not combine"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert (taken / "keep.txt").read_text() == "mine" and len(list(taken.iterdir())) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_cli_export_prints_the_report(run_dir, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["export", str(run_dir), "--out", str(out), "--slim", "heads=0.5,criterion=fisher,batches=2"]) == 0
+    printed = capsys.readouterr().out
+    assert "exported (merged+slimmed" in printed and "latency ms" in printed
+    assert (out / "export_report.json").is_file()
+
+
+@pytest.mark.parametrize("heads, layout", [
+    ({0: [1, 3], 1: [1, 3]}, "hf"),  # same head counts in every layer: Llama's config says so (head_dim explicit)
+    ({0: [2, 3]}, "rebuilt"),  # a whole KV group gone in one layer only: per-layer shapes
+])
+def test_llama_gqa_slimmed_round_trip(tmp_path, heads, layout):
+    from slimtune.compress.export import save_exported
+    from tests.tiny import tiny_llama, token_batch
+
+    model = tiny_llama()
+    remove_heads(model, heads)
+    remove_ffn_neurons(model, {0: list(range(16)), 1: list(range(16, 32))})
+    record = save_exported(model, tmp_path / "llama", pooling="cls")
+    assert record["layout"] == layout and record["kinds"] == ["merged", "slimmed"]
+    loaded = slimtune.load_exported(tmp_path / "llama")
+    batch = token_batch()
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+    int8 = save_exported(quantize_int8(model), tmp_path / "llama-int8", pooling="cls")
+    assert int8["layout"] == "rebuilt" and int8["int8"]
+    with torch.no_grad():
+        assert torch.equal(slimtune.load_exported(tmp_path / "llama-int8")(**batch).logits, model(**batch).logits)
+
+
+def test_load_exported_errors(tmp_path):
+    with pytest.raises(SlimtuneError, match="does not exist"):
+        slimtune.load_exported(tmp_path / "nope")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(SlimtuneError, match="not a slimtune export"):
+        slimtune.load_exported(tmp_path / "plain")
