@@ -662,6 +662,10 @@ def load_task(
     """
     if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
         raise SlimtuneError(f"split_seed must be a non-negative integer, got {split_seed!r}")
+    from slimtune.zoo.images import is_image_spec, load_image_task
+
+    if is_image_spec(spec):  # image tasks and folders: see zoo.images
+        return load_image_task(spec, split_seed=split_seed, train_size=train_size, eval_size=eval_size)
     if isinstance(spec, Mapping):
         from slimtune.zoo.files import read_user_splits
 
@@ -713,7 +717,9 @@ def compute_metrics(predictions: Any, labels: Any, num_labels: int) -> dict[str,
 
 
 def list_tasks() -> list[dict[str, Any]]:
-    """One row per registered task: name, n_labels, metric, installed, description."""
+    """One row per registered task (text, then image): name, n_labels, metric, installed, description."""
+    from slimtune.zoo.images import list_image_tasks
+
     return [
         {
             "name": spec.name,
@@ -723,4 +729,4 @@ def list_tasks() -> list[dict[str, Any]]:
             "description": spec.description,
         }
         for spec in TASKS.values()
-    ]
+    ] + list_image_tasks()
