@@ -466,7 +466,7 @@ class ImageProcessor:
         import torch
 
         array = np.asarray(images)
-        tensor = torch.from_numpy(np.ascontiguousarray(array)).float()
+        tensor = torch.from_numpy(np.require(array, requirements=["C", "W"])).float()  # W: a read-only view is copied
         tensor = tensor.unsqueeze(1) if tensor.dim() == 3 else tensor.permute(0, 3, 1, 2)
         have = tensor.shape[1]
         if have == 4:  # RGBA: drop alpha
