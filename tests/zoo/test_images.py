@@ -9,7 +9,8 @@ import torch
 from slimtune.errors import SlimtuneError
 from slimtune.recipe import load_recipe
 from slimtune.zoo.images import IMAGE_TASKS, ImageProcessor, ImageSplit, _per_class_sample, load_image_task
-from slimtune.zoo.tasks import list_tasks, load_task
+from slimtune.zoo.images import list_image_tasks
+from slimtune.zoo.tasks import load_task
 
 DIGITS = [str(d) for d in range(10)]
 
@@ -98,9 +99,9 @@ def test_recipe_task_options_reach_the_loader(tmp_path):
         load_recipe(path)
 
 
-def test_listed_with_the_text_tasks():
-    names = {row["name"] for row in list_tasks()}
-    assert {"fashion-mnist", "mnist-5k", "digits", "movie-sentiment"} <= names
+def test_listed_and_installed():
+    rows = {row["name"]: row for row in list_image_tasks()}
+    assert set(rows) == {"fashion-mnist", "mnist-5k", "digits"} and all(r["installed"] for r in rows.values())
 
 
 def test_user_image_folder_loads_stratified(tmp_path):

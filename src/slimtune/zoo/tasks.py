@@ -717,9 +717,7 @@ def compute_metrics(predictions: Any, labels: Any, num_labels: int) -> dict[str,
 
 
 def list_tasks() -> list[dict[str, Any]]:
-    """One row per registered task (text, then image): name, n_labels, metric, installed, description."""
-    from slimtune.zoo.images import list_image_tasks
-
+    """One row per registered task: name, n_labels, metric, installed, description."""
     return [
         {
             "name": spec.name,
@@ -729,4 +727,4 @@ def list_tasks() -> list[dict[str, Any]]:
             "description": spec.description,
         }
         for spec in TASKS.values()
-    ] + list_image_tasks()
+    ]
