@@ -248,8 +248,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     cells = list(table)
     methods = list(settings["methods"])
     lines = [
-        "### Vision: every method on the project's ViT (VTAB-1k and 4-shot)",
-        "",
+        "Every method on the project's ViT, VTAB-1k and 4-shot: "
         f"`vit-fmnist` (0.68 M parameters, pre-trained here on Fashion-MNIST to {settings['pretrain_test_accuracy']:.1%} test accuracy) "
         "transferred to mnist-5k and digits. Test accuracy, mean ± std over seeds (each seed draws its own sample and "
         "initialisation); trainable parameters include the 970-parameter task head. "
@@ -268,7 +267,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {method} | {first['trainable']:,} | {settings['methods'][method]['lr']:g} | " + " | ".join(accs) + " |")
     claims = result.get("claims") or []
     if claims:
-        lines += ["", "Seed papers' claims on these runs:", ""]
+        lines += ["", "Seed papers' claims on these runs (comparing means; where the gap is smaller than a seed std "
+                  "it is not conclusive; learning rates were set once per method, " + ("tuned" if settings.get("tuned") else "not tuned")
+                  + " on the validation split):", ""]
         for claim in claims:
             lines.append(f"- {claim['cell']}: {claim['claim']}: **{'holds' if claim['holds'] else 'does not hold'}**")
     return "\n".join(lines) + "\n"
