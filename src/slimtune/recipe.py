@@ -35,6 +35,10 @@ class TaskSection(Section):
     text_pair: str | None = Field(None, description="user file: optional second text column (pairs)")
     label: str | None = Field(None, description="user file: the label column")
     split: str | None = Field(None, description="user file: optional column with train/validation/test")
+    images: str | None = Field(None, description="a user image folder (one sub-folder of images per class) instead of a zoo task")
+    protocol: Literal["vtab-1k"] | None = Field(None, description="image tasks: 'vtab-1k' = 1,000 training examples (800 train / 200 validation), full test set")
+    shots: int | None = Field(None, ge=1, description="image tasks: k-shot, k train (+ k validation) examples per class (1, 2, 4, 8, 16), full test set")
+    seed: int | None = Field(None, ge=0, description="image tasks: seed of the vtab-1k / k-shot sample (default 0; deterministic, independent of train.seed)")
     train_size: int | None = Field(None, ge=1, description="use a seeded stratified subset of this many training rows")
     eval_size: int | None = Field(None, ge=1, description="cap validation and test at this many rows (seeded)")
     split_seed: int = Field(0, ge=0, description="seed of the train/validation/test split (fixed, independent of train.seed)")
@@ -44,13 +48,20 @@ class TaskSection(Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> TaskSection:
-        if (self.name is None) == (self.file is None):
-            raise ValueError("give exactly one of task.name (a zoo task) or task.file (your data)")
+        if sum(source is not None for source in (self.name, self.file, self.images)) != 1:
+            raise ValueError("give exactly one of task.name (a zoo task), task.file (your data) or task.images (your image folder)")
+        if (self.protocol is not None or self.shots is not None) and self.file is not None:
+            raise ValueError("task.protocol and task.shots apply to image tasks (task.name or task.images)")
+        if self.protocol is not None and self.shots is not None:
+            raise ValueError("give either task.protocol (vtab-1k) or task.shots (k per class), not both")
         if self.file is not None and (self.text is None or self.label is None):
             raise ValueError("a task.file needs task.text and task.label (column names)")
         return self
 
     def loader_spec(self) -> str | dict[str, Any]:
+        if self.images is not None or self.protocol is not None or self.shots is not None:
+            source = {"images": self.images} if self.images is not None else {"name": self.name}
+            return {**source, "protocol": self.protocol, "shots": self.shots, "seed": self.seed or 0}
         if self.name is not None:
             return self.name
         spec = {"file": self.file, "text": self.text, "label": self.label}

@@ -25,6 +25,7 @@ from slimtune.recipe import Recipe, load_recipe
 from slimtune.train.hooks import Hook
 from slimtune.train.trainer import Trainer, TrainResult
 from slimtune.zoo.heads import configure_pooling
+from slimtune.zoo.images import is_image_task, load_image_processor
 from slimtune.zoo.models import load_model, load_tokenizer
 from slimtune.zoo.tasks import TaskData, load_task
 
@@ -55,7 +56,8 @@ def build(recipe: Recipe, task_override: str | None = None) -> Built:
     task = load_task(spec, split_seed=recipe.task.split_seed, train_size=recipe.task.train_size, eval_size=recipe.task.eval_size, seed=recipe.task.split_seed)
     objective = resolve_objective(recipe)
     model = load_model(recipe.model.name, objective=objective, num_labels=len(task.label_names))
-    tokenizer = load_tokenizer(recipe.model.name)
+    # An image task is fed by the model's image processor where a text task has its tokenizer.
+    tokenizer = load_image_processor(recipe.model.name) if is_image_task(task) else load_tokenizer(recipe.model.name)
     fingerprint = base_fingerprint(recipe.model.name, model)
     base_params = param_counts(model)["total"]
     pooling = configure_pooling(model, recipe.head.pooling, objective)

@@ -41,6 +41,8 @@ def versions() -> dict[str, str]:
 def inference_inputs(trainer: Trainer, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
     """A batch of real test examples, truncated/padded to exactly ``seq_len`` tokens."""
     rows = trainer.rows["test"] or trainer.rows["train"]
+    if hasattr(rows, "pixel_values"):  # images (ImageRows): no sequence length to pad to
+        return rows.batch([i % len(rows) for i in range(batch_size)], with_labels=False)
     chosen = [rows[i % len(rows)] for i in range(batch_size)]
     batch: dict[str, torch.Tensor] = {}
     for key in chosen[0]:
@@ -66,7 +68,7 @@ def measure_inference(built: Built, trainer: Trainer) -> dict[str, Any]:
         if cfg.flops:
             one = inference_inputs(trainer, 1, seq_len)
             out["flops_per_example"] = flops_per_example(model, one)
-            out["flops_seq_len"] = seq_len
+            out["flops_seq_len"] = None if "pixel_values" in one else seq_len
         if cfg.latency:
             batch = inference_inputs(trainer, cfg.batch_size, seq_len)
             timing = measure_latency(model, batch, threads=cfg.threads, repeats=cfg.repeats)
@@ -174,7 +176,7 @@ def report_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("train peak memory", f"{fmt_bytes(train.get('peak_memory_bytes'))} (RSS {fmt_bytes(train.get('peak_rss_bytes'))})"),
     ]
     if "flops_per_example" in inference:
-        rows.append(("inference FLOPs/example", f"{fmt_count(inference['flops_per_example'])} (seq {inference.get('flops_seq_len')})"))
+        rows.append(("inference FLOPs/example", fmt_count(inference['flops_per_example']) + (f" (seq {inference['flops_seq_len']})" if inference.get('flops_seq_len') else "")))
     if "latency_ms_median" in inference:
         merged = ", merged" if inference.get("merged") else ""
         rows.append(("inference latency", f"{inference['latency_ms_median']:.1f} ms (batch {inference['batch_size']} x {inference['seq_len']}, {inference['threads']} threads{merged})"))

@@ -53,12 +53,14 @@ ADAPTER_SITES: dict[str, dict[str, list[str]]] = {
         "mpnet": ["attn.o"],
         "llama": ["o_proj"],
         "vit": ["attention.o_proj"],
+        "timm": ["attn.proj"],
     },
     "ffn": {
         "bert": [r"re:.*layer\.\d+\.output\.dense"],  # not the attention's 'attention.output.dense'
         "mpnet": [r"re:.*layer\.\d+\.output\.dense"],
         "llama": ["down_proj"],
         "vit": ["mlp.fc2"],
+        "timm": ["mlp.fc2"],
     },
 }
 

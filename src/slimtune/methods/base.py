@@ -45,6 +45,7 @@ FAMILY_OF_MODEL_TYPE = {
     "mistral": "llama",
     "qwen2": "llama",
     "vit": "vit",
+    "timm_vit": "timm",  # timm VisionTransformer (no HF config): see Arch.of
 }
 
 #: Default target module names per family, by role. Methods name a role; users may give patterns.
@@ -54,18 +55,22 @@ DEFAULT_TARGETS: dict[str, dict[str, list[str]]] = {
         "vit": ["q_proj", "v_proj"],  # transformers 5 names ViT's projections like Llama's
         "mpnet": ["q", "v"],
         "llama": ["q_proj", "v_proj"],
+        # timm fuses q, k, v into one Linear (d -> 3d); it is adapted as one target
+        "timm": ["attn.qkv"],
     },
     "attention_qkvo": {
         "bert": ["query", "key", "value", "attention.output.dense"],
         "vit": ["q_proj", "k_proj", "v_proj", "o_proj"],
         "mpnet": ["q", "k", "v", "attention.attn.o"],
         "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "timm": ["attn.qkv", "attn.proj"],
     },
     "ffn": {
         "bert": ["intermediate.dense", "output.dense"],
         "vit": ["mlp.fc1", "mlp.fc2"],
         "mpnet": ["intermediate.dense", "output.dense"],
         "llama": ["gate_proj", "up_proj", "down_proj"],
+        "timm": ["mlp.fc1", "mlp.fc2"],
     },
 }
 
@@ -86,6 +91,16 @@ class Arch:
 
     @classmethod
     def of(cls, model: nn.Module, objective: str = "classification") -> Arch:
+        if getattr(model, "config", None) is None and hasattr(model, "blocks") and hasattr(model, "patch_embed"):
+            # A timm VisionTransformer: no HF config, its shape is read from the modules.
+            return cls(
+                model_type="timm_vit",
+                family="timm",
+                hidden_size=int(getattr(model, "embed_dim", 0)),
+                num_layers=len(model.blocks),
+                num_heads=int(getattr(model.blocks[0].attn, "num_heads", 0)),
+                objective=objective,
+            )
         config = model.config
         model_type = getattr(config, "model_type", "unknown")
         return cls(

@@ -17,7 +17,9 @@ side block runs)::
 
 where ``down_j`` are ``Linear(d, d/r)`` "ladders" and ``up`` is ``Linear(d/r, d)``. ``out``
 replaces the backbone's final hidden states, so the unchanged HF head reads it: BERT's pooler +
-classifier at ``[CLS]``, Llama's ``score`` at the last non-pad token, or ``lm_head`` for causal LM.
+classifier at ``[CLS]``, Llama's ``score`` at the last non-pad token, or ``lm_head`` for causal LM;
+on a ViT it replaces the output of the final ``layernorm`` (the classifier reads ``[CLS]``), and
+the side ends in its own LayerNorm (pre-LN blocks, like the backbone).
 The side attention gets the backbone's own attention mask (padding; causal for Llama) and, for
 Llama, rotary embeddings of the reduced head dimension.
 
@@ -63,6 +65,7 @@ Trainable parameters (closed form, ``expected_param_count``; ``d_s = d/r``, ``f_
     ladders + gates + up   (L + 1)(d d_s + b d_s) + L + (d_s d + b d)
     BERT side block        4 (d_s^2 + d_s) + 2 d_s f_s + f_s + d_s + 4 d_s
     Llama side block       d_s H k + 2 d_s H_kv k + H k d_s + 3 d_s f_s + 2 d_s   (+ d_s final norm)
+    ViT side block         as BERT (+ 2 d_s: the side's final LayerNorm, pre-LN like the backbone)
 
 Not supported: incremental decoding with a KV cache (``generate``): the side stream has no cache.
 """
@@ -307,7 +310,43 @@ class _Llama(_Family):
         return attention + mlp + 2 * d_s
 
 
-FAMILIES = {"bert": _Bert, "llama": _Llama}
+class _ViT(_Bert):
+    """ViT (pre-LayerNorm blocks): like BERT per head, but the residual stream is normalised by the
+    backbone's final ``layernorm``, which the side network mirrors with its own LayerNorm."""
+
+    name = "vit"
+
+    def layers(self):
+        return self.body.layers
+
+    def final_module(self):
+        return self.body.layernorm
+
+    def build_block(self, side_config, index):
+        return type(self.layers()[0])(side_config)
+
+    def call_block(self, block, side, call_args, call_kwargs, net):
+        mask = call_args[0] if call_args else call_kwargs.get("attention_mask")
+        return block(side, mask)
+
+    @staticmethod
+    def _parts(layer):
+        att, mlp = layer.attention, layer.mlp
+        return att.q_proj, att.k_proj, att.v_proj, att.o_proj, mlp.fc1, mlp.fc2
+
+    def load_pruned(self, block, layer, keep):
+        h, qk, vo, ffn = keep["hidden"], keep["qk"], keep["vo"], keep["ffn"]
+        rows_cols = [(qk, h), (qk, h), (vo, h), (h, vo), (ffn, h), (h, ffn)]
+        with torch.no_grad():
+            for s, d, (rows, cols) in zip(self._parts(layer), self._parts(block), rows_cols):
+                d.weight.copy_(s.weight[rows][:, cols])
+                d.bias.copy_(s.bias[rows])
+            for s, d in ((layer.layernorm_before, block.layernorm_before), (layer.layernorm_after, block.layernorm_after)):
+                d.weight.copy_(s.weight[h])
+                d.bias.copy_(s.bias[h])
+
+
+FAMILIES = {"bert": _Bert, "llama": _Llama, "vit": _ViT}
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,6 +382,9 @@ class LadderSideNetwork(nn.Module):
 
             self.final_norm = LlamaRMSNorm(d_s, eps=side_config.rms_norm_eps)
             self.rotary = LlamaRotaryEmbedding(side_config)
+        elif family.name == "vit":  # pre-LN: the stream is normalised once at the end, as the backbone's
+            self.final_norm = nn.LayerNorm(d_s, eps=side_config.layer_norm_eps)
+            self.rotary = None
         else:
             self.final_norm = None
             self.rotary = None
@@ -514,6 +556,9 @@ class LadderSideTuning(Method):
                 side.rotary.inv_freq = inv_freq  # the kept pairs rotate at their original frequencies
                 side.rotary.original_inv_freq = inv_freq.clone()
                 side.final_norm.weight.copy_(family.body.norm.weight[hidden])
+            if family.name == "vit":
+                side.final_norm.weight.copy_(family.body.layernorm.weight[hidden])
+                side.final_norm.bias.copy_(family.body.layernorm.bias[hidden])
             for j, i in enumerate(ladder):
                 keep = family.select(layers[i], config, side_config, hidden, **extra)
                 family.load_pruned(side.blocks[j], layers[i], keep)
@@ -601,7 +646,7 @@ class LadderSideTuning(Method):
         n_ladders = len(self.ladder)
         ladders = (n_ladders + 1) * (d * d_s + b * d_s) + n_ladders + (d_s * d + b * d)
         blocks = n_ladders * family.block_param_count(d_s, f_s, self.side_config)
-        final_norm = d_s if self.family == "llama" else 0
+        final_norm = {"llama": d_s, "vit": 2 * d_s}.get(self.family, 0)
         return ladders + blocks + final_norm
 
     def cache_stats(self) -> dict[str, int] | None:

@@ -33,6 +33,7 @@ from slimtune.recipe import Recipe
 from slimtune.train import checkpoint as ckpt
 from slimtune.train.data import BatchPlan, collate, eval_batches, tokenize_split
 from slimtune.train.hooks import Hook
+from slimtune.zoo.images import ImageRows, is_image_task
 from slimtune.zoo.tasks import TaskData, compute_metrics
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight", "layernorm")
@@ -102,12 +103,18 @@ class Trainer:
 
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.pad_id = pad_id
-        self.splits = {
-            name: tokenize_split(task.splits[name], tokenizer, self.cfg.max_length, objective)
-            for name in ("train", "validation", "test")
-        }
-        # Tokenised examples as plain lists, per split: batches are built from these by index.
-        self.rows = {name: split.to_list() for name, split in self.splits.items()}
+        if is_image_task(task):
+            # Images: the processor turns each split into one pixel tensor once (ImageRows).
+            if objective != "classification":
+                raise SlimtuneError(f"task.objective: image tasks are classification, not '{objective}'")
+            self.rows = {name: tokenizer.encode_split(task.splits[name]) for name in ("train", "validation", "test")}
+        else:
+            self.splits = {
+                name: tokenize_split(task.splits[name], tokenizer, self.cfg.max_length, objective)
+                for name in ("train", "validation", "test")
+            }
+            # Tokenised examples as plain lists, per split: batches are built from these by index.
+            self.rows = {name: split.to_list() for name, split in self.splits.items()}
         self.plan = BatchPlan(len(self.rows["train"]), self.cfg.batch_size, self.cfg.seed, self.rank, self.world_size)
         self.total_steps = self.cfg.max_steps or max(1, math.ceil(self.cfg.epochs * self.plan.batches_per_epoch))
         self.trainable = delta.trainable_parameters(model)
@@ -133,6 +140,8 @@ class Trainer:
 
     def batch(self, split: str, indices: list[int]) -> dict[str, torch.Tensor]:
         rows = self.rows[split]
+        if isinstance(rows, ImageRows):
+            return rows.batch(indices)
         return collate([rows[i] for i in indices], self.pad_id, self.objective)
 
     def autocast(self):

