@@ -87,7 +87,8 @@ def build_report(
     wall_seconds: float,
 ) -> dict[str, Any]:
     recipe, task = built.recipe, built.task
-    counts = param_counts(built.model, trainer.trainable.keys(), base_total=built.base_params)
+    # Current names: a masked tensor is listed as `.parametrizations.<t>.original` once pruned.
+    counts = param_counts(built.model, built.delta.trainable_parameters(built.model).keys(), base_total=built.base_params)
     report: dict[str, Any] = {
         "model": {"name": recipe.model.name, "params_total": built.base_params, "type": built.arch.model_type},
         "task": {
