@@ -188,7 +188,7 @@ def pin_to_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> Opti
 def kept_from_scores(scores: dict[str, torch.Tensor], density: float, scope: str) -> dict[str, torch.Tensor]:
     """Boolean masks keeping the top ``density`` fraction by score: per tensor (``local``) or over
     all tensors together (``global``). Exactly ``round(density * n)`` entries are kept (at
-    least one per tensor for ``local``); ties are broken by position."""
+    least one per tensor for ``local``); ties are broken in a fixed random order."""
     check_density(density)
     if scope == "local":
         out = {}
@@ -213,9 +213,12 @@ def _top_k_mask(flat: torch.Tensor, k: int) -> torch.Tensor:
     if k >= flat.numel():
         kept[:] = True
         return kept
-    # NaN scores never win a slot.
-    safe = torch.nan_to_num(flat, nan=float("-inf"))
-    kept[torch.topk(safe, k, sorted=False).indices] = True
+    # Ties (e.g. every score 0 for a zero-initialised LoRA B) are broken by a fixed random
+    # order rather than by position, so a tied tensor is not pruned as one block. NaN never wins.
+    order = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0)).to(flat.device)
+    safe = torch.nan_to_num(flat, nan=float("-inf"))[order]
+    ranked = torch.sort(safe, descending=True, stable=True).indices
+    kept[order[ranked[:k]]] = True
     return kept
 
 
