@@ -47,3 +47,36 @@ def test_density_alias_and_bad_input(tiny_recipe):
         with pytest.raises(SlimtuneError) as err:
             validate_recipe(sparse_adapter_recipe(tiny_recipe, **bad))
         assert "\n" not in str(err.value) and "sparsity" in str(err.value)
+
+
+@pytest.mark.parametrize("method,criterion", [
+    ({"name": "lora", "r": 4}, "grasp"),
+    ({"name": "compacter", "reduction_factor": 4, "phm_dim": 2}, "synflow"),
+    ({"name": "pfeiffer", "reduction_factor": 4}, "random"),
+])
+def test_any_delta_pruned_at_init(tmp_path, tiny_recipe, method, criterion):
+    recipe = copy.deepcopy(tiny_recipe)
+    recipe["method"] = method
+    recipe["sparsity"] = {"target": "delta", "criterion": criterion, "density": 0.5, "scope": "local", "batches": 1}
+    report = train_run(validate_recipe(recipe), tmp_path / "run", progress=False)
+    assert all(abs(d - 0.5) < 0.05 for d in report["sparsity"]["per_layer"].values())
+    assert evaluate_run(tmp_path / "run")["metrics"] == report["metrics"]
+
+
+def test_gradual_magnitude_pruning_of_base_weights(tmp_path, tiny_recipe):
+    recipe = copy.deepcopy(tiny_recipe)
+    recipe["method"] = {"name": "bitfit"}
+    recipe["sparsity"] = {"target": "base", "criterion": "magnitude", "sparsity": 0.8, "schedule": "gradual", "start_step": 2, "end_step": 6, "frequency": 2}
+    report = train_run(validate_recipe(recipe), tmp_path / "run", progress=False)
+    history = report["sparsity"]["history"]
+    assert [h["step"] for h in history] == [2, 4, 6]
+    assert [round(h["measured"], 3) for h in history] == [1.0, round(1 - (0.8 - 0.8 * 0.5**3), 3), 0.2]
+    assert abs(report["sparsity"]["weight_density"] - 0.2) < 1e-3
+
+
+def test_data_criterion_without_data_is_one_line_error(tiny_recipe):
+    from slimtune.sparsity.schedules import SparsitySection
+
+    section = SparsitySection(criterion="snip", density=0.5)
+    with pytest.raises(SlimtuneError, match="needs training data"):
+        section.build_hook(recipe=None, model=None, delta=None, task=None)

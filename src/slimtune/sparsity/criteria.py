@@ -118,8 +118,11 @@ def score(
 def _grasp(model, targets: Targets, batches, loss_fn, weights) -> dict[str, torch.Tensor]:
     """w ⊙ Hg with g the summed gradient and Hg summed over the same batches (a Hessian-vector
     product through a second backward)."""
+    from slimtune.measure.flops import eager_attention
+
     g = _summed_gradients(model, targets, batches, loss_fn)
-    with _gradients_of(model, targets) as dense:
+    # The CPU scaled-dot-product kernel has no double backward: run attention eagerly here.
+    with eager_attention(model), _gradients_of(model, targets) as dense:
         names = list(dense)
         for batch in batches:
             grads = torch.autograd.grad(loss_fn(batch), [dense[n] for n in names], create_graph=True, allow_unused=True)
