@@ -80,3 +80,28 @@ def test_data_criterion_without_data_is_one_line_error(tiny_recipe):
     section = SparsitySection(criterion="snip", density=0.5)
     with pytest.raises(SlimtuneError, match="needs training data"):
         section.build_hook(recipe=None, model=None, delta=None, task=None)
+
+
+def test_pruned_run_resumes_to_the_same_delta(tmp_path, tiny_recipe):
+    from slimtune.runner import build
+    from slimtune.train.trainer import Trainer
+    from tests.conftest_tiny import CrashAt
+
+    recipe = sparse_adapter_recipe(tiny_recipe, schedule="iterative", rounds=2, criterion="magnitude")
+    recipe["train"].update(max_steps=8, checkpoint_every=3, batch_size=32)
+    recipe = validate_recipe(recipe)
+    train_run(recipe, tmp_path / "whole", progress=False)
+    built = build(recipe)
+    run = tmp_path / "crashed"
+    run.mkdir()
+    (run / "recipe.yaml").write_text(recipe.to_yaml())
+    trainer = Trainer(model=built.model, tokenizer=built.tokenizer, task=built.task, delta=built.delta, recipe=recipe,
+                      objective="classification", run_dir=run, hooks=[*built.hooks, CrashAt(5)], progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()  # pruned at steps 0 and 4, checkpointed at 3
+    train_run(recipe, run, resume=True, progress=False)
+    whole = read_safetensors(tmp_path / "whole/delta.safetensors")
+    resumed = read_safetensors(run / "delta.safetensors")
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key

@@ -182,6 +182,12 @@ def report_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     if "privacy" in report:
         p = report["privacy"]
         rows.append(("privacy", f"ε = {p.get('epsilon', float('nan')):.2f} (δ = {p.get('delta')})"))
+    if "sparsity" in report:
+        s = report["sparsity"]
+        rows.append(("sparsity", f"delta density {s.get('delta_density', 1.0):.3f}, weight density {s.get('weight_density', 1.0):.3f}"))
+    if "dsee" in report and "flops_saved" in report["dsee"]:
+        d = report["dsee"]
+        rows.append(("DSEE stage 2", f"FLOPs saved {d['flops_saved']:.1%}, final weight density {d.get('final_weight_density') or 1.0:.3f}"))
     if train.get("stop_reason"):
         rows.append(("stopped early", str(train["stop_reason"])))
     return rows

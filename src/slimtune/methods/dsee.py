@@ -238,7 +238,8 @@ class DSEE(LinearUpdateMethod):
     # -- state --------------------------------------------------------------------------------
     def delta_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         state = {n: p.detach() for n, p in self.trainable_parameters(model).items()}
-        state.update({f"{n}.sparse_indices": m.sparse_indices for n, m in model.named_modules() if isinstance(m, DSEELinear)})
+        # S is stored as its values plus flat positions (int32: a weight has < 2^31 entries).
+        state.update({f"{n}.sparse_indices": m.sparse_indices.to(torch.int32) for n, m in model.named_modules() if isinstance(m, DSEELinear)})
         state.update(self.stage1)
         for layer, heads in self.removed_heads.items():
             state[f"{HEADS_KEY}.{layer}"] = torch.tensor(heads, dtype=torch.int64)
