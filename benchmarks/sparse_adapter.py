@@ -7,12 +7,18 @@ does better at the same budget. Each run: the project's standard budget (2,000 t
 2 epochs, batch 32, max_length 64, lr 1e-3, test on 1,000), 1 torch thread (accuracy only).
 
     python -m benchmarks.sparse_adapter [--quick] [--tasks movie-sentiment trec-6]
+
+On a busy machine the tasks can run as two processes and be merged:
+
+    python -m benchmarks.sparse_adapter --tasks trec-6 --partial /tmp/sa-trec.json   (and movie-sentiment)
+    python -m benchmarks.sparse_adapter --merge /tmp/sa-movie.json /tmp/sa-trec.json
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -79,18 +85,27 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="a few steps on a few examples (a smoke run)")
     parser.add_argument("--tasks", nargs="+", default=["movie-sentiment", "trec-6"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--partial", type=Path, help="write the results so far to this JSON file after each run (no results/ file)")
+    parser.add_argument("--merge", type=Path, nargs="+", help="merge --partial files into benchmarks/results/sparse_adapter.json; run nothing")
     args = parser.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(args.threads)
     results: dict[str, dict[str, Any]] = {}
-    for task in args.tasks:
+    if args.merge:
+        for path in args.merge:
+            for task, per in json.loads(path.read_text())["results"].items():
+                results.setdefault(task, {}).update(per)
+        args.tasks = list(results)
+    for task in [] if args.merge else args.tasks:
         results[task] = {}
         for label, extra in variants().items():
             results[task][label] = run_one(task, extra, args.quick)
             r = results[task][label]
             print(f"{task:16s} {label:24s} acc {r['accuracy']:.4f}  adapter non-zeros {r['delta_nonzero']:,}", flush=True)
+            if args.partial:
+                args.partial.write_text(json.dumps({"results": results}, indent=2) + "\n")
     result = {
         "settings": {**{k: v for k, v in BASE.items() if k != "measure"}, "density": DENSITY, "tasks": args.tasks, "threads": args.threads, "quick": args.quick,
                      "note": "adapter non-zeros: non-zero entries of the adapters and trained layer norms (task head excluded)"},
@@ -98,7 +113,7 @@ def main(argv=None) -> dict:
     }
     rows = [(f"{task}: {label}", f"acc {r['accuracy']:.4f}, non-zeros {r['delta_nonzero']:,}") for task, per in results.items() for label, r in per.items()]
     print_rows("SparseAdapter", rows)
-    if not args.quick:
+    if not args.quick and not args.partial:
         write_result("sparse_adapter", result)
     return result
 
