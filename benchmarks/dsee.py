@@ -164,14 +164,20 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{s.get('model', {}).get('name')} + {s.get('task', {}).get('name')}: {s.get('task', {}).get('train_size')} training sentences, "
         f"{train.get('epochs')} epochs, batch {train.get('batch_size')}, max_length {train.get('max_length')}, lr {train.get('lr')}. "
         f"Stage 2 after half the steps: merge, remove {s.get('heads_removed_per_layer')} of {s.get('of_heads')} heads per layer "
-        "(physically), re-tune. Trainable % excludes the task head; FLOPs per example at seq 64, merged models.",
+        "(physically), re-tune. Trainable % (of the base model's parameters) excludes the task head; for a two-stage run, stage 1 "
+        "then stage 2 (smaller: Q/V lost heads). FLOPs per example at seq 64, merged models; masked zeros count as dense.",
         "",
         "| contender | accuracy | trainable % | FLOPs / example | weight density |",
         "|---|---|---|---|---|",
     ]
     for label, r in result.get("results", {}).items():
-        density = r.get("stage2", {}).get("final_weight_density")
-        lines.append(f"| {label} | {r['accuracy']:.3f} | {r['trainable_pct_without_head']:.3f} | {r['flops_per_example'] / 1e6:.1f} M | "
+        stage2 = r.get("stage2", {})
+        density = stage2.get("final_weight_density")
+        trainable = f"{r['trainable_pct_without_head']:.3f}"
+        if stage2.get("stage1_trainable") and r.get("trainable_without_head"):
+            base = r["trainable_without_head"] * 100 / r["trainable_pct_without_head"]
+            trainable = f"{100 * stage2['stage1_trainable'] / base:.3f} then {trainable}"
+        lines.append(f"| {label} | {r['accuracy']:.3f} | {trainable} | {r['flops_per_example'] / 1e6:.1f} M | "
                      f"{'' if density is None else f'{density:.2f}'} |")
     lines += [
         "",
