@@ -85,6 +85,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="a few steps on a few examples (a smoke run)")
     parser.add_argument("--tasks", nargs="+", default=["movie-sentiment", "trec-6"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--variants", nargs="+", help="run only these variants (labels as in the table)")
     parser.add_argument("--partial", type=Path, help="write the results so far to this JSON file after each run (no results/ file)")
     parser.add_argument("--merge", type=Path, nargs="+", help="merge --partial files into benchmarks/results/sparse_adapter.json; run nothing")
     args = parser.parse_args(argv)
@@ -101,6 +102,8 @@ def main(argv=None) -> dict:
     for task in [] if args.merge else args.tasks:
         results[task] = {}
         for label, extra in variants().items():
+            if args.variants and label not in args.variants:
+                continue
             results[task][label] = run_one(task, extra, args.quick)
             r = results[task][label]
             print(f"{task:16s} {label:24s} acc {r['accuracy']:.4f}  adapter non-zeros {r['delta_nonzero']:,}", flush=True)
