@@ -188,6 +188,12 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"| latency, DSEE heads / LoRA (batch {lat.get('batch_size')} x {lat.get('seq_len')}, {lat.get('threads')} threads) | "
         f"{result['latency_ratio_dsee_heads_vs_lora']:.2f} | ~ 1 - FLOPs saved |",
     ]
+    rerun = result.get("latency_rerun")
+    if rerun:
+        lines.append(f"| latency re-timed on a quieter machine, same shapes ({rerun['repeats']} repeats) | {rerun['ratio']:.2f} "
+                     f"(FLOP ratio {rerun['flops_ratio']:.2f}) | ~ FLOP ratio |")
+    if result.get("extra_note"):
+        lines += ["", f"_{result['extra_note']}._"]
     return "\n".join(lines)
 
 
