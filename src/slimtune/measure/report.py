@@ -89,7 +89,8 @@ def build_report(
     wall_seconds: float,
 ) -> dict[str, Any]:
     recipe, task = built.recipe, built.task
-    counts = param_counts(built.model, trainer.trainable.keys(), base_total=built.base_params)
+    # Current names: a masked tensor is listed as `.parametrizations.<t>.original` once pruned.
+    counts = param_counts(built.model, built.delta.trainable_parameters(built.model).keys(), base_total=built.base_params)
     report: dict[str, Any] = {
         "model": {"name": recipe.model.name, "params_total": built.base_params, "type": built.arch.model_type},
         "task": {
@@ -183,6 +184,12 @@ def report_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     if "privacy" in report:
         p = report["privacy"]
         rows.append(("privacy", f"ε = {p.get('epsilon', float('nan')):.2f} (δ = {p.get('delta')})"))
+    if "sparsity" in report:
+        s = report["sparsity"]
+        rows.append(("sparsity", f"delta density {s.get('delta_density', 1.0):.3f}, weight density {s.get('weight_density', 1.0):.3f}"))
+    if "dsee" in report and "flops_saved" in report["dsee"]:
+        d = report["dsee"]
+        rows.append(("DSEE stage 2", f"FLOPs saved {d['flops_saved']:.1%}, final weight density {d.get('final_weight_density') or 1.0:.3f}"))
     if train.get("stop_reason"):
         rows.append(("stopped early", str(train["stop_reason"])))
     return rows

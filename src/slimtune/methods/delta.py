@@ -90,13 +90,23 @@ class Delta:
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        from slimtune.sparsity.masks import clean_name
+
         state: dict[str, torch.Tensor] = {}
         for method in self.methods:
             state.update(method.delta_state_dict(model))
         state.update({n: p.detach() for n, p in self.head_parameters(model).items()})
-        return state
+        # A masked tensor is saved under its plain name (not `.parametrizations.<t>.original`).
+        return {clean_name(n): t for n, t in state.items()}
 
     def load_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        from slimtune.sparsity.masks import clean_name
+        from slimtune.sparsity.storage import decode_state, restore_masks
+
+        state, kept = decode_state(state)  # sparse tensors (indices + values) -> dense + masks
+        restore_masks(model, kept)
+        # Masked tensors are saved under plain names; the model lists them as `.original`.
+        state = {**state, **{n: state[clean_name(n)] for n, _ in model.named_parameters() if clean_name(n) != n and clean_name(n) in state}}
         for method in self.methods:
             method.load_delta_state_dict(model, state)
         head = self.head_parameters(model)
@@ -112,7 +122,9 @@ class Delta:
     def save(self, directory: Path, model: nn.Module, fingerprint: dict[str, str], extra: dict[str, Any] | None = None) -> int:
         """Write ``delta.safetensors`` and ``delta.json`` atomically; returns the tensor bytes."""
         directory.mkdir(parents=True, exist_ok=True)
-        state = self.state_dict(model)
+        from slimtune.sparsity.storage import encode_state
+
+        state = encode_state(model, self.state_dict(model))  # masked tensors as indices + values
         write_safetensors(directory / "delta.safetensors", state)
         meta = {
             "format": DELTA_FORMAT,

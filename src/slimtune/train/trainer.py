@@ -138,6 +138,20 @@ class Trainer:
             groups.setdefault((lr, decay), []).append(param)
         return torch.optim.AdamW([{"params": p, "lr": lr, "weight_decay": wd} for (lr, wd), p in groups.items()])
 
+    def rebuild_optimizer(self) -> None:
+        """Re-read the delta's trainable parameters and start a fresh optimizer and learning-rate
+        schedule (warm-up included) for the remaining steps: for a hook that replaces the
+        parameters mid-run (DSEE's prune-and-re-tune stage)."""
+        self.trainable = self.delta.trainable_parameters(self.model)
+        self.optimizer = self._build_optimizer()
+        remaining = max(1, self.total_steps - self.step)
+        self.scheduler = get_scheduler(
+            {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[self.cfg.scheduler],
+            self.optimizer,
+            num_warmup_steps=int(self.cfg.warmup_ratio * remaining),
+            num_training_steps=remaining,
+        )
+
     def batch(self, split: str, indices: list[int]) -> dict[str, torch.Tensor]:
         rows = self.rows[split]
         if isinstance(rows, ImageRows):

@@ -1,0 +1,373 @@
+"""Pruning schedules as trainer hooks, configured by the recipe's ``sparsity`` section.
+
+``density`` is the fraction of entries KEPT, everywhere (``sparsity = 1 - density`` is accepted
+as an alias). What is pruned (``target``):
+
+* ``delta`` — the weight tensors the recipe's methods train (adapter projections, LoRA factors,
+  Compacter factors, ...; not biases, norms or the task head): SparseAdapter (He et al. 2022)
+  is ``{target: delta, criterion: snip, density: 0.6, at: init}`` on top of any adapter method;
+* ``base`` — the backbone's linear weights (also those another method wraps, e.g. LoRA's frozen
+  base): magnitude / gradual pruning of the model itself.
+
+Schedules:
+
+* ``one_shot`` — prune once, at initialisation (``at: init``, before the first step) or after
+  step ``at``;
+* ``gradual`` — Zhu & Gupta (2017): every ``frequency`` steps from ``start_step`` to
+  ``end_step``, sparsity ``s_t = s_f + (s_i - s_f) (1 - (t - t0) / (end - t0))^3``;
+* ``iterative`` — ``rounds`` prune -> retrain rounds spread evenly over training, the density of
+  round k being ``density^(k / rounds)`` (so each round removes the same fraction of what is left).
+
+Masks only tighten: an entry pruned once stays pruned. Criteria that need data (snip, grasp,
+movement) score on ``batches`` seeded batches of the training split; ``movement`` on trainable
+tensors uses the gradients seen in training since the last pruning step instead.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from slimtune.errors import SlimtuneError
+from slimtune.methods.base import HEAD_MODULE_NAMES, pattern_matches
+from slimtune.recipe import Section, register_section
+from slimtune.sparsity import criteria
+from slimtune.sparsity.masks import (
+    apply_mask,
+    check_density,
+    clean_name,
+    get_mask,
+    kept_from_scores,
+    masked_tensors,
+    pin_to_optimizer,
+)
+from slimtune.train.hooks import Hook
+
+Targets = dict[str, tuple[nn.Module, str]]
+
+
+# --------------------------------------------------------------------------------------------
+# Formulas.
+# --------------------------------------------------------------------------------------------
+
+
+def cubic_sparsity(step: int, initial: float, final: float, start: int, end: int, frequency: int) -> float:
+    """Zhu & Gupta's cubic schedule, held constant between pruning steps: the sparsity in force
+    after ``step``."""
+    if step < start:
+        return 0.0
+    if end <= start:
+        return final
+    t = min(start + ((step - start) // frequency) * frequency, end)
+    if step >= end:
+        t = end
+    return final + (initial - final) * (1 - (t - start) / (end - start)) ** 3
+
+
+def iterative_densities(density: float, rounds: int) -> list[float]:
+    return [density ** ((k + 1) / rounds) for k in range(rounds)]
+
+
+def large_sparse_width(hidden: int, width: int, density: float, bias: bool = True) -> int:
+    """Large-Sparse (He et al. 2022): the bottleneck width m' whose non-zero parameters at
+    ``density`` equal the dense adapter's (width m). Weights (2 d m') are pruned, biases
+    (m' + d) stay dense: density * 2 d m' + m' + d = 2 d m + m + d, so
+    m' = m (2 d + 1) / (2 d density + 1); without biases m' = m / density."""
+    density = check_density(density)
+    if bias:
+        return max(1, round(width * (2 * hidden + 1) / (2 * hidden * density + 1)))
+    return max(1, round(width / density))
+
+
+def large_sparse_reduction_factor(hidden: int, reduction_factor: float, density: float) -> float:
+    """The adapter ``reduction_factor`` giving the Large-Sparse width (hidden // factor = m')."""
+    width = large_sparse_width(hidden, max(1, int(hidden // reduction_factor)), density)
+    return hidden / width
+
+
+# --------------------------------------------------------------------------------------------
+# Which tensors.
+# --------------------------------------------------------------------------------------------
+
+
+def _resolve(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    module_name, _, tensor_name = clean_name(name).rpartition(".")
+    return (model.get_submodule(module_name) if module_name else model), tensor_name
+
+
+def select_targets(model: nn.Module, delta: Any, target: str, include: list[str] | None = None) -> Targets:
+    """Tensors to prune, by clean name. ``include``: name patterns (suffix or 're:') on tensor
+    names that narrow the choice."""
+    from slimtune.methods.linear_update import LinearUpdate
+
+    chosen: Targets = {}
+    if target == "delta":
+        if delta is None:
+            raise SlimtuneError("sparsity.target: 'delta' needs the recipe's methods (a delta); none is attached")
+        head = set(delta.head_names)
+        for name, param in delta.trainable_parameters(model).items():
+            name = clean_name(name)
+            if name in head or param.dim() < 2:
+                continue
+            chosen[name] = _resolve(model, name)
+    elif target == "base":
+        for module_name, module in model.named_modules():
+            if isinstance(module, LinearUpdate) and module.merged_from is not None:
+                raise SlimtuneError(f"sparsity.target: '{module_name}' has its update merged into the weight; prune before merging or unmerge first")
+            if not isinstance(module, nn.Linear) or module_name.split(".")[0] in HEAD_MODULE_NAMES or module_name.split(".")[-1] in HEAD_MODULE_NAMES:
+                continue
+            chosen[f"{module_name}.weight"] = (module, "weight")
+    else:
+        raise SlimtuneError(f"sparsity.target: '{target}' is not a target; valid: delta, base")
+    if include:
+        narrowed = {n: v for n, v in chosen.items() if any(pattern_matches(p, n) for p in include)}
+        for pattern in include:
+            if not any(pattern_matches(pattern, n) for n in narrowed):
+                frozen = [n for n, _ in model.named_parameters() if pattern_matches(pattern, clean_name(n))]
+                if frozen and target == "delta":
+                    raise SlimtuneError(f"sparsity.include: '{pattern}' names '{clean_name(frozen[0])}', which no method of this recipe trains (it is frozen); prune it with target: base")
+                raise SlimtuneError(f"sparsity.include: pattern '{pattern}' matches no {target} tensor; e.g. {', '.join(list(chosen)[:3])}")
+        chosen = narrowed
+    if not chosen:
+        raise SlimtuneError(f"sparsity.target: no {target} weight tensors to prune")
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------
+# Pruning.
+# --------------------------------------------------------------------------------------------
+
+
+def prune(
+    model: nn.Module,
+    targets: Targets,
+    *,
+    criterion: str,
+    density: float,
+    scope: str = "global",
+    batches: list[dict[str, torch.Tensor]] | None = None,
+    loss_fn=None,
+    seed: int = 0,
+    scores: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Score ``targets`` and mask them to ``density`` (kept fraction) — entries already masked
+    stay masked. Returns the masks (True = kept)."""
+    density = check_density(density)
+    if scores is None:
+        scores = criteria.score(criterion, model, targets, batches=batches, loss_fn=loss_fn, seed=seed)
+    scores = {n: s.detach().float().clone() for n, s in scores.items()}
+    for name, (module, tensor_name) in targets.items():
+        mask = get_mask(module, tensor_name)
+        if mask is not None:
+            scores[name][~mask.kept] = float("-inf")
+    kept = kept_from_scores(scores, density, scope)
+    for name, (module, tensor_name) in targets.items():
+        apply_mask(module, tensor_name, kept[name])
+    return kept
+
+
+# --------------------------------------------------------------------------------------------
+# The recipe section and its hook.
+# --------------------------------------------------------------------------------------------
+
+
+@register_section("sparsity")
+class SparsitySection(Section):
+    target: Literal["delta", "base"] = Field("delta", description="what to prune: 'delta' (the weights the methods train: adapters, LoRA factors, ...) or 'base' (the backbone's linear weights)")
+    include: list[str] | None = Field(None, description="optional tensor-name patterns (suffix or 're:') narrowing the target")
+    criterion: str = Field("magnitude", description=f"score: {', '.join(criteria.CRITERIA)} (snip, grasp, movement need data)")
+    scope: Literal["global", "local"] = Field("global", description="rank all target tensors together (global) or each tensor on its own (local)")
+    density: float | None = Field(None, description="fraction of entries KEPT at the end, in (0, 1]")
+    sparsity: float | None = Field(None, description="alias: 1 - density (fraction removed)")
+    schedule: Literal["one_shot", "gradual", "iterative"] = Field("one_shot", description="one_shot (once, at 'at'), gradual (Zhu & Gupta cubic), iterative (prune -> retrain rounds)")
+    at: Literal["init"] | int = Field("init", description="one_shot: 'init' (before the first step) or a step number")
+    initial_sparsity: float = Field(0.0, ge=0, lt=1, description="gradual: sparsity s_i at start_step")
+    start_step: int = Field(0, ge=0, description="gradual: first pruning step t0")
+    end_step: int | None = Field(None, ge=1, description="gradual: last pruning step (default: 3/4 of training)")
+    frequency: int = Field(10, ge=1, description="gradual: steps between pruning steps")
+    rounds: int = Field(3, ge=1, description="iterative: prune -> retrain rounds")
+    batches: int = Field(4, ge=1, description="batches of the training split scored by data criteria (snip, grasp, movement)")
+    seed: int = Field(0, ge=0, description="seed of the random criterion and of the scoring batches")
+
+    @model_validator(mode="after")
+    def _density(self) -> SparsitySection:
+        if self.density is None and self.sparsity is None:
+            raise ValueError("give sparsity.density (fraction kept, in (0, 1]) or sparsity.sparsity (= 1 - density)")
+        if self.sparsity is not None:
+            if not 0 <= self.sparsity < 1:
+                raise ValueError(f"sparsity.sparsity: {self.sparsity} is not in [0, 1) (it is 1 - density)")
+            implied = 1 - self.sparsity
+            if self.density is not None and abs(self.density - implied) > 1e-9:
+                raise ValueError(f"density {self.density} and sparsity {self.sparsity} disagree (density = 1 - sparsity)")
+            object.__setattr__(self, "density", implied)
+        if not 0 < self.density <= 1:
+            raise ValueError(f"density {self.density} is not in (0, 1]; density is the fraction KEPT")
+        if self.criterion not in criteria.CRITERIA:
+            raise ValueError(f"unknown criterion '{self.criterion}'; valid: {', '.join(criteria.CRITERIA)}")
+        if self.initial_sparsity > 1 - self.density:
+            raise ValueError(f"initial_sparsity {self.initial_sparsity} exceeds the final sparsity {1 - self.density:.4g}")
+        return self
+
+    def build_hook(self, *, recipe, model, delta, task) -> SparsityHook:
+        if self.criterion in criteria.DATA_CRITERIA:
+            train = getattr(task, "splits", {}).get("train") if task is not None else None
+            if train is None or len(train) == 0:
+                raise SlimtuneError(f"sparsity.criterion: '{self.criterion}' needs training data, and the task has none; use random, magnitude or synflow")
+        targets = select_targets(model, delta, self.target, self.include)
+        return SparsityHook(self, model, delta, targets)
+
+
+class SparsityHook(Hook):
+    name = "sparsity"
+
+    def __init__(self, config: SparsitySection, model: nn.Module, delta: Any, targets: Targets):
+        self.config = config
+        self.model = model
+        self.delta = delta
+        self.targets = targets
+        self.history: list[dict[str, Any]] = []
+        self.pin = None
+        self.movement: dict[str, torch.Tensor] = {}
+        self.total_steps = 0
+
+    # -- when ---------------------------------------------------------------------------------
+    def density_at(self, step: int) -> float | None:
+        """The density to prune to after ``step`` (0 = before training), or None."""
+        c = self.config
+        if c.schedule == "one_shot":
+            at = 0 if c.at == "init" else int(c.at)
+            return c.density if step == at else None
+        if c.schedule == "gradual":
+            end = c.end_step or max(c.start_step + 1, int(0.75 * self.total_steps))
+            if step < c.start_step or step > end:
+                return None
+            if (step - c.start_step) % c.frequency and step != end:
+                return None
+            return 1 - cubic_sparsity(step, c.initial_sparsity, 1 - c.density, c.start_step, end, c.frequency)
+        steps = [round(k * self.total_steps / c.rounds) for k in range(c.rounds)]
+        densities = iterative_densities(c.density, c.rounds)
+        return densities[steps.index(step)] if step in steps else None
+
+    # -- events -------------------------------------------------------------------------------
+    def on_train_begin(self, trainer) -> None:
+        self.trainer = trainer
+        self.total_steps = trainer.total_steps
+        if self.pin is None:
+            self.pin = pin_to_optimizer(self.model, trainer.optimizer)
+        if not self.history:  # a resumed run has its masks back already
+            self._maybe_prune(0)
+
+    def on_before_optimizer_step(self, trainer) -> None:
+        if self.config.criterion != "movement":
+            return
+        for name, (module, tensor_name) in self.targets.items():
+            from slimtune.sparsity.masks import dense_tensor
+
+            dense = dense_tensor(module, tensor_name)
+            if dense.grad is not None:
+                contribution = -(dense.grad.detach() * getattr(module, tensor_name).detach())
+                self.movement[name] = self.movement.get(name, 0) + contribution
+
+    def on_step_end(self, trainer) -> None:
+        self._maybe_prune(trainer.step)
+
+    def _maybe_prune(self, step: int) -> None:
+        density = self.density_at(step)
+        if density is None:
+            return
+        c = self.config
+        scores = None
+        if c.criterion == "movement" and self.movement and set(self.movement) == set(self.targets):
+            scores = self.movement
+        batches = self._batches() if c.criterion in criteria.DATA_CRITERIA and scores is None else None
+        was_training = self.model.training
+        self.model.eval()  # scoring without dropout
+        try:
+            prune(self.model, self.targets, criterion=c.criterion, density=density, scope=c.scope, batches=batches, seed=c.seed + step, scores=scores)
+        finally:
+            self.model.train(was_training)
+        self.movement = {}
+        self.history.append({"step": step, "density": density, "measured": self.measured_density()})
+
+    def _batches(self) -> list[dict[str, torch.Tensor]]:
+        trainer = self.trainer
+        n_rows = len(trainer.rows["train"])
+        if n_rows == 0:
+            raise SlimtuneError(f"sparsity.criterion: '{self.config.criterion}' needs training data, and the task has none")
+        gen = torch.Generator().manual_seed(self.config.seed)
+        order = torch.randperm(n_rows, generator=gen).tolist()
+        size = trainer.cfg.batch_size
+        out = []
+        for b in range(self.config.batches):
+            indices = order[b * size: (b + 1) * size]
+            if not indices:
+                break
+            out.append(trainer.batch("train", indices))
+        return out
+
+    # -- what it did --------------------------------------------------------------------------
+    def measured_density(self) -> float:
+        kept = total = 0
+        for module, tensor_name in self.targets.values():
+            mask = get_mask(module, tensor_name)
+            n = getattr(module, tensor_name).numel()
+            kept += int(mask.kept.sum()) if mask is not None else n
+            total += n
+        return kept / total if total else 1.0
+
+    def report(self) -> dict[str, Any]:
+        return sparsity_report(self.model, self.delta, config=self.config.model_dump(), history=self.history)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def tensor_state(self) -> dict[str, torch.Tensor]:
+        return {name: mask.kept for name, _, _, mask in masked_tensors(self.model) if name in self.targets}
+
+    def load_state_dict(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        from slimtune.sparsity.storage import restore_masks
+
+        self.history = list(state.get("history", []))
+        restore_masks(self.model, {k: v.to(torch.bool) for k, v in tensors.items()})
+
+
+def _nonzero(t: torch.Tensor) -> int:
+    return int((t.detach() != 0).sum())
+
+
+def sparsity_report(model: nn.Module, delta: Any, config: dict[str, Any] | None = None, history: list | None = None) -> dict[str, Any]:
+    """report.json's ``sparsity`` section: density of the delta (non-zero trainable entries /
+    all), of the backbone's linear weights, and per masked tensor."""
+    out: dict[str, Any] = {}
+    if config is not None:
+        out["config"] = config
+    if delta is not None:
+        head = set(delta.head_names)
+        params = {clean_name(n): p for n, p in delta.trainable_parameters(model).items() if clean_name(n) not in head}
+        nnz = total = 0
+        for name in params:
+            module, tensor_name = _resolve(model, name)
+            value = getattr(module, tensor_name)
+            nnz += _nonzero(value)
+            total += value.numel()
+        out["delta_density"] = nnz / total if total else 1.0
+        out["delta_nonzero"] = nnz
+        out["delta_total"] = total
+    w_nnz = w_total = 0
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module_name.split(".")[-1] not in HEAD_MODULE_NAMES and not module_name.startswith(HEAD_MODULE_NAMES):
+            w = module.weight
+            w_nnz += _nonzero(w)
+            w_total += w.numel()
+    out["weight_density"] = w_nnz / w_total if w_total else 1.0
+    per_layer: dict[str, float] = {}
+    for name, _, _, mask in masked_tensors(model):
+        per_layer[name] = float(mask.kept.float().mean())
+    out["per_layer"] = per_layer
+    if history is not None:
+        out["history"] = history
+    return out
