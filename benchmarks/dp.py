@@ -33,7 +33,7 @@ from benchmarks.common import RESULTS, interleaved_medians, print_rows, write_re
 
 BATCH, SEQ, SIGMA, CLIP = 32, 64, 1.0, 1.0
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("speed", "accuracy", "lm")
+PARTS = ("speed", "speed-full", "accuracy", "lm")
 
 #: The accuracy comparison: label -> (recipe, overrides). The non-private baseline trains the same
 #: LoRA on the same full training split for the same 2 epochs, with the usual non-private
@@ -49,10 +49,9 @@ LM_RUN = ("lm-dp-eps8", "recipes/dp-lora-lm.yaml", [])
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only the speed part, 3 repeats, DP-LoRA only")
-    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated parts to run: speed, accuracy, lm (default: all)")
+    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated parts to run: speed (DP-LoRA), speed-full (DP full fine-tuning), accuracy, lm (default: all)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--skip-full", action="store_true", help="speed: only the DP-LoRA comparison")
     parser.add_argument("--opacus-ghost", action="store_true", help="speed: also time Opacus' ghost-clipping mode on DP-LoRA")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-dp", help="directory of the accuracy/LM run directories")
     args = parser.parse_args(argv)
@@ -61,14 +60,16 @@ def main(argv=None) -> dict:
     if unknown:
         parser.error(f"--parts {unknown[0]}: unknown part; known: {', '.join(PARTS)}")
     if args.quick:
-        args.repeats, args.skip_full = 3, True
+        args.repeats = 3
 
     previous_path = RESULTS / "dp.json"
     result = json.loads(previous_path.read_text()) if previous_path.is_file() else {}
     for key in ("benchmark", "date", "machine"):
         result.pop(key, None)
     if "speed" in parts:
-        result["speed"] = speed(args)
+        result["speed"] = speed(args, full_fine_tuning=False)
+    if "speed-full" in parts:
+        result["speed_full"] = speed(args, full_fine_tuning=True)
     if "accuracy" in parts:
         result["accuracy"] = accuracy(args.runs, args.threads)
     if "lm" in parts:
@@ -79,7 +80,9 @@ def main(argv=None) -> dict:
 
 
 # -- speed ------------------------------------------------------------------------------------------
-def speed(args) -> dict:
+def speed(args, full_fine_tuning: bool) -> dict:
+    """DP-LoRA (ours, non-private, Opacus) or DP full fine-tuning (ours, non-private, Opacus),
+    the three contenders interleaved in one run."""
     import torch
 
     from slimtune.zoo.models import load_model, load_tokenizer
@@ -100,12 +103,13 @@ def speed(args) -> dict:
     base.train()
 
     contenders = {}
-    contenders["lora non-private"] = plain_step(ours_lora(base), batch, labels)
-    contenders["lora DP ours"] = ours_dp_step(ours_lora(base), batch, labels)
-    contenders["lora DP opacus"] = opacus_step(peft_lora(base), batch, labels, "hooks")
-    if args.opacus_ghost:
-        contenders["lora DP opacus ghost"] = opacus_step(peft_lora(base), batch, labels, "ghost")
-    if not args.skip_full:
+    if not full_fine_tuning:
+        contenders["lora non-private"] = plain_step(ours_lora(base), batch, labels)
+        contenders["lora DP ours"] = ours_dp_step(ours_lora(base), batch, labels)
+        contenders["lora DP opacus"] = opacus_step(peft_lora(base), batch, labels, "hooks")
+        if args.opacus_ghost:
+            contenders["lora DP opacus ghost"] = opacus_step(peft_lora(base), batch, labels, "ghost")
+    else:
         contenders["full non-private"] = plain_step(full(base), batch, labels)
         contenders["full DP ours"] = ours_dp_step(full(base), batch, labels)
         contenders["full DP opacus"] = opacus_step(full(base), batch, labels, "hooks")
@@ -116,17 +120,37 @@ def speed(args) -> dict:
                      "lora": {"r": 8, "alpha": 16, "targets": ["query", "value"]}, "threads": args.threads, "repeats": args.repeats,
                      "load_average": _load_average()},
         "step_seconds": times,
-        "lora_dp_vs_non_private": times["lora DP ours"] / times["lora non-private"],
-        "lora_dp_vs_opacus": times["lora DP ours"] / times["lora DP opacus"],
-        "opacus_lora_vs_non_private": times["lora DP opacus"] / times["lora non-private"],
     }
-    if args.opacus_ghost:
-        out["opacus_ghost_lora_vs_non_private"] = times["lora DP opacus ghost"] / times["lora non-private"]
-    if not args.skip_full:
+    if not full_fine_tuning:
+        out["lora_dp_vs_non_private"] = times["lora DP ours"] / times["lora non-private"]
+        out["lora_dp_vs_opacus"] = times["lora DP ours"] / times["lora DP opacus"]
+        out["opacus_lora_vs_non_private"] = times["lora DP opacus"] / times["lora non-private"]
+        if args.opacus_ghost:
+            out["opacus_ghost_lora_vs_non_private"] = times["lora DP opacus ghost"] / times["lora non-private"]
+    else:
         out["full_dp_vs_opacus"] = times["full DP ours"] / times["full DP opacus"]
         out["full_dp_vs_non_private"] = times["full DP ours"] / times["full non-private"]
         out["opacus_full_vs_non_private"] = times["full DP opacus"] / times["full non-private"]
+        out["per_sample_rules"] = clipper_rules(base)
     return out
+
+
+def clipper_rules(base) -> dict:
+    """How our engine takes per-sample gradients in full fine-tuning at this sequence length:
+    rules per parameter, and the linear layers that use ghost norms vs instantiated gradients."""
+    from slimtune.privacy.per_sample import LinearRule, PerSampleClipper
+
+    model = full(base)
+    clipper = PerSampleClipper(model, {n: p for n, p in model.named_parameters() if p.requires_grad}, check=False)
+    kinds: dict[str, int] = {}
+    for kind in clipper.describe().values():
+        kinds[kind] = kinds.get(kind, 0) + 1
+    linears = [rule for rule in clipper.rules if isinstance(rule, LinearRule) and rule.module.weight.requires_grad]
+    ghost = sorted({f"{r.module.in_features}->{r.module.out_features}" for r in linears if r.use_ghost(SEQ)})
+    dense = sorted({f"{r.module.in_features}->{r.module.out_features}" for r in linears if not r.use_ghost(SEQ)})
+    clipper.remove()
+    return {"parameters_by_rule": kinds, "ghost_norm_linear_shapes": ghost, "instantiated_linear_shapes": dense,
+            "ghost_norm_linears": sum(r.use_ghost(SEQ) for r in linears), "instantiated_linears": sum(not r.use_ghost(SEQ) for r in linears)}
 
 
 def _load_average() -> float | None:
@@ -236,7 +260,8 @@ def causal_lm(runs: Path, threads: int) -> dict:
 # -- output -----------------------------------------------------------------------------------------
 def summary_rows(result: dict) -> list[tuple[str, object]]:
     rows: list[tuple[str, object]] = []
-    s = result.get("speed") or {}
+    s = {**(result.get("speed") or {}), **(result.get("speed_full") or {})}
+    s["step_seconds"] = {**(result.get("speed") or {}).get("step_seconds", {}), **(result.get("speed_full") or {}).get("step_seconds", {})}
     for key, label in (("lora_dp_vs_non_private", "DP-LoRA ours / non-private LoRA (goal <= 1.05)"), ("lora_dp_vs_opacus", "DP-LoRA ours / Opacus hooks (goal <= 0.95)"),
                        ("opacus_lora_vs_non_private", "DP-LoRA Opacus hooks / non-private"), ("opacus_ghost_lora_vs_non_private", "DP-LoRA Opacus ghost / non-private"),
                        ("full_dp_vs_opacus", "DP full FT ours / Opacus hooks (goal <= 0.6)"), ("full_dp_vs_non_private", "DP full FT ours / non-private full FT"),
@@ -264,28 +289,37 @@ def _fmt(value, digits: int = 3) -> str:
 def render_markdown(result: dict) -> str:
     """The README part: step-time ratios, accuracy at ε=3/8 vs non-private, the causal LM, settings."""
     parts: list[str] = []
-    s = result.get("speed")
-    if s:
-        st = s.get("settings", {})
+    speed_parts = [part for part in (result.get("speed"), result.get("speed_full")) if part]
+    if speed_parts:
         rows = []
-        for key, label, goal in (
-            ("lora_dp_vs_non_private", "DP-LoRA step, ours / non-private LoRA step", "<= 1.05"),
-            ("lora_dp_vs_opacus", "DP-LoRA step, ours / Opacus (peft LoRA + make_private, hooks)", "<= 0.95"),
-            ("opacus_lora_vs_non_private", "DP-LoRA step, Opacus hooks / non-private", ""),
-            ("opacus_ghost_lora_vs_non_private", "DP-LoRA step, Opacus ghost / non-private", ""),
-            ("full_dp_vs_opacus", "DP full fine-tuning step, ours / Opacus hooks", "<= 0.6"),
-            ("full_dp_vs_non_private", "DP full fine-tuning step, ours / non-private", ""),
-            ("opacus_full_vs_non_private", "DP full fine-tuning step, Opacus hooks / non-private", ""),
-        ):
-            if key in s:
-                rows.append(f"| {label} | {s[key]:.2f}x | {goal} |")
-        seconds = ", ".join(f"{k} {v:.2f} s" for k, v in (s.get("step_seconds") or {}).items())
+        for part in speed_parts:
+            for key, label, goal in (
+                ("lora_dp_vs_non_private", "DP-LoRA step, ours / non-private LoRA step", "<= 1.05"),
+                ("lora_dp_vs_opacus", "DP-LoRA step, ours / Opacus (peft LoRA + make_private, hooks)", "<= 0.95"),
+                ("opacus_lora_vs_non_private", "DP-LoRA step, Opacus hooks / non-private", ""),
+                ("opacus_ghost_lora_vs_non_private", "DP-LoRA step, Opacus ghost / non-private", ""),
+                ("full_dp_vs_opacus", "DP full fine-tuning step, ours / Opacus hooks", "<= 0.6"),
+                ("full_dp_vs_non_private", "DP full fine-tuning step, ours / non-private", ""),
+                ("opacus_full_vs_non_private", "DP full fine-tuning step, Opacus hooks / non-private", ""),
+            ):
+                if key in part:
+                    st = part.get("settings", {})
+                    load = f", load {st['load_average']}" if st.get("load_average") is not None else ""
+                    rows.append(f"| {label} | {part[key]:.2f}x | {goal} | {part.get('date', '?')}, {st.get('threads')} threads, {st.get('repeats')} repeats{load} |")
+        st = speed_parts[0].get("settings", {})
+        seconds = "; ".join(f"{k} {v:.2f} s" for part in speed_parts for k, v in (part.get("step_seconds") or {}).items())
+        full_rules = (result.get("speed_full") or {}).get("per_sample_rules")
+        rules = ""
+        if full_rules:
+            rules = (f" In full fine-tuning our engine picks per layer: ghost norms for {full_rules['ghost_norm_linears']} linear layers "
+                     f"({', '.join(full_rules['ghost_norm_linear_shapes'])}), instantiated per-sample gradients for {full_rules['instantiated_linears']} "
+                     f"({', '.join(full_rules['instantiated_linear_shapes'])}); embeddings by ghost norm over equal token ids, LayerNorms by their closed form.")
         parts.append(
             f"Step time on {st.get('model')}, one physical batch of {st.get('physical_batch')} x {st.get('seq_len')} tokens (forward, backward, "
             f"per-sample clipping, noise σ={st.get('noise_multiplier')}, AdamW), LoRA r={st.get('lora', {}).get('r')} on query/value + classifier; "
-            f"medians of {st.get('repeats')} interleaved repeats, {st.get('threads')} threads, measured {s.get('date', '?')}"
-            + (f" (1-min load average {st['load_average']} on the shared machine)" if st.get("load_average") is not None else "") + ".\n\n"
-            "| measure | ratio | goal |\n|---|---|---|\n" + "\n".join(rows) + (f"\n\nMedian step seconds: {seconds}." if seconds else "")
+            "each comparison is one run with the contenders interleaved (A/B/C/A/B/C...), medians of the repeats, on the shared 2-core machine "
+            "(the 1-minute load average at the start is given)." + rules + "\n\n"
+            "| measure | ratio | goal | measured |\n|---|---|---|---|\n" + "\n".join(rows) + (f"\n\nMedian step seconds: {seconds}." if seconds else "")
         )
     a = result.get("accuracy")
     if a:
