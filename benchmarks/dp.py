@@ -54,6 +54,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--opacus-ghost", action="store_true", help="speed: also time Opacus' ghost-clipping mode on DP-LoRA")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-dp", help="directory of the accuracy/LM run directories")
+    parser.add_argument("--partial", action="append", default=[], metavar="LABEL",
+                        help="accuracy: take this run (e.g. non-private) from its latest checkpoint if it did not finish, marked partial")
     args = parser.parse_args(argv)
     parts = ["speed"] if args.quick else [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
@@ -71,7 +73,7 @@ def main(argv=None) -> dict:
     if "speed-full" in parts:
         result["speed_full"] = speed(args, full_fine_tuning=True)
     if "accuracy" in parts:
-        result["accuracy"] = accuracy(args.runs, args.threads)
+        result["accuracy"] = accuracy(args.runs, args.threads, tuple(args.partial))
     if "lm" in parts:
         result["lm"] = causal_lm(args.runs, args.threads)
     print_rows("DP-SGD (minilm-l6, movie-sentiment)", summary_rows(result))
@@ -191,6 +193,35 @@ def run_or_reuse(runs: Path, label: str, recipe_path: str, overrides: list[str],
     return train_run(recipe, out, progress=False)
 
 
+def checkpoint_report(runs: Path, label: str, recipe_path: str, overrides: list[str], threads: int) -> dict | None:
+    """For a run stopped before its end (the shared machine was too slow to finish it in time):
+    the test metrics of its latest epoch-end checkpoint, in the shape of a report, marked partial."""
+    import torch
+
+    from slimtune.recipe import load_recipe
+    from slimtune.runner import build
+    from slimtune.train import checkpoint as ckpt
+    from slimtune.train.trainer import Trainer
+
+    out = runs / label
+    found = ckpt.latest_good_checkpoint(out) if (out / "checkpoints").is_dir() else None
+    if found is None:
+        return None
+    path, state, tensors = found
+    torch.set_num_threads(threads)
+    recipe = load_recipe(ROOT / recipe_path, overrides)
+    built = build(recipe)
+    trainer = Trainer(model=built.model, tokenizer=built.tokenizer, task=built.task, delta=built.delta, recipe=recipe,
+                      objective=built.objective, run_dir=None, hooks=[], progress=False)
+    with torch.no_grad():
+        for name, param in trainer.trainable.items():
+            param.copy_(tensors[f"param.{name}"])
+    print(f"{label}: not finished; evaluating its checkpoint {path}", flush=True)
+    return {"metrics": trainer.evaluate("test"), "task": {"n_train": len(built.task.splits["train"]), "n_test": len(built.task.splits["test"])},
+            "train": {"steps": int(state["step"]), "seconds": None, "stop_reason": f"partial: stopped for time; checkpoint after {state['position']['epoch']} of "
+                      f"{recipe.train.epochs:g} epochs (step {state['step']} of {trainer.total_steps})"}}
+
+
 def _run_entry(report: dict, recipe_path: str, overrides: list[str]) -> dict:
     train = report.get("train", {})
     entry = {
@@ -221,10 +252,16 @@ def _settings(recipe_path: str, overrides: list[str]) -> dict:
     return out
 
 
-def accuracy(runs: Path, threads: int) -> dict:
+def accuracy(runs: Path, threads: int, partial: tuple[str, ...] = ()) -> dict:
+    """Train (or reuse) the runs of ACCURACY_RUNS; those named in ``partial`` are taken from their
+    latest checkpoint if they did not finish."""
     out = {"date": time.strftime("%Y-%m-%d %H:%M"), "runs": {}, "settings": {}}
     for label, (recipe_path, overrides) in ACCURACY_RUNS.items():
-        report = run_or_reuse(runs, label, recipe_path, overrides, threads)
+        report = None
+        if label in partial and not (runs / label / "report.json").is_file():
+            report = checkpoint_report(runs, label, recipe_path, overrides, threads)
+        if report is None:
+            report = run_or_reuse(runs, label, recipe_path, overrides, threads)
         out["runs"][label] = _run_entry(report, recipe_path, overrides)
         out["settings"][label] = _settings(recipe_path, overrides)
     acc = {label: run["metrics"]["accuracy"] for label, run in out["runs"].items()}
@@ -328,9 +365,12 @@ def render_markdown(result: dict) -> str:
         for label, run in a["runs"].items():
             p = run.get("privacy") or {}
             m = run["metrics"]
+            name = names.get(label, label)
+            if str(run.get("stop_reason") or "").startswith("partial"):
+                name += f" ({run['stop_reason']})"
             rows.append(
-                f"| {names.get(label, label)} | {_fmt(m.get('accuracy'))} | {_fmt(m.get('macro_f1'))} | {_fmt(p.get('epsilon'), 2) if p else '∞'} | "
-                f"{_fmt(p.get('noise_multiplier'), 2) if p else '0'} | {run.get('steps')} | {_fmt((run.get('train_seconds') or 0) / 60, 1)} |"
+                f"| {name} | {_fmt(m.get('accuracy'))} | {_fmt(m.get('macro_f1'))} | {_fmt(p.get('epsilon'), 2) if p else '∞'} | "
+                f"{_fmt(p.get('noise_multiplier'), 2) if p else '0'} | {run.get('steps')} | {_fmt(run['train_seconds'] / 60, 1) if run.get('train_seconds') else '-'} |"
             )
         dp = a["settings"].get("dp-eps8", {})
         npv = a["settings"].get("non-private", {})
