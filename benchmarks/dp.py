@@ -208,8 +208,15 @@ def checkpoint_report(runs: Path, label: str, recipe_path: str, overrides: list[
     if found is None:
         return None
     path, state, tensors = found
+    cached = out / f"partial-report-{path.name}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
     torch.set_num_threads(threads)
     recipe = load_recipe(ROOT / recipe_path, overrides)
+    if _training_view(load_recipe(out / "recipe.yaml")) != _training_view(recipe):
+        from slimtune.errors import SlimtuneError
+
+        raise SlimtuneError(f"{out}: its recipe.yaml trains otherwise than {recipe_path} {' '.join(overrides)}")
     built = build(recipe)
     trainer = Trainer(model=built.model, tokenizer=built.tokenizer, task=built.task, delta=built.delta, recipe=recipe,
                       objective=built.objective, run_dir=None, hooks=[], progress=False)
@@ -217,9 +224,21 @@ def checkpoint_report(runs: Path, label: str, recipe_path: str, overrides: list[
         for name, param in trainer.trainable.items():
             param.copy_(tensors[f"param.{name}"])
     print(f"{label}: not finished; evaluating its checkpoint {path}", flush=True)
-    return {"metrics": trainer.evaluate("test"), "task": {"n_train": len(built.task.splits["train"]), "n_test": len(built.task.splits["test"])},
+    report = {"metrics": trainer.evaluate("test"), "task": {"n_train": len(built.task.splits["train"]), "n_test": len(built.task.splits["test"])},
             "train": {"steps": int(state["step"]), "seconds": None, "stop_reason": f"partial: stopped for time; checkpoint after {state['position']['epoch']} of "
                       f"{recipe.train.epochs:g} epochs (step {state['step']} of {trainer.total_steps})"}}
+    privacy_state = (state.get("hooks") or {}).get("privacy")
+    if privacy_state:
+        from slimtune.privacy import accounting
+
+        cfg = recipe.features["privacy"]
+        history = privacy_state["history"]
+        report["privacy"] = {"epsilon": accounting.epsilon_of(cfg.accountant, history, cfg.delta), "epsilon_budget": cfg.epsilon, "delta": cfg.delta,
+                             "accountant": cfg.accountant, "noise_multiplier": privacy_state["noise_multiplier"], "max_grad_norm": cfg.max_grad_norm,
+                             "sample_rate": history[-1][1] if history else None, "expected_batch_size": recipe.train.batch_size,
+                             "physical_batch_size": cfg.physical_batch_size, "steps": int(sum(h[2] for h in history))}
+    cached.write_text(json.dumps(report, indent=2))
+    return report
 
 
 def _run_entry(report: dict, recipe_path: str, overrides: list[str]) -> dict:

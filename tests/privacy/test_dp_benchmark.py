@@ -62,3 +62,23 @@ def test_a_finished_run_with_another_recipe_is_not_reused(tmp_path):
     # The measure section does not decide the trained model: such a run is reused.
     (run / "recipe.yaml").write_text(load_recipe(dp.ROOT / "recipes/dp-lora.yaml", ["measure.latency=true"]).to_yaml())
     assert dp.run_or_reuse(tmp_path, "dp-eps8", "recipes/dp-lora.yaml", [], threads=1) == {}
+
+
+def test_an_unfinished_dp_run_is_taken_from_its_checkpoint_with_its_epsilon(tiny_recipe, tmp_path):
+    import yaml
+
+    from slimtune.recipe import validate_recipe
+    from slimtune.runner import train_run
+
+    tiny_recipe["train"].update(max_steps=None, epochs=1, batch_size=16, eval_each_epoch=False)
+    tiny_recipe["measure"].update(memory=False, flops=False)
+    tiny_recipe["privacy"] = {"epsilon": 8.0, "accountant": "rdp", "physical_batch_size": 8}
+    recipe_file = tmp_path / "dp.yaml"
+    recipe_file.write_text(yaml.safe_dump(tiny_recipe))
+    report = train_run(validate_recipe(tiny_recipe), tmp_path / "runs/dp-eps8", progress=False)
+    (tmp_path / "runs/dp-eps8/report.json").unlink()  # as if it had been stopped after its epoch-end checkpoint
+    partial = dp.checkpoint_report(tmp_path / "runs", "dp-eps8", str(recipe_file), [], threads=1)
+    assert partial["metrics"] == pytest.approx(report["metrics"])
+    assert partial["privacy"]["epsilon"] == pytest.approx(report["privacy"]["epsilon"]) and partial["privacy"]["steps"] == report["privacy"]["steps"]
+    assert partial["train"]["stop_reason"].startswith("partial")
+    assert dp.checkpoint_report(tmp_path / "runs", "dp-eps8", str(recipe_file), [], threads=1) == partial  # cached
