@@ -399,11 +399,11 @@ def render_markdown(result: dict) -> str:
             f"Test accuracy on movie-sentiment ({a['runs']['dp-eps8'].get('n_test')} test sentences; all runs train on the full split of "
             f"{a['runs']['dp-eps8'].get('n_train')} sentences), minilm-l6, LoRA r=8 on query/value + a mean-pooling classifier (trained privately too); measured {a.get('date', '?')}. "
             f"Gap to non-private: {a['gap_eps8_points']:.1f} points at ε=8 (goal <= 4), {a['gap_eps3_points']:.1f} points at ε=3.\n\n"
-            "| run | accuracy | macro F1 | ε spent (δ=1e-5) | noise σ | steps | train minutes |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
-            f"DP settings (`recipes/dp-lora.yaml`): {t.get('epochs')} epochs, logical batch {t.get('batch_size')} (Poisson sampling, physical batches of "
+            "| run | accuracy | macro F1 | ε spent (δ=1e-5) | noise σ | steps | train minutes (wall, shared machine) |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
+            f"DP settings (`recipes/dp-lora.yaml`): {t.get('epochs'):g} epochs, logical batch {t.get('batch_size')} (Poisson sampling, physical batches of "
             f"{pr.get('physical_batch_size')}), lr {t.get('lr')} (LoRA and head; linear decay, no warm-up), max_length {t.get('max_length')}, "
             f"clip {pr.get('max_grad_norm')}, {str(pr.get('accountant', '')).upper()} accountant, noise calibrated to the target ε for the planned steps. "
-            f"Non-private: {tn.get('epochs')} epochs, batch {tn.get('batch_size')}, lr {tn.get('lr')}, warm-up {tn.get('warmup_ratio')}, max_length {tn.get('max_length')}."
+            f"Non-private: {tn.get('epochs'):g} epochs, batch {tn.get('batch_size')}, lr {tn.get('lr')}, warm-up {tn.get('warmup_ratio')}, max_length {tn.get('max_length')}."
         )
     lm = result.get("lm")
     if lm:
