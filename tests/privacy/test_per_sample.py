@@ -128,6 +128,16 @@ def test_llama_lm_full_fine_tuning_uses_the_generic_rules():
     assert set(clipper.describe().values()) >= {"linear", "embedding", "module-vmap"}
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_llama_lm_lora_q_v_uses_the_lora_rule(batch):
+    # The causal-LM DP-LoRA path (smollm2-135m): LoRA on q_proj/v_proj, per-row mean token loss.
+    model = tiny_llama(lm=True).eval()
+    delta = attach(model, ("lora", {"r": 2}), objective="lm")
+    randomize(model)
+    clipper = check(model, delta, make_batch(batch, 7, objective="lm"), objective="lm", expect_rules={"q_proj.lora_A": "lora", "v_proj.lora_B": "lora"})
+    assert set(clipper.describe().values()) == {"lora"}
+
+
 class HiddenScale(nn.Module):
     """A toy method's parameter: a learned per-channel scale applied to a layer's output."""
 

@@ -127,6 +127,12 @@ class PrivacyHook(Hook):
             epoch_order = trainer.plan.global_batch(trainer.epoch, trainer.batch_in_epoch)
             plan_indices = epoch_order[trainer.rank :: trainer.world_size]
         indices = self._indices(trainer, plan_indices)
+        # The clipped sum does not depend on how the logical batch is cut into physical ones, so
+        # cut it by length: each physical batch is padded to its own longest row (dynamic
+        # padding), and similar lengths together waste far fewer padding tokens (about 2x fewer
+        # on short sentences with a few long ones).
+        train_rows = trainer.rows["train"]
+        indices = sorted(indices, key=lambda i: len(train_rows[i]["input_ids"]))
         params = trainer.trainable
         sums = {n: torch.zeros_like(p) for n, p in params.items()}
         loss_total, clipped, count = 0.0, 0, len(indices)
