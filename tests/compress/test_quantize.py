@@ -90,3 +90,25 @@ def test_qat_recipe_section_trains_then_exports_int8(tiny_recipe, tmp_path):
     bad = dict(tiny_recipe, compress={"qat": {"activation": True}})
     with pytest.raises(SlimtuneError, match="compress"):
         validate_recipe(bad)
+
+
+def test_int8_of_a_layer_slimmed_to_nothing_keeps_its_empty_linear_and_round_trips():
+    """Removing every head of a layer leaves an output projection with no inputs: the per-channel
+    observer cannot quantise it, so it stays a (zero-cost) float Linear."""
+    from slimtune.sparsity.structured import remove_heads, shape_record
+
+    model = tiny_bert()
+    heads = model.config.num_attention_heads
+    remove_heads(model, {0: list(range(heads))})
+    record = shape_record(model)
+    quantized = quantize_int8(model)
+    empty = quantized.bert.encoder.layer[0].attention.output.dense
+    assert isinstance(empty, torch.nn.Linear) and empty.weight.numel() == 0
+    fresh = tiny_bert()
+    from slimtune.sparsity.structured import apply_shape_record
+
+    apply_shape_record(fresh, record)
+    rebuilt = load_int8_state(fresh, int8_state(quantized))
+    batch = token_batch()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(**batch).logits, quantized(**batch).logits)

@@ -73,7 +73,10 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     with _quiet_deprecation():
         from torch.ao.quantization import quantize_dynamic
 
-        quantize_dynamic(model, {nn.Linear: _qconfig()}, inplace=True)
+        # By name, not by type: a layer slimmed to nothing (all heads or neurons removed) keeps an
+        # empty Linear, which the per-channel observer cannot quantise; it costs nothing as is.
+        names = {name: _qconfig() for name, module in model.named_modules() if isinstance(module, nn.Linear) and module.weight.numel()}
+        quantize_dynamic(model, names, inplace=True)
     return model
 
 
