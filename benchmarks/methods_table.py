@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1: the machine is shared; every row alike)")
     parser.add_argument("--no-peft", action="store_true", help="skip the peft twins")
     parser.add_argument("--name", default="methods_table", help="results file name under benchmarks/results/ (a second process can fill a part of the table in another file)")
-    parser.add_argument("--merge-from", action="append", default=[], metavar="NAME", help="take the rows of benchmarks/results/NAME.json into this table (then delete that file yourself)")
+    parser.add_argument("--merge-from", action="append", default=[], metavar="NAME", help="take the rows of benchmarks/results/NAME.json into this table and delete that file; without --only nothing is re-run")
     args = parser.parse_args(argv)
 
     import torch
@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if unknown:
             parser.error(f"--only {unknown[0]}: not a row; rows: {', '.join(every.values())}")
         wanted = {k: v for k, v in every.items() if v in args.only}
+    elif args.merge_from:
+        wanted = {}
 
     def save(complete: bool) -> dict[str, Any]:
         result = {
@@ -188,6 +190,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         save(complete=False)
     available = [label for label, name in METHODS.items() if (ROOT / "recipes" / f"{name}.yaml").is_file()]
     result = save(complete=args.quick or all(label in rows for label in available))
+    for name in args.merge_from:  # its rows are in this table now
+        (RESULTS / f"{name}.json").unlink(missing_ok=True)
     print_rows("methods on minilm-l6 + movie-sentiment", [(label, r["accuracy"]) for label, r in result["rows"].items()] + [(f"peft {k}", v["accuracy"]) for k, v in peft.items()])
     return result
 
@@ -210,13 +214,16 @@ def render_markdown(result: dict[str, Any]) -> str:
     intro = (f"{s['model']} on {s['task']}: {s['train_size']:,} training sentences, {s['epochs']} epochs, batch {s['batch_size']}, "
              f"max_length {s['max_length']}, 1,000 test sentences; one seed; the recipe under `recipes/` of each row is the run "
              f"(`slimtune train recipes/<name>.yaml`). Majority-class baseline: {result['majority_baseline']:.3f}. "
-             f"Step time at {s['threads']} torch thread(s) on a shared machine; FLOPs are of the merged model where the method merges.")
+             f"The peft twins train through the same trainer on the same batches with peft's own SEQ_CLS head ([CLS] + frozen pooler), "
+             f"the slimtune rows with the default mean-pooling head (for LoRA with the [CLS] head too, see the LoRA vs peft table). "
+             f"Step time at {s['threads']} torch thread per run on a shared machine whose load varied from ~2 to ~18 between rows: "
+             f"compare step times only between neighbouring rows, memory and FLOPs anywhere. FLOPs are of the merged model where the method merges.")
     notes = []
     c = result.get("checks", {})
     if "best_under_1pct" in c:
         b = c["best_under_1pct"]
         notes.append(f"Best method with <= 1% trainable parameters: {b['method']} ({b['trainable_pct']:.2f}%), {b['accuracy']:.3f}, "
-                     f"{b['gap_to_full_points']:+.1f} points from full fine-tuning (target: within 1 point) — {'met' if b['within_1_point'] else 'not met'}.")
+                     f"{b['gap_to_full_points']:.1f} points below full fine-tuning (target: within 1 point) — {'met' if b['within_1_point'] else 'not met'}.")
     for name in PEFT_TWINS:
         if f"{name}_vs_peft_points" in c:
             notes.append(f"{name}: slimtune {c[f'{name}_vs_peft_points']:+.1f} points vs peft on the same batches.")
