@@ -7,6 +7,7 @@ round trip); ``keep_original=False`` merges for export without that copy.
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from typing import ClassVar
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 from slimtune.methods.base import Method
 
 
-class LinearUpdate(nn.Module):
+class LinearUpdate(nn.Module, metaclass=ABCMeta):
     """Subclasses define ``update(x)`` (the unmerged branch, usually cheaper than forming ``ΔW``)
     and ``delta_weight()`` (``ΔW`` itself, out x in, for merging)."""
 
@@ -32,11 +33,13 @@ class LinearUpdate(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
 
+    @abstractmethod
     def update(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """What the method adds to the frozen layer's output for input ``x``."""
 
+    @abstractmethod
     def delta_weight(self) -> torch.Tensor:
-        raise NotImplementedError
+        """The same update as a weight increment (merge/unmerge use it)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
