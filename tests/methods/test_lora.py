@@ -99,3 +99,33 @@ def test_delta_state_holds_only_lora_and_head():
     state = delta.state_dict(model)
     assert all(".lora_" in k or k.startswith(("classifier", "bert.pooler")) for k in state)
     assert sum(v.numel() for v in state.values()) == sum(p.numel() for p in delta.trainable_parameters(model).values())
+
+
+def test_frozen_a_trains_only_b_but_saves_and_restores_a():
+    """FFA-LoRA (train_a: false): B alone is trainable (r * out per layer), A stays at its init
+    through a training step, and the delta still carries A so that a fresh model replays it."""
+    model = tiny_bert()
+    delta = lora_delta(model, r=4, train_a=False)
+    method = delta.methods[0]
+    trainable = delta.trainable_parameters(model)
+    assert not any(".lora_A" in n for n in trainable)
+    assert method.param_count(model) == method.expected_param_count(model) == 2 * 2 * 4 * 32
+    a_before = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_A" in n}
+    assert a_before and not any(p.requires_grad for n, p in model.named_parameters() if ".lora_A" in n)
+    optimizer = torch.optim.AdamW(trainable.values(), lr=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(**token_batch(), labels=torch.tensor([0, 1, 1])).loss.backward()
+        optimizer.step()
+    for name, p in model.named_parameters():
+        if name in a_before:
+            assert torch.equal(p, a_before[name]), name
+    state = delta.state_dict(model)
+    assert set(a_before) <= set(state)
+    fresh = tiny_bert()
+    torch.manual_seed(123)  # another A init: loading must overwrite it
+    fresh_delta = lora_delta(fresh, r=4, train_a=False)
+    assert not all(torch.equal(p, a_before[n]) for n, p in fresh.named_parameters() if n in a_before)
+    fresh_delta.load_state_dict(fresh, state)
+    batch = token_batch()
+    torch.testing.assert_close(fresh(**batch).logits, model(**batch).logits)

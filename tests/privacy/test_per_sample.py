@@ -105,6 +105,14 @@ def test_lora_and_head(ghost):
     check(model, delta, make_batch(4, 9), ghost=ghost, expect_rules={"lora_A": "lora", "lora_B": "lora", "classifier.weight": "linear"})
 
 
+def test_lora_with_a_frozen_a_takes_per_sample_gradients_of_b_only():
+    model = tiny_bert().eval()
+    delta = attach(model, ("lora", {"r": 3, "train_a": False}))
+    randomize(model)
+    clipper = check(model, delta, make_batch(4, 9), expect_rules={"lora_B": "lora", "classifier.weight": "linear"})
+    assert not any("lora_A" in n for n in clipper.describe())
+
+
 def test_bitfit_with_lora_on_the_same_layers():
     model = tiny_bert().eval()
     delta = attach(model, ("lora", {"r": 2}), ("bitfit", {}))

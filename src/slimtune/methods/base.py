@@ -242,11 +242,16 @@ class Method(ABC):
         return []
 
     # -- the delta ----------------------------------------------------------------------------
+    def stored_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """What the delta file holds: the trainable parameters, plus any frozen tensor the update
+        needs that the base model does not have (e.g. FFA-LoRA's fixed random A)."""
+        return self.trainable_parameters(model)
+
     def delta_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.trainable_parameters(model).items()}
+        return {n: p.detach() for n, p in self.stored_parameters(model).items()}
 
     def load_delta_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        params = self.trainable_parameters(model)
+        params = self.stored_parameters(model)
         missing = sorted(set(params) - set(state))
         if missing:
             raise SlimtuneError(f"{self.name}: delta lacks {len(missing)} tensors, e.g. '{missing[0]}'")

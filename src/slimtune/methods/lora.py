@@ -2,6 +2,11 @@
 
 ``A`` (r x in) starts Kaiming-uniform and ``B`` (out x r) at zero, so training starts from the
 pre-trained function. Rank ``r``, ``alpha``, dropout and targets follow the paper/peft defaults.
+
+``train_a: false`` is FFA-LoRA (Sun et al., ICLR 2024, "Improving LoRA in privacy-preserving
+federated learning"): ``A`` keeps its random init and only ``B`` trains. Under DP-SGD this halves
+the dimensions that receive noise, and ``A`` (whose gradient is zero while ``B`` is, so that it
+would only random-walk on noise early on) stays put. ``A`` is still saved with the delta.
 """
 
 from __future__ import annotations
@@ -57,6 +62,9 @@ class LoRAConfig(MethodConfig):
         description="module name patterns to wrap (suffix match, or 're:' regex); "
         "default: query/value (BERT, ViT), q/v (MPNet), q_proj/v_proj (Llama)",
     )
+    train_a: bool = Field(
+        True, description="false: FFA-LoRA (Sun et al. 2024): A stays at its random init, only B trains (half the trainable parameters; for DP-SGD)"
+    )
 
 
 @register
@@ -78,6 +86,16 @@ class LoRA(LinearUpdateMethod):
     def claims(self, model: nn.Module) -> set[str]:
         return set(self.wrapped)
 
+    def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        params = super().trainable_parameters(model)
+        if self.config.train_a:
+            return params
+        return {n: p for n, p in params.items() if ".lora_A" not in n}
+
+    def stored_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        # Every factor, also a frozen A: the update B A needs it.
+        return super().trainable_parameters(model)
+
     def expected_param_count(self, model: nn.Module) -> int:
-        """r (in + out) per wrapped linear."""
-        return sum(self.config.r * (m.base.in_features + m.base.out_features) for m in self._layers(model))
+        """r (in + out) per wrapped linear; r * out with a frozen A (FFA-LoRA)."""
+        return sum(self.config.r * ((m.base.in_features if self.config.train_a else 0) + m.base.out_features) for m in self._layers(model))
