@@ -233,7 +233,6 @@ def _registered_model_dir(spec: ModelSpec) -> Path:
     raise AssertionError(f"no resolver for registered model {spec.name!r}")
 
 
-
 # ----------------------------------------------------------------------------- listing
 
 

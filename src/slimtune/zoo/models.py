@@ -83,7 +83,6 @@ def load_config(name_or_path: str | os.PathLike[str]) -> PretrainedConfig:
         ) from error
 
 
-
 def load_tokenizer(name_or_path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
     """The model's tokenizer, with a pad token (eos for Llama) and right-side padding."""
     from transformers import AutoTokenizer
