@@ -254,18 +254,10 @@ def _warn_unexpected_loading(
         for key in loading_info.get("unexpected_keys", ())
         if not truncated_layer(key) and "pooler." not in key and not key.startswith("lm_head.")
     )
-    if surprising_missing:
-        logger.warning(
-            "%s: %d weights were missing from the checkpoint and newly initialised: %s",
-            label,
-            len(surprising_missing),
-            ", ".join(surprising_missing[:8]),
-        )
-    if surprising_unused:
-        logger.warning(
-            "%s: %d checkpoint weights were not used: %s",
-            label,
-            len(surprising_unused),
-            ", ".join(surprising_unused[:8]),
-        )
+    for what, keys in (
+        ("weights were missing from the checkpoint and newly initialised", surprising_missing),
+        ("checkpoint weights were not used", surprising_unused),
+    ):
+        if keys:
+            logger.warning("%s: %d %s: %s", label, len(keys), what, ", ".join(keys[:8]))
 
