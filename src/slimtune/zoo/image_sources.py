@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from slimtune.errors import SlimtuneError
-from slimtune.zoo.tasks import stratified_split
+from slimtune.zoo.splits import stratified_split
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")

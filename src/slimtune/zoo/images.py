@@ -44,7 +44,8 @@ from slimtune.zoo.image_sources import (
     read_mnist_5k,
     registered_pool,
 )
-from slimtune.zoo.tasks import SPLITS, TaskData, held_out_size, stratified_split, stratified_subset
+from slimtune.zoo.splits import held_out_size, stratified_split, stratified_subset
+from slimtune.zoo.tasks import SPLITS, TaskData
 
 __all__ = [
     "DIGIT_LABELS",
