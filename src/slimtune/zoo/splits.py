@@ -58,9 +58,13 @@ def _allocate(
     return allocation
 
 
-def _rows_by_class(labels: np.ndarray, random: np.random.RandomState) -> list[np.ndarray]:
-    """Row positions of each class (by sorted label id), shuffled."""
-    return [random.permutation(np.flatnonzero(labels == label)) for label in np.unique(labels)]
+def _shuffled_classes(labels: Sequence[int] | np.ndarray, seed: int) -> tuple[np.random.RandomState, list[np.ndarray], np.ndarray]:
+    """The seeded generator, the row positions of each class (by sorted label id, shuffled by
+    it) and the class sizes; the caller keeps drawing from the same generator."""
+    labels = np.asarray(labels)
+    random = np.random.RandomState(seed)
+    per_class = [random.permutation(np.flatnonzero(labels == label)) for label in np.unique(labels)]
+    return random, per_class, np.array([len(rows) for rows in per_class])
 
 
 def stratified_split(
@@ -71,10 +75,7 @@ def stratified_split(
     Every class keeps at least one row in the remainder (the training split), so no held-out
     label is unseen in training. Returns (remainder, [part, ...]), each in a seeded random order.
     """
-    labels = np.asarray(labels)
-    random = np.random.RandomState(seed)
-    per_class = _rows_by_class(labels, random)
-    counts = np.array([len(rows) for rows in per_class])
+    random, per_class, counts = _shuffled_classes(labels, seed)
     available = counts - 1
     taken = np.zeros_like(counts)
     parts: list[np.ndarray] = []
@@ -95,10 +96,7 @@ def stratified_subset(labels: Sequence[int] | np.ndarray, size: int, seed: int) 
 
     Every class keeps at least one row when ``size`` is at least the number of classes.
     """
-    labels = np.asarray(labels)
-    random = np.random.RandomState(seed)
-    per_class = _rows_by_class(labels, random)
-    counts = np.array([len(rows) for rows in per_class])
+    random, per_class, counts = _shuffled_classes(labels, seed)
     share = _allocate(counts, size, counts, minimum=1)
     chosen = np.concatenate([rows[:s] for rows, s in zip(per_class, share, strict=True)])
     return random.permutation(chosen)
