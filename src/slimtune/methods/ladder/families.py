@@ -25,7 +25,20 @@ class Family:
 
     def layers(self) -> nn.ModuleList: ...
     def final_module(self) -> nn.Module: ...
-    def side_config(self, config, r: int, n_layers: int): ...
+    def _reduce_attention_width(self, side, config, r: int) -> None: ...
+
+    def side_config(self, config, r: int, n_layers: int):
+        """A copy of the backbone config at width / r (the number of heads is kept), n_layers blocks."""
+        side = copy.deepcopy(config)
+        self._reduce_attention_width(side, config, r)
+        side.intermediate_size = _reduce(config.intermediate_size, r, "intermediate_size")
+        side.num_hidden_layers = n_layers
+        return side
+
+    @staticmethod
+    def _attention_mask(call_args, call_kwargs):
+        """The mask the backbone layer was called with (positionally or by keyword)."""
+        return call_args[0] if call_args else call_kwargs.get("attention_mask")
 
     def build_block(self, side_config, index):
         return type(self.layers()[0])(side_config, layer_idx=index)
@@ -59,21 +72,16 @@ class BertFamily(Family):
     def final_module(self):
         return self.body.encoder
 
-    def side_config(self, config, r, n_layers):
-        side = copy.deepcopy(config)
+    def _reduce_attention_width(self, side, config, r):
         head_dim = config.hidden_size // config.num_attention_heads
         side.hidden_size = config.num_attention_heads * _reduce(head_dim, r, "head dimension")
         _reduce(config.hidden_size, r, "hidden_size")
-        side.intermediate_size = _reduce(config.intermediate_size, r, "intermediate_size")
-        side.num_hidden_layers = n_layers
-        return side
 
     def set_attention_dropout(self, side_config, p):
         side_config.attention_probs_dropout_prob = p
 
     def call_block(self, block, side, call_args, call_kwargs, net):
-        mask = call_args[0] if call_args else call_kwargs.get("attention_mask")
-        return block(side, mask)
+        return block(side, self._attention_mask(call_args, call_kwargs))
 
     # -- magnitude importance --------------------------------------------------------------
     @staticmethod
@@ -126,22 +134,18 @@ class LlamaFamily(Family):
     def final_module(self):
         return self.body.norm
 
-    def side_config(self, config, r, n_layers):
-        side = copy.deepcopy(config)
+    def _reduce_attention_width(self, side, config, r):
         head_dim = self._heads(config)[2]
         side.head_dim = _reduce(head_dim, r, "head dimension")
         if side.head_dim % 2:
             raise SlimtuneError(f"method.r: the side head dimension {head_dim}/{r} must be even for rotary embeddings; choose another r")
         side.hidden_size = _reduce(config.hidden_size, r, "hidden_size")
-        side.intermediate_size = _reduce(config.intermediate_size, r, "intermediate_size")
-        side.num_hidden_layers = n_layers
-        return side
 
     def set_attention_dropout(self, side_config, p):
         side_config.attention_dropout = p
 
     def call_block(self, block, side, call_args, call_kwargs, net):
-        mask = call_args[0] if call_args else call_kwargs.get("attention_mask")
+        mask = self._attention_mask(call_args, call_kwargs)
         position_ids = call_kwargs.get("position_ids")
         if position_ids is None:
             position_ids = torch.arange(side.shape[1], device=side.device)[None]
