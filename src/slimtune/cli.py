@@ -179,7 +179,10 @@ def cmd_train(args, recipe_path: Path | None) -> int:
     else:
         recipe = load_recipe(recipe_path, args.overrides)
         out = args.out or _default_out(recipe)
-    # torch and transformers come in here, after the recipe was checked: bad input fails fast.
+    from slimtune.zoo.tasks import check_task_name
+
+    check_task_name(recipe.task.loader_spec())
+    # The runner brings in transformers, accelerate and datasets: only once the input was checked.
     from slimtune.measure.report import print_report
     from slimtune.runner import train_run
 

@@ -48,6 +48,7 @@ __all__ = [
     "TaskData",
     "TaskSpec",
     "carve_validation",
+    "check_task_name",
     "compute_metrics",
     "finish_task",
     "held_out_size",
@@ -174,6 +175,19 @@ def finish_task(
     )
 
 
+def check_task_name(spec: Any) -> None:
+    """Fail on a task name that is neither a registered text task nor an image task (cheap: the
+    CLI calls it before importing the trainer; dicts and files are checked when read)."""
+    if isinstance(spec, str) and spec not in TASKS:
+        from slimtune.zoo.images import is_image_spec
+
+        if not is_image_spec(spec):
+            raise SlimtuneError(
+                f"unknown task '{spec}'{did_you_mean(spec, TASKS)} (or give a dict with "
+                "file/text/label for your own data)"
+            )
+
+
 def load_task(
     spec: str | Mapping[str, Any],
     *,
@@ -200,11 +214,7 @@ def load_task(
 
         prepared = read_user_splits(spec, split_seed=split_seed)
     elif isinstance(spec, str):
-        if spec not in TASKS:
-            raise SlimtuneError(
-                f"unknown task '{spec}'{did_you_mean(spec, TASKS)} (or give a dict with "
-                "file/text/label for your own data)"
-            )
+        check_task_name(spec)
         prepared = _registered_split_frames(spec, split_seed)
     else:
         raise SlimtuneError(
