@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slimtune.zoo.images import read_fashion_mnist
+from slimtune.zoo.images import FASHION_LABELS, read_fashion_mnist
 
 CONFIG = dict(
     image_size=28,
@@ -54,7 +54,6 @@ CONFIG = dict(
     attention_probs_dropout_prob=0.0,
     qkv_bias=True,
 )
-FASHION_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
 def log(line: str, sink) -> None:

@@ -53,6 +53,16 @@ def test_bad_input_is_one_line_exit_2_no_traceback(args, message):
     assert len(errors) == 1 and message in errors[0], result.stderr
 
 
+@pytest.mark.parametrize(
+    "args", [["train", "missing.yaml"], ["run", "--set", "train.lr=-3"], ["run", "--set", "nosuch"], ["eval", "no/such/run"]]
+)
+def test_bad_input_fails_before_torch_is_imported(args):
+    """The one-line error comes in well under a second: nothing heavy is imported first."""
+    code = f"import sys; from slimtune.cli import main; main({args!r}); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stderr.startswith("error:") and result.stdout.strip() == "False", result.stderr
+
+
 def test_train_and_eval_from_the_command_line(tiny_recipe, tmp_path):
     import yaml
 

