@@ -32,10 +32,23 @@ remaining steps (S's support again from the merged weight):
   (rows of ``B A + S`` in Q and V) has the smallest L1 magnitude are removed physically
   (:func:`slimtune.sparsity.structured.remove_heads`), so FLOPs and latency drop for real.
 
-The saved delta holds the stage-1 update, the removed heads and the stage-2 update; loading it
-onto the pre-trained base replays the stage-2 transformation exactly (the unstructured mask is a
-deterministic function of the merged weights). Resuming a run from a checkpoint written after
-stage 2 is not supported (the parameters changed shape).
+Extensions of the structured stage 2 (off by default; the defaults are the paper's rule). In a
+BERT layer the heads are only about a third of the FLOPs (Q/K/V/O and attention; the FFN is the
+rest), so a large FLOP saving from heads alone removes nearly all of them:
+
+* ``ffn_fraction``: also remove that fraction of each layer's FFN neurons physically
+  (:func:`slimtune.sparsity.structured.remove_ffn_neurons`), ranked by ``ffn_score``;
+* ``head_score`` / ``ffn_score``: rank units on the merged stage-1 model by
+  :func:`slimtune.sparsity.structured.unit_importance` — ``taylor`` (|dL/dgate|, Michel et al.
+  2019), ``fisher`` ((dL/dgate)^2, Kwon et al. 2022), both on ``score_batches`` seeded training
+  batches, or ``magnitude`` (weight norms) — instead of the paper's ``update`` rule for heads.
+
+The saved delta holds the stage-1 update, the removed heads (and neurons) and the stage-2
+update; loading it onto the pre-trained base replays the stage-2 transformation exactly (the
+unstructured mask is a deterministic function of the merged weights; the structured removal is
+stored, so data scores are not recomputed). A checkpoint written after stage 2 cannot be restored
+into the dense model that a resume builds: it is set aside and the run resumes from the last
+checkpoint before the prune step, which replays stage 2 on the same data.
 """
 
 from __future__ import annotations
@@ -51,7 +64,7 @@ from torch import nn
 from slimtune.errors import SlimtuneError
 from slimtune.methods.base import Arch, MethodConfig, find_targets, register, replace_module
 from slimtune.methods.linear_update import LinearUpdate, LinearUpdateMethod
-from slimtune.sparsity.masks import apply_mask, dense_tensor, get_mask, kept_from_scores
+from slimtune.sparsity.masks import apply_mask, clean_name, dense_tensor, get_mask, kept_from_scores
 from slimtune.train.hooks import Hook
 
 # --------------------------------------------------------------------------------------------
@@ -233,10 +246,13 @@ class DSEE(LinearUpdateMethod):
             self.wrapped.append(name)
 
     def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        # named_parameters, not getattr: a masked factor (a sparsity section) is a parametrisation
+        # whose trainable leaf is `.parametrizations.<name>.original`.
         params = {}
         for name, module in model.named_modules():
             if isinstance(module, DSEELinear):
-                params.update({f"{name}.{attr}": getattr(module, attr) for attr in ("lora_A", "lora_B", "sparse_values")})
+                params.update({f"{name}.{n}": p for n, p in module.named_parameters()
+                               if not n.startswith("base.") and clean_name(n) in ("lora_A", "lora_B", "sparse_values")})
         return params
 
     def claims(self, model: nn.Module) -> set[str]:
@@ -245,6 +261,11 @@ class DSEE(LinearUpdateMethod):
     def expected_param_count(self, model: nn.Module) -> int:
         """r (in + out) + N per wrapped linear."""
         return sum(self.config.r * (m.base.in_features + m.base.out_features) + m.sparse_indices.numel() for m in self._layers(model))
+
+    @property
+    def restructures_in_training(self) -> str:
+        """Non-empty when stage 2 will merge and prune mid-run (another feature's masks would not survive it)."""
+        return f"its stage 2, prune: {self.config.prune}" if self.config.prune != "none" else ""
 
     def hooks(self) -> list[Any]:
         return [DSEEPruneHook(self)] if self.config.prune != "none" else []
@@ -279,7 +300,7 @@ class DSEE(LinearUpdateMethod):
                     key = f"{name}.{attr}"
                     if key not in state:
                         raise SlimtuneError(f"{self.name}: delta lacks '{key}'")
-                    tensor = getattr(module, attr)
+                    tensor = module.sparse_indices if attr == "sparse_indices" else dense_tensor(module, attr)
                     value = state[key]
                     if attr == "sparse_indices":
                         if value.numel() and (value.min() < 0 or value.max() >= module.base.weight.numel()):
