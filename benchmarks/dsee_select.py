@@ -7,6 +7,7 @@ order, RNG, optimizer and schedule are restored), so each candidate costs only i
 
     python -m benchmarks.dsee_select stage1                  # trains to step 62, checkpoints 31 and 62
     python -m benchmarks.dsee_select run '{"heads_per_layer": 4, "ffn_fraction": 0.25}' [--prune-at 0.5]
+    python -m benchmarks.dsee_select reference               # LoRA r=16 whole: its validation accuracy
 
 Each candidate appends one JSON line (validation and test accuracy, FLOPs saved) to
 benchmarks/results/dsee-select.jsonl; the validation accuracy picks the setting, the test accuracy is
@@ -96,7 +97,7 @@ def run(candidate: dict[str, Any], prune_at: float) -> dict[str, Any]:
     built.delta.merge(built.model)
     flops = flops_per_example(built.model, inference_inputs(trainer, 1, 64))
     built.delta.unmerge(built.model)
-    info = next(h.report() for h in trainer.hooks if h.name == "dsee")
+    info = next((h.report() for h in trainer.hooks if h.name == "dsee"), {})
     row = {
         "method": method, "validation_accuracy": validation["accuracy"], "test_accuracy": test["accuracy"],
         "flops_per_example": flops, "flops_saved": info.get("flops_saved"), "stage2_step": info.get("stage2_step"),
@@ -110,9 +111,24 @@ def run(candidate: dict[str, Any], prune_at: float) -> dict[str, Any]:
     return row
 
 
+def reference() -> dict[str, Any]:
+    """LoRA r=16 (the benchmark's reference row) trained whole: its validation accuracy is what a
+    candidate's is compared with; its test accuracy must reproduce benchmarks/dsee.py's."""
+    from benchmarks.dsee import train
+
+    started = time.perf_counter()
+    _, _, test, _ = train({"name": "lora", "r": 16, "alpha": 32}, quick=False)
+    row = {"method": {"name": "lora", "r": 16, "alpha": 32}, "validation_accuracy": test["validation_accuracy"],
+           "test_accuracy": test["accuracy"], "seconds": time.perf_counter() - started, "date": time.strftime("%Y-%m-%d %H:%M")}
+    with open(RESULTS / "dsee-select.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row))
+    return row
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["stage1", "run"])
+    parser.add_argument("what", choices=["stage1", "run", "reference"])
     parser.add_argument("candidate", nargs="?", default="{}", help="JSON: DSEE fields of the candidate's stage 2")
     parser.add_argument("--prune-at", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=1)
@@ -123,6 +139,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     if args.what == "stage1":
         stage1()
+    elif args.what == "reference":
+        reference()
     else:
         run(json.loads(args.candidate), args.prune_at)
 
