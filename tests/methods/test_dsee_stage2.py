@@ -95,6 +95,17 @@ def test_data_and_magnitude_scores_rank_on_the_merged_model(criterion):
     assert info["removed_neurons_per_layer"] == {0: 32, 1: 32}
 
 
+def test_global_scope_ranks_units_across_layers():
+    model, method = attached(heads_per_layer=1, head_score="magnitude", ffn_fraction=0.25, ffn_score="magnitude", structured_scope="global")
+    heads, neurons = unit_importance(masked_reference(model, {}, {}), "magnitude")
+    info = method.run_stage2(model)
+    flat_heads = sorted((s, layer, h) for layer, units in heads.items() for h, s in units.items())[:2]
+    flat_neurons = sorted((s, layer, n) for layer, units in neurons.items() for n, s in units.items())[:32]
+    assert sum(len(v) for v in info["removed_heads"].values()) == 2
+    assert {(layer, h) for _, layer, h in flat_heads} == {(layer, h) for layer, hs in info["removed_heads"].items() for h in hs}
+    assert {(layer, n) for _, layer, n in flat_neurons} == {(layer, n) for layer, ns in method.removed_neurons.items() for n in ns}
+
+
 def test_bad_stage2_settings_are_one_line_errors():
     with pytest.raises(ValueError, match="ffn_fraction 0.3 needs prune: heads"):
         DSEE({"prune": "unstructured", "ffn_fraction": 0.3})

@@ -197,6 +197,7 @@ class DSEEConfig(MethodConfig):
     head_score: Literal["update", "taylor", "fisher", "magnitude"] = Field("update", description="heads: how heads are ranked — update (the paper: L1 of the head's rows of the stage-1 update B A + S in Q and V); extensions, scored on the merged model: taylor (mean |dL/dgate| over score_batches training batches), fisher (mean (dL/dgate)^2), magnitude (L2 of the head's Q/K/V rows and output columns)")
     ffn_fraction: float = Field(0.0, ge=0, lt=1, description="heads (extension, not in the paper): also remove this fraction of each layer's FFN neurons physically (0 = the paper's heads only)")
     ffn_score: Literal["magnitude", "taylor", "fisher"] = Field("magnitude", description="ffn_fraction: how neurons are ranked on the merged model — magnitude (L2 of the neuron's FFN input row and output column), taylor or fisher (gate gradients on score_batches training batches)")
+    structured_scope: Literal["local", "global"] = Field("local", description="heads/ffn_fraction: remove the same number of units in every layer (local; the paper's per-layer heads) or as many in total, ranked across layers (global; extension — a layer may lose all its heads)")
     score_batches: int = Field(8, ge=1, description="taylor/fisher scores: seeded batches of the training split (at train.batch_size) used at the prune step")
     seed: int = Field(0, ge=0, description="seed of 'random' supports and of the scoring batches")
 
@@ -356,7 +357,7 @@ class DSEE(LinearUpdateMethod):
             if c.heads_per_layer >= n_heads:
                 raise SlimtuneError(f"method.heads_per_layer: {c.heads_per_layer} would remove every head of a layer (it has {n_heads}); use fewer")
             if c.head_score == "update":
-                heads = self._lowest(self.head_scores(model), c.heads_per_layer)
+                heads = self._lowest(self.head_scores(model), c.heads_per_layer, c.structured_scope)
         # Merge for good and unwrap: W <- W + ΔW; the wrapped names become plain linears again.
         for name in self.wrapped:
             layer = model.get_submodule(name)
@@ -389,9 +390,16 @@ class DSEE(LinearUpdateMethod):
         return info
 
     @staticmethod
-    def _lowest(scores: dict[int, torch.Tensor], k: int) -> dict[int, list[int]]:
-        """Per layer, the ``k`` units with the smallest score."""
-        return {layer: sorted(torch.topk(-s.float(), k).indices.tolist()) if k else [] for layer, s in scores.items()}
+    def _lowest(scores: dict[int, torch.Tensor], k: int, scope: str = "local") -> dict[int, list[int]]:
+        """The units with the smallest score: ``k`` per layer (``local``), or ``k`` times the
+        number of layers ranked across all layers (``global``; ties by layer, then unit)."""
+        if scope == "local":
+            return {layer: sorted(torch.topk(-s.float(), k).indices.tolist()) if k else [] for layer, s in scores.items()}
+        ranked = sorted((float(v), layer, unit) for layer, s in scores.items() for unit, v in enumerate(s.tolist()))
+        chosen: dict[int, list[int]] = {layer: [] for layer in scores}
+        for _, layer, unit in ranked[: k * len(scores)]:
+            chosen[layer].append(unit)
+        return {layer: sorted(units) for layer, units in chosen.items()}
 
     def _score_merged(self, model: nn.Module, heads: dict[int, list[int]] | None, batches) -> tuple[dict, dict]:
         """Heads (unless the update rule chose them already) and FFN neurons to remove, scored on
@@ -410,11 +418,12 @@ class DSEE(LinearUpdateMethod):
             return {layer: torch.tensor([units[i] for i in sorted(units)]) for layer, units in scores.items()}
 
         if heads is None:
-            heads = self._lowest(as_tensors(computed[c.head_score][0]), c.heads_per_layer) if c.heads_per_layer else {}
+            heads = self._lowest(as_tensors(computed[c.head_score][0]), c.heads_per_layer, c.structured_scope) if c.heads_per_layer else {}
         neurons: dict[int, list[int]] = {}
         if c.ffn_fraction > 0:
             scores = as_tensors(computed[c.ffn_score][1])
-            neurons = {layer: self._lowest({0: s}, round(c.ffn_fraction * s.numel()))[0] for layer, s in scores.items()}
+            per_layer = round(c.ffn_fraction * next(iter(scores.values())).numel())
+            neurons = self._lowest(scores, per_layer, c.structured_scope)
         return heads, neurons
 
 
