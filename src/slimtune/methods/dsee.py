@@ -190,7 +190,7 @@ class DSEEConfig(MethodConfig):
     decomposition_iterations: int = Field(10, ge=1, description="decomposition: alternating iterations (official 10)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the update's input")
     targets: list[str] | None = Field(None, description="module name patterns to wrap; default: query/value (BERT), q/v (MPNet), q_proj/v_proj (Llama)")
-    prune: Literal["none", "unstructured", "heads"] = Field("none", description="stage 2: merge W + ΔW, prune the final weights (unstructured global L1, or whole attention heads removed physically), re-tune")
+    prune: Literal["none", "unstructured", "heads"] = Field("none", description="stage 2: merge W + ΔW, prune the final weights (unstructured global L1, or whole attention heads — plus FFN neurons with ffn_fraction — removed physically), re-tune")
     prune_at: float = Field(0.5, gt=0, lt=1, description="stage 2 starts after this fraction of the training steps")
     prune_ratio: float = Field(0.5, gt=0, lt=1, description="unstructured: fraction of backbone linear weights removed (global L1; official pruning_ratio 0.5)")
     heads_per_layer: int = Field(4, ge=0, description="heads: attention heads removed per layer (ranked by head_score)")
@@ -218,7 +218,7 @@ NEURONS_KEY = "dsee_removed_neurons.layer"
 @register
 class DSEE(LinearUpdateMethod):
     name = "dsee"
-    description = "update (alpha/r)(B A + S) with S sparse on positions from a low-rank + sparse decomposition of W; optional stage 2: merge, prune final weights (unstructured or heads), re-tune"
+    description = "update (alpha/r)(B A + S) with S sparse on positions from a low-rank + sparse decomposition of W; optional stage 2: merge, prune final weights (unstructured or heads; FFN neurons too as an extension), re-tune"
     paper = "Chen et al. 2023, DSEE: Dually Sparsity-embedded Efficient Tuning of Pre-trained Language Models"
     Config = DSEEConfig
     layer_class = DSEELinear
