@@ -95,3 +95,15 @@ def test_sparsity_with_dsee_stage2(tmp_path, tiny_recipe):
         with pytest.raises(SlimtuneError, match="dsee.*stage 2") as err:
             build(validate_recipe(recipe))
         assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("other", [{"name": "bitfit"}, {"name": "houlsby", "reduction_factor": 8}])
+def test_dsee_stage2_with_another_method_is_one_line_error(tmp_path, tiny_recipe, other):
+    recipe = copy.deepcopy(tiny_recipe)
+    recipe["method"] = [{"name": "dsee", "r": 4, "num_sparse": 16, "decomposition_rank": 4, "prune": "heads", "heads_per_layer": 1}, other]
+    with pytest.raises(SlimtuneError, match=f"dsee's stage 2 .* '{other['name']}' also changes") as err:
+        train_run(validate_recipe(recipe), tmp_path / "run", progress=False)
+    assert "\n" not in str(err.value)
+    recipe["method"][0]["prune"] = "none"  # stage 1 composes like any update
+    recipe["train"]["max_steps"] = 2
+    train_run(validate_recipe(recipe), tmp_path / "stage1", progress=False)

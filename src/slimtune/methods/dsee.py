@@ -449,6 +449,14 @@ class DSEEPruneHook(Hook):
 
     def on_train_begin(self, trainer) -> None:
         self.trainer = trainer
+        others = [m.name for m in getattr(trainer.delta, "methods", []) if m is not self.method]
+        if others and self.method.stage == 1:
+            # Stage 2 merges, unwraps and slices (or masks) the backbone's linears: another method's
+            # wrappers, inserted modules or selected parameters would be cut or left stale mid-run.
+            raise SlimtuneError(
+                f"method: dsee's stage 2 (prune: {self.method.config.prune}) merges and prunes the backbone mid-run, "
+                f"which '{others[0]}' also changes; compose dsee with prune: none, or run it alone"
+            )
         self.at = max(1, round(self.method.config.prune_at * trainer.total_steps))
         self.info["stage1_trainable"] = sum(p.numel() for p in self.method.trainable_parameters(trainer.model).values())
 
