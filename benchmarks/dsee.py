@@ -112,6 +112,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--head-score", default="update", help="update (the paper) | taylor | fisher | magnitude")
     parser.add_argument("--ffn-score", default="magnitude", help="magnitude | taylor | fisher")
     parser.add_argument("--prune-at", type=float, default=0.5, help="stage 2 after this fraction of the steps")
+    parser.add_argument("--scope", default="local", help="structured_scope: local (per layer) | global (ranked across layers)")
     parser.add_argument("--reuse", action="store_true",
                         help="keep the rows already in results/dsee.json and train only the structured row; latency is then "
                              "measured against the dense model with LoRA's merged shapes (untrained: same shapes, same cost)")
@@ -134,9 +135,11 @@ def main(argv=None) -> dict:
     lora_label = "LoRA r=16"
     lora = {"name": "lora", "r": 16, "alpha": 32}
     structured = {**dsee, "prune": "heads", "heads_per_layer": args.heads, "prune_at": args.prune_at}
-    if args.ffn_fraction or args.head_score != "update":
-        structured.update(ffn_fraction=args.ffn_fraction, head_score=args.head_score, ffn_score=args.ffn_score)
+    if args.ffn_fraction or args.head_score != "update" or args.scope != "local":
+        structured.update(ffn_fraction=args.ffn_fraction, head_score=args.head_score, ffn_score=args.ffn_score, structured_scope=args.scope)
     heads_label = structured_label(args.heads, args.ffn_fraction, args.head_score, args.ffn_score, args.prune_at)
+    if args.scope != "local":
+        heads_label = heads_label.replace(" removed", f" removed, {args.scope} ranking", 1)
     previous = json.loads((RESULTS / "dsee.json").read_text()) if args.reuse and (RESULTS / "dsee.json").is_file() else {}
     contenders: dict[str, Any] = {}
     if not previous:
@@ -287,7 +290,8 @@ def render_markdown(result: dict[str, Any]) -> str:
             if m.get("prune") == "none":
                 lines.append(f"| DSEE stage 1 only (reference) | | | | | {c['validation_accuracy']:.3f} | {c['test_accuracy']:.3f} |")
                 continue
-            lines.append(f"| {m.get('heads_per_layer')} | {m.get('ffn_fraction', 0):.0%} | {m.get('head_score', 'update')}/"
+            scope = " (global)" if m.get("structured_scope") == "global" else ""
+            lines.append(f"| {m.get('heads_per_layer')}{scope} | {m.get('ffn_fraction', 0):.0%}{scope} | {m.get('head_score', 'update')}/"
                          f"{m.get('ffn_score', 'magnitude')} | {m.get('prune_at')} | {c.get('flops_saved') or 0:.1%} | "
                          f"{c['validation_accuracy']:.3f} | {c['test_accuracy']:.3f} |")
     if result.get("extra_note"):
