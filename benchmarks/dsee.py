@@ -86,7 +86,10 @@ def summary(built, trainer, metrics, result) -> dict[str, Any]:
     return out
 
 
-def structured_label(heads: int, ffn_fraction: float, head_score: str, ffn_score: str, prune_at: float) -> str:
+def structured_label(heads: int, ffn_fraction: float, head_score: str, ffn_score: str, prune_at: float, scope: str = "local") -> str:
+    if scope == "global":
+        return (f"DSEE + heads ({heads}/layer on average) and {ffn_fraction:.0%} of FFN neurons removed, ranked across layers "
+                f"({head_score}/{ffn_score} scores, prune at {prune_at:g})")
     if not ffn_fraction:
         label = f"DSEE + {heads} heads/layer removed"
         return label if head_score == "update" else f"{label} ({head_score} scores)"
@@ -137,9 +140,7 @@ def main(argv=None) -> dict:
     structured = {**dsee, "prune": "heads", "heads_per_layer": args.heads, "prune_at": args.prune_at}
     if args.ffn_fraction or args.head_score != "update" or args.scope != "local":
         structured.update(ffn_fraction=args.ffn_fraction, head_score=args.head_score, ffn_score=args.ffn_score, structured_scope=args.scope)
-    heads_label = structured_label(args.heads, args.ffn_fraction, args.head_score, args.ffn_score, args.prune_at)
-    if args.scope != "local":
-        heads_label = heads_label.replace(" removed", f" removed, {args.scope} ranking", 1)
+    heads_label = structured_label(args.heads, args.ffn_fraction, args.head_score, args.ffn_score, args.prune_at, args.scope)
     previous = json.loads((RESULTS / "dsee.json").read_text()) if args.reuse and (RESULTS / "dsee.json").is_file() else {}
     contenders: dict[str, Any] = {}
     if not previous:
@@ -188,7 +189,7 @@ def main(argv=None) -> dict:
 
     times = interleaved_medians({"lora": call(lora_built.model), "dsee_heads": call(heads_built.model)}, repeats=args.repeats, warmup=3)
     flops_saved = 1 - results[heads_label]["flops_per_example"] / results[lora_label]["flops_per_example"]
-    settings = previous.get("settings") or {**{k: v for k, v in BASE.items() if k != "measure"}, "dsee": dsee, "of_heads": 12,
+    settings = copy.deepcopy(previous.get("settings")) or {**{k: v for k, v in BASE.items() if k != "measure"}, "dsee": dsee, "of_heads": 12,
                                              "train_threads": args.threads, "quick": args.quick}
     settings.pop("heads_removed_per_layer", None)
     settings["latency"] = {"batch_size": 32, "seq_len": 64, "threads": args.latency_threads, "repeats": args.repeats}
@@ -262,9 +263,15 @@ def render_markdown(result: dict[str, Any]) -> str:
         "|---|---|---|",
         f"| inference FLOPs saved vs LoRA (merged) | {result['flops_saved_vs_lora']:.1%} | >= 25% |",
         f"| accuracy - LoRA | {result['accuracy_gap_points']:+.1f} points | >= -1 point |",
-        f"| latency / LoRA (batch {lat.get('batch_size')} x {lat.get('seq_len')}, {lat.get('threads')} threads) | "
+        f"| latency / LoRA (batch {lat.get('batch_size')} x {lat.get('seq_len')}, {lat.get('threads')} thread"
+        f"{'s' if lat.get('threads') != 1 else ''}, interleaved, load {result.get('load_average', float('nan')):.1f}) | "
         f"{result['latency_ratio_dsee_heads_vs_lora']:.2f} | ~ 1 - FLOPs saved |",
     ]
+    removed = (result.get("results", {}).get(label, {}).get("stage2") or {})
+    if removed.get("removed_neurons_per_layer"):
+        per_layer = ", ".join(f"{k}: {len(removed.get('removed_heads', {}).get(k, []))} / {v}"
+                              for k, v in sorted(removed["removed_neurons_per_layer"].items(), key=lambda kv: int(kv[0])))
+        lines.append(f"| removed per layer (heads of 12 / FFN neurons of 1536) | {per_layer} | |")
     rerun = result.get("latency_rerun")
     if rerun:
         lines.append(f"| latency re-timed on a quieter machine, same shapes ({rerun['repeats']} repeats) | {rerun['ratio']:.2f} "
@@ -278,8 +285,9 @@ def render_markdown(result: dict[str, Any]) -> str:
                       + (f"; {paper['extra_note']}." if paper.get("extra_note") else ".")]
     candidates = (result.get("selection") or {}).get("candidates") or []
     if candidates:
-        lines += ["", "Stage-2 candidates (stage 1 trained once, each candidate's stage 2 forked from its checkpoint; chosen by "
-                      "validation accuracy, test shown for completeness):", "",
+        lines += ["", "Stage-2 candidates (`benchmarks/dsee_select.py`: stage 1 trained once, each candidate's stage 2 resumed "
+                      "from its checkpoint; rule fixed up front: the highest validation accuracy among candidates saving >= 25% "
+                      "of the FLOPs; test shown for completeness, not used to choose):", "",
                   "| heads removed / layer | FFN removed | scores (heads/FFN) | prune at | FLOPs saved | validation | test |",
                   "|---|---|---|---|---|---|---|"]
         for c in candidates:
