@@ -262,7 +262,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         "| measure | value | goal |",
         "|---|---|---|",
         f"| inference FLOPs saved vs LoRA (merged) | {result['flops_saved_vs_lora']:.1%} | >= 25% |",
-        f"| accuracy - LoRA | {result['accuracy_gap_points']:+.1f} points | >= -1 point |",
+        f"| accuracy - LoRA (train seed {train.get('seed', 0)}) | {result['accuracy_gap_points']:+.1f} points | >= -1 point |",
         f"| latency / LoRA (batch {lat.get('batch_size')} x {lat.get('seq_len')}, {lat.get('threads')} thread"
         f"{'s' if lat.get('threads') != 1 else ''}, interleaved, load {result.get('load_average', float('nan')):.1f}) | "
         f"{result['latency_ratio_dsee_heads_vs_lora']:.2f} | ~ 1 - FLOPs saved |",
@@ -276,6 +276,18 @@ def render_markdown(result: dict[str, Any]) -> str:
     if rerun:
         lines.append(f"| latency re-timed on a quieter machine, same shapes ({rerun['repeats']} repeats) | {rerun['ratio']:.2f} "
                      f"(FLOP ratio {rerun['flops_ratio']:.2f}) | ~ FLOP ratio |")
+    seeds = (result.get("seed_check") or {}).get("seeds") or {}
+    if seeds:
+        lines += ["", f"The same two recipes at other training seeds (init, batch order, dropout; same data), "
+                      f"{label.split(' (')[0]} vs LoRA r=16:", "",
+                  "| train seed | LoRA test (validation) | DSEE structured test (validation) | test gap |", "|---|---|---|---|"]
+        gaps = []
+        for seed, r in sorted(seeds.items(), key=lambda kv: int(kv[0])):
+            gap = 100 * (r["dsee"]["test_accuracy"] - r["lora"]["test_accuracy"])
+            gaps.append(gap)
+            lines.append(f"| {seed} | {r['lora']['test_accuracy']:.3f} ({r['lora']['validation_accuracy']:.3f}) | "
+                         f"{r['dsee']['test_accuracy']:.3f} ({r['dsee']['validation_accuracy']:.3f}) | {gap:+.1f} |")
+        lines.append(f"| mean | | | {sum(gaps) / len(gaps):+.1f} |")
     paper = result.get("paper_rule")
     if paper:
         rerun = paper.get("latency_rerun") or {}
