@@ -278,8 +278,8 @@ def render_markdown(result: dict[str, Any]) -> str:
                      f"(FLOP ratio {rerun['flops_ratio']:.2f}) | ~ FLOP ratio |")
     seeds = (result.get("seed_check") or {}).get("seeds") or {}
     if seeds:
-        lines += ["", f"The same two recipes at other training seeds (init, batch order, dropout; same data), "
-                      f"{label.split(' (')[0]} vs LoRA r=16:", "",
+        lines += ["", "The structured row (`recipes/dsee-structured.yaml`) and LoRA r=16 at other training seeds (init, batch "
+                      "order, dropout; same data), run after the setting was chosen:", "",
                   "| train seed | LoRA test (validation) | DSEE structured test (validation) | test gap |", "|---|---|---|---|"]
         gaps = []
         for seed, r in sorted(seeds.items(), key=lambda kv: int(kv[0])):
