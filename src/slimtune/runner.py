@@ -63,7 +63,11 @@ def build(recipe: Recipe, task_override: str | None = None) -> Built:
     pooling = configure_pooling(model, recipe.head.pooling, objective)
     arch = Arch.of(model, objective)
     set_seed(recipe.train.seed)  # the delta's initialisation does not depend on how loading used the RNG
-    delta = Delta.from_specs(recipe.methods, train_pooler=recipe.head.train_pooler and pooling == "cls")
+    specs = recipe.methods
+    for section in recipe.features.values():  # a feature may reshape the methods (e.g. Large-Sparse widens them)
+        adjust = getattr(section, "adjust_methods", None)
+        specs = adjust(specs, model) if adjust is not None else specs
+    delta = Delta.from_specs(specs, train_pooler=recipe.head.train_pooler and pooling == "cls")
     delta.attach(model, arch)
     hooks = delta.hooks()
     for section in recipe.features.values():

@@ -89,6 +89,41 @@ def large_sparse_reduction_factor(hidden: int, reduction_factor: float, density:
     return hidden / width
 
 
+#: Methods whose width Large-Sparse can widen, and the field that sets it.
+LARGE_SPARSE_FIELDS = {"houlsby": "reduction_factor", "pfeiffer": "reduction_factor", "lora": "r"}
+
+
+def large_sparse_specs(specs: list[Any], hidden: int, density: float) -> tuple[list[Any], dict[str, dict[str, Any]]]:
+    """The recipe's method specs widened for Large-Sparse at ``density``: adapters get the width
+    of :func:`large_sparse_width` (weights pruned, biases dense), LoRA the rank ``r / density``
+    (rounded; A and B are both pruned, and alpha stays as given, as if the recipe said that r).
+    Returns the new specs and ``{method: {field: [before, after], width: [before, after]}}``.
+    A method without a width to widen is a one-line error."""
+    density = check_density(density)
+    widened, changes = [], {}
+    for spec in specs:
+        field = LARGE_SPARSE_FIELDS.get(spec.name)
+        if field is None:
+            raise SlimtuneError(
+                f"sparsity.large_sparse: method '{spec.name}' has no width to widen; Large-Sparse applies to "
+                f"{', '.join(LARGE_SPARSE_FIELDS)} (drop large_sparse or the method)"
+            )
+        config = spec.config
+        if field == "r":
+            before, after = config.r, max(1, round(config.r / density))
+            new_config = config.model_copy(update={"r": after})
+            changes[spec.name] = {"r": [before, after]}
+        else:
+            width = max(1, int(hidden // config.reduction_factor))
+            wide = large_sparse_width(hidden, width, density)
+            # hidden / (m' + 1/2) floors back to exactly m' (hidden / m' may land just below it).
+            factor = hidden / (wide + 0.5)
+            new_config = config.model_copy(update={"reduction_factor": factor})
+            changes[spec.name] = {"reduction_factor": [config.reduction_factor, factor], "width": [width, wide]}
+        widened.append(spec.model_copy(update={"config": new_config}))
+    return widened, changes
+
+
 # --------------------------------------------------------------------------------------------
 # Which tensors.
 # --------------------------------------------------------------------------------------------
@@ -192,6 +227,7 @@ class SparsitySection(Section):
     rounds: int = Field(3, ge=1, description="iterative: prune -> retrain rounds")
     batches: int = Field(4, ge=1, description="batches of the training split scored by data criteria (snip, grasp, movement)")
     seed: int = Field(0, ge=0, description="seed of the random criterion and of the scoring batches")
+    large_sparse: bool = Field(False, description="Large-Sparse (He et al. 2022): widen the adapter (houlsby, pfeiffer) or LoRA rank so that its non-zeros at this density equal the dense method's parameters (target: delta only)")
 
     @model_validator(mode="after")
     def _density(self) -> SparsitySection:
@@ -208,17 +244,36 @@ class SparsitySection(Section):
             raise ValueError(f"density {self.density} is not in (0, 1]; density is the fraction KEPT")
         if self.criterion not in criteria.CRITERIA:
             raise ValueError(f"unknown criterion '{self.criterion}'; valid: {', '.join(criteria.CRITERIA)}")
+        if self.large_sparse and self.target != "delta":
+            raise ValueError(f"large_sparse widens the trained delta; it needs target: delta, not '{self.target}'")
+        if self.large_sparse and self.include:
+            raise ValueError("large_sparse keeps the dense budget only when every delta weight is pruned; drop include")
         if self.initial_sparsity > 1 - self.density:
             raise ValueError(f"initial_sparsity {self.initial_sparsity} exceeds the final sparsity {1 - self.density:.4g}")
         return self
+
+    def adjust_methods(self, specs: list[Any], model: nn.Module) -> list[Any]:
+        """Called by the runner before the delta is built: Large-Sparse widens the methods."""
+        if not self.large_sparse:
+            return specs
+        return large_sparse_specs(specs, int(model.config.hidden_size), self.density)[0]
 
     def build_hook(self, *, recipe, model, delta, task) -> SparsityHook:
         if self.criterion in criteria.DATA_CRITERIA:
             train = getattr(task, "splits", {}).get("train") if task is not None else None
             if train is None or len(train) == 0:
                 raise SlimtuneError(f"sparsity.criterion: '{self.criterion}' needs training data, and the task has none; use random, magnitude or synflow")
+        for method in getattr(delta, "methods", []):
+            if getattr(method, "restructures_in_training", False):
+                raise SlimtuneError(
+                    f"sparsity: method '{method.name}' merges and prunes the model's weights during training "
+                    f"({method.restructures_in_training}), which would discard or cut this section's masks; use one of the two"
+                )
         targets = select_targets(model, delta, self.target, self.include)
-        return SparsityHook(self, model, delta, targets)
+        hook = SparsityHook(self, model, delta, targets)
+        if self.large_sparse:
+            hook.large_sparse = large_sparse_specs(recipe.methods, int(model.config.hidden_size), self.density)[1]
+        return hook
 
 
 class SparsityHook(Hook):
@@ -233,6 +288,7 @@ class SparsityHook(Hook):
         self.pin = None
         self.movement: dict[str, torch.Tensor] = {}
         self.total_steps = 0
+        self.large_sparse: dict[str, Any] | None = None
 
     # -- when ---------------------------------------------------------------------------------
     def density_at(self, step: int) -> float | None:
@@ -320,7 +376,10 @@ class SparsityHook(Hook):
         return kept / total if total else 1.0
 
     def report(self) -> dict[str, Any]:
-        return sparsity_report(self.model, self.delta, config=self.config.model_dump(), history=self.history)
+        out = sparsity_report(self.model, self.delta, config=self.config.model_dump(), history=self.history)
+        if self.large_sparse is not None:
+            out["large_sparse"] = self.large_sparse
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}

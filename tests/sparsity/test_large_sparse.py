@@ -1,0 +1,109 @@
+"""Large-Sparse as a recipe switch (``sparsity.large_sparse: true``): the method is widened so that
+its non-zeros at the density equal the dense method's parameters; a one-line error where it
+cannot apply. Also: a sparsity section composed with DSEE's stage 2."""
+
+import copy
+
+import pytest
+
+from slimtune.errors import SlimtuneError
+from slimtune.recipe import validate_recipe
+from slimtune.runner import build, evaluate_run, train_run
+from slimtune.sparsity.schedules import large_sparse_width
+
+
+def recipe_with(tiny_recipe, method, **sparsity):
+    recipe = copy.deepcopy(tiny_recipe)
+    recipe["method"] = method
+    recipe["train"]["max_steps"] = 4
+    recipe["sparsity"] = {"target": "delta", "criterion": "magnitude", "density": 0.5, "large_sparse": True, **sparsity}
+    return recipe
+
+
+def weights_nonzero(model, delta):
+    return sum(int((p != 0).sum()) for n, p in delta.trainable_parameters(model).items()
+               if p.dim() >= 2 and n not in set(delta.head_names))
+
+
+def dense_count(model, delta):
+    return sum(p.numel() for n, p in delta.trainable_parameters(model).items() if p.dim() >= 2 and n not in set(delta.head_names))
+
+
+@pytest.mark.parametrize("method,field,before,after", [
+    ({"name": "houlsby", "reduction_factor": 16}, "width", 2, large_sparse_width(32, 2, 0.5)),
+    ({"name": "pfeiffer", "reduction_factor": 8}, "width", 4, large_sparse_width(32, 4, 0.5)),
+    ({"name": "lora", "r": 4}, "r", 4, 8),
+])
+def test_large_sparse_widens_to_the_dense_budget(tmp_path, tiny_recipe, method, field, before, after):
+    recipe = validate_recipe(recipe_with(tiny_recipe, method))
+    dense = build(validate_recipe({k: v for k, v in recipe_with(tiny_recipe, method).items() if k != "sparsity"}))
+    built = build(recipe)
+    # Weights of the wide delta at density 0.5 == weights of the dense delta.
+    assert dense_count(built.model, built.delta) == 2 * dense_count(dense.model, dense.delta)
+    report = train_run(recipe, tmp_path / "run", progress=False)
+    assert report["sparsity"]["large_sparse"][method["name"]][field] == [before, after]
+    assert report["sparsity"]["history"][0]["measured"] == pytest.approx(0.5, abs=1e-3)
+    again = evaluate_run(tmp_path / "run")
+    assert again["metrics"] == report["metrics"]
+
+
+def test_large_sparse_nonzeros_equal_the_dense_adapter():
+    from slimtune.methods.adapter import Houlsby
+    from slimtune.methods.base import Arch
+    from slimtune.recipe import parse_methods
+    from slimtune.sparsity.schedules import large_sparse_specs
+    from tests.tiny import tiny_bert
+
+    hidden, density = 384, 0.6
+    specs = parse_methods({"name": "houlsby", "reduction_factor": 16}, "test")
+    wide, changes = large_sparse_specs(specs, hidden, density)
+    assert changes["houlsby"]["width"] == [24, 40]  # the paper's MiniLM-size example
+    assert Houlsby(wide[0].config).bottleneck_width(hidden) == 40
+    model = tiny_bert()
+    method = Houlsby(large_sparse_specs(parse_methods({"name": "houlsby", "reduction_factor": 4}, "t"), 32, 0.5)[0][0].config)
+    method.attach(model, Arch.of(model))
+    assert method.bottleneck_width(32) == large_sparse_width(32, 8, 0.5)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"method": {"name": "dsee", "r": 4, "num_sparse": 4, "decomposition_rank": 4}}, "method 'dsee' has no width to widen"),
+    ({"sparsity": {"target": "base"}}, "needs target: delta"),
+    ({"sparsity": {"include": ["adapter_down.weight"]}}, "drop include"),
+])
+def test_large_sparse_where_it_cannot_apply_is_one_line_error(tiny_recipe, change, message):
+    recipe = recipe_with(tiny_recipe, change.get("method", {"name": "houlsby", "reduction_factor": 4}), **change.get("sparsity", {}))
+    with pytest.raises(SlimtuneError, match=message) as err:
+        build(validate_recipe(recipe))
+    assert "\n" not in str(err.value)
+
+
+def test_sparsity_with_dsee_stage2(tmp_path, tiny_recipe):
+    """A sparsity section on DSEE's stage-1 update works; with stage 2 it is refused up front:
+    stage 2 merges the (masked) update into the weights and replaces the modules, so a delta mask
+    would silently stop applying, and base masks would be merged over and cut by head removal."""
+    dsee = {"name": "dsee", "r": 4, "num_sparse": 16, "decomposition_rank": 4}
+    recipe = copy.deepcopy(tiny_recipe)
+    recipe["train"]["max_steps"] = 4
+    recipe["method"] = dsee
+    recipe["sparsity"] = {"target": "delta", "criterion": "magnitude", "density": 0.5}
+    report = train_run(validate_recipe(recipe), tmp_path / "stage1", progress=False)  # stage 1 only: fine
+    assert report["sparsity"]["history"][0]["measured"] == pytest.approx(0.5, abs=1e-3)
+    assert evaluate_run(tmp_path / "stage1")["metrics"] == report["metrics"]
+    for target, prune in (("delta", "heads"), ("base", "unstructured"), ("base", "heads")):
+        recipe["method"] = {**dsee, "prune": prune, "heads_per_layer": 1}
+        recipe["sparsity"] = {"target": target, "criterion": "magnitude", "density": 0.5}
+        with pytest.raises(SlimtuneError, match="dsee.*stage 2") as err:
+            build(validate_recipe(recipe))
+        assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("other", [{"name": "bitfit"}, {"name": "houlsby", "reduction_factor": 8}])
+def test_dsee_stage2_with_another_method_is_one_line_error(tmp_path, tiny_recipe, other):
+    recipe = copy.deepcopy(tiny_recipe)
+    recipe["method"] = [{"name": "dsee", "r": 4, "num_sparse": 16, "decomposition_rank": 4, "prune": "heads", "heads_per_layer": 1}, other]
+    with pytest.raises(SlimtuneError, match=f"dsee's stage 2 .* '{other['name']}' also changes") as err:
+        train_run(validate_recipe(recipe), tmp_path / "run", progress=False)
+    assert "\n" not in str(err.value)
+    recipe["method"][0]["prune"] = "none"  # stage 1 composes like any update
+    recipe["train"]["max_steps"] = 2
+    train_run(validate_recipe(recipe), tmp_path / "stage1", progress=False)
