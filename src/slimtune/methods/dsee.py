@@ -46,9 +46,9 @@ rest), so a large FLOP saving from heads alone removes nearly all of them:
 The saved delta holds the stage-1 update, the removed heads (and neurons) and the stage-2
 update; loading it onto the pre-trained base replays the stage-2 transformation exactly (the
 unstructured mask is a deterministic function of the merged weights; the structured removal is
-stored, so data scores are not recomputed). A checkpoint written after stage 2 cannot be restored
-into the dense model that a resume builds: it is set aside and the run resumes from the last
-checkpoint before the prune step, which replays stage 2 on the same data.
+stored, so data scores are not recomputed). A checkpoint written after stage 2 holds the same
+tensors among its non-trainable delta state: a resume replays stage 2 from them before it copies
+the stage-2 parameters and optimizer state.
 """
 
 from __future__ import annotations
@@ -284,13 +284,20 @@ class DSEE(LinearUpdateMethod):
         return state
 
     def load_delta_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        stage1 = {k[len(STAGE1):]: v for k, v in state.items() if k.startswith(STAGE1)}
-        if stage1 and self.stage == 1:
-            self._load_layers(model, stage1)
-            heads, neurons = ({int(k.rpartition(".")[2]): v.tolist() for k, v in state.items() if k.startswith(key + ".")}
-                              for key in (HEADS_KEY, NEURONS_KEY))
-            self.run_stage2(model, heads=heads, neurons=neurons, replay=True)
+        if self.stage == 1 and any(k.startswith(STAGE1) for k in state):
+            self.replay_stage2(model, state)
         self._load_layers(model, {k: v for k, v in state.items() if not k.startswith((STAGE1, HEADS_KEY, NEURONS_KEY))})
+
+    def replay_stage2(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Rebuild the stage-2 model from a saved delta's (or checkpoint's) stage-1 update and
+        removed heads/neurons; the stage-2 update is left fresh, for the caller to load."""
+        stage1 = {k[len(STAGE1):]: v for k, v in state.items() if k.startswith(STAGE1)}
+        if not stage1:
+            raise SlimtuneError(f"{self.name}: the state written after stage 2 lacks the stage-1 update ('{STAGE1}*' tensors)")
+        self._load_layers(model, stage1)
+        heads, neurons = ({int(k.rpartition(".")[2]): v.tolist() for k, v in state.items() if k.startswith(key + ".")}
+                          for key in (HEADS_KEY, NEURONS_KEY))
+        self.run_stage2(model, heads=heads, neurons=neurons, replay=True)
 
     def _load_layers(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
@@ -457,8 +464,12 @@ class DSEEPruneHook(Hook):
                 f"method: dsee's stage 2 (prune: {self.method.config.prune}) merges and prunes the backbone mid-run, "
                 f"which '{others[0]}' also changes; compose dsee with prune: none, or run it alone"
             )
-        self.at = max(1, round(self.method.config.prune_at * trainer.total_steps))
-        self.info["stage1_trainable"] = sum(p.numel() for p in self.method.trainable_parameters(trainer.model).values())
+        self.at = self.prune_step(trainer)
+        if self.method.stage == 1:
+            self.info["stage1_trainable"] = sum(p.numel() for p in self.method.trainable_parameters(trainer.model).values())
+
+    def prune_step(self, trainer) -> int:
+        return max(1, round(self.method.config.prune_at * trainer.total_steps))
 
     def on_step_end(self, trainer) -> None:
         if trainer.step != self.at or self.method.stage != 1:
@@ -511,8 +522,23 @@ class DSEEPruneHook(Hook):
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stage": self.method.stage}
+        # The stage-2 figures go along so that a resumed run's report still has them.
+        return {"stage": self.method.stage, "info": self.info}
+
+    def restore_structure(self, trainer, state: dict[str, Any], delta: dict[str, torch.Tensor]) -> bool:
+        """A checkpoint written after the prune step: replay stage 2 from its stage-1 update and
+        removed units (the checkpoint's non-trainable delta tensors), so that its stage-2
+        parameters fit, and restart the optimizer and schedule as at the prune step."""
+        if state.get("stage", 1) == 1 or self.method.stage != 1:
+            return False
+        self.trainer = trainer
+        self.method.replay_stage2(trainer.model, delta)
+        trainer.rebuild_optimizer(from_step=int(state.get("info", {}).get("stage2_step", self.prune_step(trainer))))
+        return True
 
     def load_state_dict(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        if state.get("stage", 1) != 1:
-            raise SlimtuneError("dsee: resuming from a checkpoint written after the prune stage is not supported; start the run again")
+        stage = state.get("stage", 1)
+        if stage != self.method.stage:
+            # Only after a post-prune checkpoint was replayed and then rejected: stage 2 cannot be undone.
+            raise SlimtuneError(f"dsee: checkpoint written at stage {stage}, the model is at stage {self.method.stage}; start the run again")
+        self.info.update(state.get("info", {}))
