@@ -264,9 +264,9 @@ class DSEE(LinearUpdateMethod):
         return sum(self.config.r * (m.base.in_features + m.base.out_features) + m.sparse_indices.numel() for m in self._layers(model))
 
     @property
-    def restructures_in_training(self) -> str:
-        """Non-empty when stage 2 will merge and prune mid-run (another feature's masks would not survive it)."""
-        return f"its stage 2, prune: {self.config.prune}" if self.config.prune != "none" else ""
+    def restructuring_reason(self) -> str | None:
+        """Stage 2 merges and prunes the model mid-run."""
+        return f"its stage 2, prune: {self.config.prune}" if self.config.prune != "none" else None
 
     def hooks(self) -> list[Any]:
         return [DSEEPruneHook(self)] if self.config.prune != "none" else []

@@ -264,10 +264,10 @@ class SparsitySection(Section):
             if train is None or len(train) == 0:
                 raise SlimtuneError(f"sparsity.criterion: '{self.criterion}' needs training data, and the task has none; use random, magnitude or synflow")
         for method in getattr(delta, "methods", []):
-            if getattr(method, "restructures_in_training", False):
+            if reason := getattr(method, "restructuring_reason", None):
                 raise SlimtuneError(
                     f"sparsity: method '{method.name}' merges and prunes the model's weights during training "
-                    f"({method.restructures_in_training}), which would discard or cut this section's masks; use one of the two"
+                    f"({reason}), which would discard or cut this section's masks; use one of the two"
                 )
         targets = select_targets(model, delta, self.target, self.include)
         hook = SparsityHook(self, model, delta, targets)
