@@ -168,3 +168,30 @@ def test_resume_around_the_prune_step_gives_the_same_delta(tmp_path, tiny_recipe
         for key in whole:
             assert torch.allclose(whole[key].float(), resumed[key].float(), atol=1e-6), (name, key)
         assert report["dsee"]["flops_saved"] == whole_report["dsee"]["flops_saved"]
+
+
+def test_stage2_misfits_are_refused_when_the_run_is_built(tiny_recipe):
+    recipe = stage2_recipe(tiny_recipe)
+    recipe["method"] = [recipe["method"], {"name": "bitfit"}]
+    with pytest.raises(SlimtuneError, match=r"method: 'dsee' restructures the model during training \(its stage 2, prune: heads\), which 'bitfit'"):
+        build(validate_recipe(recipe))
+    with pytest.raises(SlimtuneError, match="method.heads_per_layer: 4 would remove every head of a layer"):
+        build(validate_recipe(stage2_recipe(tiny_recipe, heads_per_layer=4)))
+    model, method = attached(heads_per_layer=1, ffn_fraction=0.25, ffn_score="fisher", head_score="update")
+    with pytest.raises(SlimtuneError, match=r"method.ffn_score: 'fisher' needs training batches, and the task has none; use magnitude$"):
+        method.run_stage2(model)
+
+
+def test_llama_grouped_query_heads_are_removed_by_whole_groups():
+    from tests.tiny import tiny_llama
+
+    model = tiny_llama()
+    n_heads, n_kv = model.config.num_attention_heads, model.config.num_key_value_heads
+    assert n_kv < n_heads
+    group = n_heads // n_kv
+    method = DSEE({"r": 2, "num_sparse": 4, "decomposition_rank": 2, "prune": "heads", "heads_per_layer": group, "head_score": "magnitude"})
+    method.attach(model, Arch.of(model))
+    info = method.run_stage2(model)
+    for heads in info["removed_heads"].values():
+        assert len(heads) == group and heads == list(range(heads[0], heads[0] + group)) and heads[0] % group == 0
+    model(input_ids=torch.tensor([[1, 2, 3, 4]]))
