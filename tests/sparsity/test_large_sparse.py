@@ -69,6 +69,7 @@ def test_large_sparse_nonzeros_equal_the_dense_adapter():
     ({"method": {"name": "dsee", "r": 4, "num_sparse": 4, "decomposition_rank": 4}}, "method 'dsee' has no width to widen"),
     ({"sparsity": {"target": "base"}}, "needs target: delta"),
     ({"sparsity": {"include": ["adapter_down.weight"]}}, "drop include"),
+    ({"method": {"name": "lora", "r": 4, "train_a": False}}, r"method 'lora' has train_a: false \(FFA-LoRA\)"),
 ])
 def test_large_sparse_where_it_cannot_apply_is_one_line_error(tiny_recipe, change, message):
     recipe = recipe_with(tiny_recipe, change.get("method", {"name": "houlsby", "reduction_factor": 4}), **change.get("sparsity", {}))
