@@ -81,7 +81,11 @@ def score_merged(method: DSEE, model: nn.Module, heads: dict[int, list[int]] | N
         heads = lowest_heads(model, computed[c.head_score][0], c.heads_per_layer, c.structured_scope)
     neurons: dict[int, list[int]] = {}
     if c.ffn_fraction > 0:
-        neurons = select_lowest(computed[c.ffn_score][1], c.ffn_fraction, c.structured_scope, "method.ffn_fraction")
+        scores = computed[c.ffn_score][1]
+        width = len(next(iter(scores.values())))
+        # A whole number per layer first, so that global removes exactly that many times the layers.
+        per_layer = round(c.ffn_fraction * width)
+        neurons = select_lowest(scores, per_layer / width, c.structured_scope, "method.ffn_fraction")
     return heads, neurons
 
 
