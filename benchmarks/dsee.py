@@ -16,6 +16,7 @@ merged head-pruned DSEE model, batch 32 x 64 tokens, ``--latency-threads`` threa
 medians in this process (goal: the FLOP saving shows up as speed).
 
     python -m benchmarks.dsee [--quick] [--heads 9] [--unstructured]
+    python -m benchmarks.dsee --seeds 1,2       # LoRA vs the structured setting at other train seeds
 """
 
 from __future__ import annotations
@@ -35,14 +36,16 @@ BASE = {
 }
 
 
-def train(method: dict[str, Any], quick: bool):
-    """Train one contender in this process; returns (built, trainer, metrics)."""
+def train(method: dict[str, Any], quick: bool, seed: int | None = None):
+    """Train one contender in this process (``seed``: train.seed); returns (built, trainer, metrics)."""
     from slimtune.recipe import validate_recipe
     from slimtune.runner import build
     from slimtune.train.trainer import Trainer
 
     recipe = copy.deepcopy(BASE)
     recipe["method"] = method
+    if seed is not None:
+        recipe["train"]["seed"] = seed
     if quick:
         recipe["task"].update(train_size=128, eval_size=64)
         recipe["train"]["max_steps"] = 4
@@ -107,13 +110,35 @@ def selection_rows() -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+def seed_check(previous: dict[str, Any], seeds: list[int], quick: bool) -> dict[str, Any]:
+    """LoRA r=16 and the structured row's DSEE setting at other training seeds (same data):
+    ``{"seeds": {seed: {"lora"|"dsee": {test_accuracy, validation_accuracy}}}, "dsee_method", "note"}``.
+    Seed 0 is the rows of ``previous`` (results/dsee.json)."""
+    structured = previous["settings"]["structured"]
+    rows = previous.get("results", {})
+    out: dict[str, Any] = {"seeds": dict((previous.get("seed_check") or {}).get("seeds", {})), "dsee_method": structured}
+    lora_row, dsee_row = rows.get("LoRA r=16"), rows.get(previous.get("structured_label"))
+    if "0" not in out["seeds"] and lora_row and dsee_row:
+        out["seeds"]["0"] = {name: {"test_accuracy": r["accuracy"], "validation_accuracy": r.get("validation_accuracy")}
+                             for name, r in (("lora", lora_row), ("dsee", dsee_row))}
+    for seed in seeds:
+        out["seeds"][str(seed)] = {}
+        for name, method in (("lora", {"name": "lora", "r": 16, "alpha": 32}), ("dsee", structured)):
+            _, _, metrics, _ = train(method, quick, seed=seed)
+            out["seeds"][str(seed)][name] = {"test_accuracy": metrics["accuracy"], "validation_accuracy": metrics["validation_accuracy"]}
+            print(f"seed {seed} {name}: test {metrics['accuracy']:.4f} validation {metrics['validation_accuracy']:.4f}", flush=True)
+    out["note"] = ("seed 0 = the rows above; other seeds: train.seed changed, same data; trained after the setting was chosen "
+                   f"(python -m benchmarks.dsee --seeds {','.join(map(str, seeds))})")
+    return out
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few steps on a few examples (a smoke run)")
     parser.add_argument("--heads", type=int, default=9, help="heads removed per layer (of 12) in the structured run")
     parser.add_argument("--ffn-fraction", type=float, default=0.0, help="also remove this fraction of each layer's FFN neurons (extension)")
     parser.add_argument("--head-score", default="update", help="update (the paper) | taylor | fisher | magnitude")
-    parser.add_argument("--ffn-score", default="magnitude", help="magnitude | taylor | fisher")
+    parser.add_argument("--ffn-score", default="taylor", help="taylor (the method's default) | fisher | magnitude")
     parser.add_argument("--prune-at", type=float, default=0.5, help="stage 2 after this fraction of the steps")
     parser.add_argument("--scope", default="local", help="structured_scope: local (per layer) | global (ranked across layers)")
     parser.add_argument("--reuse", action="store_true",
@@ -121,6 +146,9 @@ def main(argv=None) -> dict:
                              "measured against the dense model with LoRA's merged shapes (untrained: same shapes, same cost)")
     parser.add_argument("--unstructured", action="store_true", help="also run DSEE + unstructured pruning (50%%)")
     parser.add_argument("--skip-stage1", action="store_true", help="skip the stage-1-only DSEE run")
+    parser.add_argument("--seeds", default=None,
+                        help="e.g. 1,2: only the seed check — LoRA r=16 and the structured setting of results/dsee.json at "
+                             "these train seeds; adds seed_check to dsee.json and keeps everything else")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for training")
     parser.add_argument("--latency-threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
@@ -134,6 +162,15 @@ def main(argv=None) -> dict:
     from slimtune.measure.report import inference_inputs
 
     torch.set_num_threads(args.threads)
+    if args.seeds:
+        path = RESULTS / "dsee.json"
+        if not path.is_file():
+            raise SystemExit(f"--seeds needs {path} (run the benchmark first)")
+        previous = json.loads(path.read_text())
+        previous["seed_check"] = seed_check(previous, [int(s) for s in args.seeds.split(",") if s.strip()], args.quick)
+        if not args.quick:
+            write_result("dsee", {k: v for k, v in previous.items() if k not in ("benchmark", "date", "machine")})
+        return previous
     dsee = {"name": "dsee", "r": 16, "alpha": 32, "num_sparse": 64, "sparse_init": "decomposition"}
     lora_label = "LoRA r=16"
     lora = {"name": "lora", "r": 16, "alpha": 32}
@@ -215,6 +252,10 @@ def main(argv=None) -> dict:
             if k in previous}}
     elif previous.get("paper_rule"):
         result["paper_rule"] = previous["paper_rule"]
+    # --reuse: what this run does not recompute (seed_check, latency_rerun, notes) is kept.
+    for key, value in previous.items():
+        if key not in ("benchmark", "date", "machine"):
+            result.setdefault(key, value)
     print_rows("DSEE vs LoRA", [
         (f"FLOPs saved ({heads_label}) vs LoRA merged", flops_saved),
         ("latency ratio DSEE structured / LoRA", result["latency_ratio_dsee_heads_vs_lora"]),

@@ -79,16 +79,17 @@ def run(candidate: dict[str, Any], prune_at: float) -> dict[str, Any]:
 
     method = {**DSEE, "prune": "heads", "prune_at": prune_at, **candidate}
     recipe = recipe_for(method, None)
-    total = 126
-    at = max(1, round(prune_at * total))
+    run_dir = WORK / f"run-{int(time.time())}"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    built, trainer = make_trainer(recipe, run_dir)
+    # The prune step as DSEE computes it, from the budget's total steps (2 epochs of 2,000: 126).
+    at = max(1, round(prune_at * trainer.total_steps))
     fork = at - 1
     source = WORK / "stage1" / "checkpoints" / f"step-{fork:08d}"
     if not source.is_dir():
+        shutil.rmtree(run_dir, ignore_errors=True)
         raise SystemExit(f"no stage-1 checkpoint at step {fork} (prune_at {prune_at}); run 'stage1' first or use 0.25/0.5")
-    run_dir = WORK / f"run-{int(time.time())}"
-    (run_dir / "checkpoints").mkdir(parents=True)
     shutil.copytree(source, run_dir / "checkpoints" / source.name)
-    built, trainer = make_trainer(recipe, run_dir)
     started = time.perf_counter()
     trainer.fit(resume=True)
     seconds = time.perf_counter() - started

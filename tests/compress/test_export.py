@@ -120,3 +120,21 @@ def test_causal_lm_lora_exports_as_causal_lm_without_head(tmp_path):
     batch = token_batch()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(**batch).logits, model(**batch).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_masked_lora_delta_exports_with_its_zeros(tiny_recipe, tmp_path):
+    """A sparsity section over the LoRA factors stores them sparsely (``name::sparse_values`` ...);
+    the export decodes them to dense tensors whose zeros are exact for peft."""
+    run = tmp_path / "run"
+    tiny_recipe["head"] = {"pooling": "cls"}
+    tiny_recipe["sparsity"] = {"target": "delta", "density": 0.3}
+    train_run(validate_recipe(tiny_recipe), run, progress=False)
+    assert any("::sparse_" in key for key in read_safetensors(run / "delta.safetensors"))
+    export_peft(run, tmp_path / "peft")
+    adapter = read_safetensors(tmp_path / "peft/adapter_model.safetensors")
+    assert not any("::" in key for key in adapter)
+    factors = [t for key, t in adapter.items() if ".lora_" in key]
+    assert 0.2 < sum(int((t != 0).sum()) for t in factors) / sum(t.numel() for t in factors) < 0.4
+    built = build(load_recipe(run / "recipe.yaml"))
+    ours, theirs, _ = slimtune_and_peft_logits(run, tmp_path / "peft", tokens(built, ["the film was great", "awful"]))
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)

@@ -141,9 +141,9 @@ def test_resume_around_the_prune_step_gives_the_same_delta(tmp_path, tiny_recipe
     from tests.conftest_tiny import CrashAt
 
     recipe = stage2_recipe(tiny_recipe)
-    recipe["train"].update(max_steps=8, checkpoint_every=3)
+    recipe["train"].update(max_steps=12, checkpoint_every=3)
     recipe = validate_recipe(recipe)
-    train_run(recipe, tmp_path / "whole", progress=False)
+    whole_report = train_run(recipe, tmp_path / "whole", progress=False)
 
     def crash(run, step):
         built = build(recipe)
@@ -155,14 +155,43 @@ def test_resume_around_the_prune_step_gives_the_same_delta(tmp_path, tiny_recipe
             trainer.fit()
 
     whole = read_safetensors(tmp_path / "whole/delta.safetensors")
-    # Crashed before the prune step (checkpoint at 3, stage 2 at 4) or after it (checkpoints at 3
-    # and 6): a checkpoint written after stage 2 does not fit the dense model a resume builds, so
-    # it is set aside and the run resumes from step 3, replaying stage 2 on the same data.
-    for name, step in (("early", 4), ("late", 7)):
+    # Stage 2 runs at step 6. Crashed before it (checkpoint 3), right after it (checkpoints 3 and
+    # 6) or with only post-prune checkpoints left (6 and 9; KEEP_LAST = 2): a post-prune checkpoint
+    # replays stage 2 from its saved stage-1 update and removed units, then loads its parameters.
+    for name, step, resumed_from in (("early", 5, 3), ("at", 7, 6), ("late", 10, 9)):
         crash(tmp_path / name, step)
-        train_run(recipe, tmp_path / name, resume=True, progress=False)
+        report = train_run(recipe, tmp_path / name, resume=True, progress=False)
+        assert report["train"]["resumed_from_step"] == resumed_from
+        assert not [p for p in (tmp_path / name / "checkpoints").iterdir() if p.name.startswith("corrupt")]
         resumed = read_safetensors(tmp_path / name / "delta.safetensors")
         assert whole.keys() == resumed.keys()
         for key in whole:
             assert torch.allclose(whole[key].float(), resumed[key].float(), atol=1e-6), (name, key)
-    assert [p.name for p in (tmp_path / "late/checkpoints").iterdir() if p.name.startswith("corrupt")] == ["corrupt-step-00000006"]
+        assert report["dsee"]["flops_saved"] == whole_report["dsee"]["flops_saved"]
+
+
+def test_stage2_misfits_are_refused_when_the_run_is_built(tiny_recipe):
+    recipe = stage2_recipe(tiny_recipe)
+    recipe["method"] = [recipe["method"], {"name": "bitfit"}]
+    with pytest.raises(SlimtuneError, match=r"method: 'dsee' restructures the model during training \(its stage 2, prune: heads\), which 'bitfit'"):
+        build(validate_recipe(recipe))
+    with pytest.raises(SlimtuneError, match="method.heads_per_layer: 4 would remove every head of a layer"):
+        build(validate_recipe(stage2_recipe(tiny_recipe, heads_per_layer=4)))
+    model, method = attached(heads_per_layer=1, ffn_fraction=0.25, ffn_score="fisher", head_score="update")
+    with pytest.raises(SlimtuneError, match=r"method.ffn_score: 'fisher' needs training batches, and the task has none; use magnitude$"):
+        method.run_stage2(model)
+
+
+def test_llama_grouped_query_heads_are_removed_by_whole_groups():
+    from tests.tiny import tiny_llama
+
+    model = tiny_llama()
+    n_heads, n_kv = model.config.num_attention_heads, model.config.num_key_value_heads
+    assert n_kv < n_heads
+    group = n_heads // n_kv
+    method = DSEE({"r": 2, "num_sparse": 4, "decomposition_rank": 2, "prune": "heads", "heads_per_layer": group, "head_score": "magnitude"})
+    method.attach(model, Arch.of(model))
+    info = method.run_stage2(model)
+    for heads in info["removed_heads"].values():
+        assert len(heads) == group and heads == list(range(heads[0], heads[0] + group)) and heads[0] % group == 0
+    model(input_ids=torch.tensor([[1, 2, 3, 4]]))

@@ -200,3 +200,11 @@ def test_causal_lm_dp_lora_reports_perplexity(tiny_data_file, tmp_path):
     report = train_run(validate_recipe(recipe), tmp_path / "run", progress=False)
     assert report["privacy"]["steps"] == 3 and report["privacy"]["epsilon"] <= 8.0
     assert math.isfinite(report["metrics"]["perplexity"])
+
+
+def test_a_method_that_restructures_mid_run_is_refused(tiny_recipe):
+    tiny_recipe["method"] = {"name": "dsee", "r": 2, "num_sparse": 4, "decomposition_rank": 2, "prune": "heads", "heads_per_layer": 1}
+    tiny_recipe["privacy"] = {"epsilon": 8.0}
+    with pytest.raises(SlimtuneError, match=r"privacy: method 'dsee' restructures the model during training \(its stage 2, prune: heads\)") as caught:
+        build(validate_recipe(tiny_recipe))
+    assert "\n" not in str(caught.value)

@@ -69,6 +69,7 @@ def test_large_sparse_nonzeros_equal_the_dense_adapter():
     ({"method": {"name": "dsee", "r": 4, "num_sparse": 4, "decomposition_rank": 4}}, "method 'dsee' has no width to widen"),
     ({"sparsity": {"target": "base"}}, "needs target: delta"),
     ({"sparsity": {"include": ["adapter_down.weight"]}}, "drop include"),
+    ({"method": {"name": "lora", "r": 4, "train_a": False}}, r"method 'lora' has train_a: false \(FFA-LoRA\)"),
 ])
 def test_large_sparse_where_it_cannot_apply_is_one_line_error(tiny_recipe, change, message):
     recipe = recipe_with(tiny_recipe, change.get("method", {"name": "houlsby", "reduction_factor": 4}), **change.get("sparsity", {}))
@@ -101,7 +102,7 @@ def test_sparsity_with_dsee_stage2(tmp_path, tiny_recipe):
 def test_dsee_stage2_with_another_method_is_one_line_error(tmp_path, tiny_recipe, other):
     recipe = copy.deepcopy(tiny_recipe)
     recipe["method"] = [{"name": "dsee", "r": 4, "num_sparse": 16, "decomposition_rank": 4, "prune": "heads", "heads_per_layer": 1}, other]
-    with pytest.raises(SlimtuneError, match=f"dsee's stage 2 .* '{other['name']}' also changes") as err:
+    with pytest.raises(SlimtuneError, match=f"method: 'dsee' restructures the model during training .*'{other['name']}' would not survive") as err:
         train_run(validate_recipe(recipe), tmp_path / "run", progress=False)
     assert "\n" not in str(err.value)
     recipe["method"][0]["prune"] = "none"  # stage 1 composes like any update

@@ -58,6 +58,11 @@ def export_peft(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
         )
     head_names: list[str] = list(meta.get("head", []))
 
+    # A masked delta (a sparsity section) is stored sparsely: back to dense tensors, whose
+    # zeros peft computes with exactly.
+    from slimtune.sparsity.storage import decode_state
+
+    state = decode_state(state)[0]
     tensors = {}
     targets = set()
     for key, tensor in state.items():

@@ -73,7 +73,7 @@ def load_exported(directory: str | Path) -> nn.Module:
     from transformers import AutoConfig
 
     from slimtune.zoo.heads import configure_pooling
-    from slimtune.zoo.models import _quiet_transformers
+    from slimtune.zoo.hf_helpers import quiet_transformers
 
     directory = Path(directory)
     record = read_export_record(directory)
@@ -83,7 +83,7 @@ def load_exported(directory: str | Path) -> nn.Module:
     try:
         # A mean-pooled export has no [CLS] pooler weights: transformers' report of them as
         # missing is expected (the pooler is replaced just below), so it is silenced.
-        with _quiet_transformers():
+        with quiet_transformers():
             if record.get("layout") == "hf":
                 model = auto_class.from_pretrained(directory, dtype=dtype, use_safetensors=True)
             else:

@@ -7,12 +7,16 @@ every one answers the same questions, so the trainer never needs to know a metho
 - ``attach(model, arch)``: change the model in place (wrap, insert, register shared containers,
   or only pick base parameters). Base weights are frozen and never copied.
 - ``trainable_parameters(model)``: ``{name: Parameter}`` with names as in ``model.named_parameters()``.
+- ``stored_parameters(model)``: what the delta file holds — the trainable parameters plus any
+  frozen tensor the update needs that the base model lacks (e.g. FFA-LoRA's fixed A).
 - ``delta_state_dict(model)`` / ``load_delta_state_dict(model, state)``: all that is saved.
 - ``merge(model)`` / ``unmerge(model)`` for linear updates (``mergeable = True``); unmerge is exact.
 - ``param_count(model)`` and, where the paper gives one, ``expected_param_count(model)``.
 - ``claims(model)``: the module/parameter names it wraps or trains, so that two methods in one
   recipe can be checked for conflicts.
 - ``hooks()``: trainer hooks the method needs (e.g. a pruning phase), usually none.
+- ``restructuring_reason``: why the method changes the model's structure mid-training (DSEE's
+  stage 2), or None; features that fix modules or gradients at the start refuse such a method.
 
 Registration is one decorator line: ``@register`` on the class, whose ``name`` is the recipe key.
 """
@@ -240,6 +244,13 @@ class Method(ABC):
 
     def hooks(self) -> list[Any]:
         return []
+
+    @property
+    def restructuring_reason(self) -> str | None:
+        """Why this method merges, prunes or replaces modules during training (e.g. DSEE's stage
+        2), or None: features built on the model as it is at the start (masks, DP-SGD's per-sample
+        clipping) refuse such a method."""
+        return None
 
     # -- the delta ----------------------------------------------------------------------------
     def stored_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:

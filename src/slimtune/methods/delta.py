@@ -56,6 +56,16 @@ class Delta:
 
     # -- attach -------------------------------------------------------------------------------
     def attach(self, model: nn.Module, arch: Arch) -> None:
+        for method in self.methods:
+            reason = method.restructuring_reason
+            others = [m.name for m in self.methods if m is not method]
+            if reason and others:
+                # It merges, unwraps and slices (or masks) the backbone mid-run: another method's
+                # wrappers, inserted modules or selected parameters would be cut or left stale.
+                raise SlimtuneError(
+                    f"method: '{method.name}' restructures the model during training ({reason}), which '{others[0]}' "
+                    "would not survive; run it alone or without that setting"
+                )
         owner: dict[str, str] = {}
         for method in self.methods:
             method.attach(model, arch)

@@ -30,7 +30,12 @@ remaining steps (S's support again from the merged weight):
   still dense computation: FLOPs do not drop;
 * ``heads``: in each layer, the ``heads_per_layer`` attention heads whose stage-1 update
   (rows of ``B A + S`` in Q and V) has the smallest L1 magnitude are removed physically
-  (:func:`slimtune.sparsity.structured.remove_heads`), so FLOPs and latency drop for real.
+  (:func:`slimtune.sparsity.structured.remove_heads`), so FLOPs and latency drop for real
+  (grouped-query attention: whole KV groups, ``heads_per_layer`` rounded to whole groups).
+
+Stage 2 lives in :mod:`slimtune.methods.dsee_stage2`. It changes the model mid-run, so DSEE with
+``prune`` runs alone (no other method), without a sparsity section and without DP-SGD (see
+``restructuring_reason``).
 
 Extensions of the structured stage 2 (off by default; the defaults are the paper's rule). In a
 BERT layer the heads are only about a third of the FLOPs (Q/K/V/O and attention; the FFN is the
@@ -46,9 +51,9 @@ rest), so a large FLOP saving from heads alone removes nearly all of them:
 The saved delta holds the stage-1 update, the removed heads (and neurons) and the stage-2
 update; loading it onto the pre-trained base replays the stage-2 transformation exactly (the
 unstructured mask is a deterministic function of the merged weights; the structured removal is
-stored, so data scores are not recomputed). A checkpoint written after stage 2 cannot be restored
-into the dense model that a resume builds: it is set aside and the run resumes from the last
-checkpoint before the prune step, which replays stage 2 on the same data.
+stored, so data scores are not recomputed). A checkpoint written after stage 2 holds the same
+tensors among its non-trainable delta state: a resume replays stage 2 from them before it copies
+the stage-2 parameters and optimizer state.
 """
 
 from __future__ import annotations
@@ -64,8 +69,7 @@ from torch import nn
 from slimtune.errors import SlimtuneError
 from slimtune.methods.base import Arch, MethodConfig, find_targets, register, replace_module
 from slimtune.methods.linear_update import LinearUpdate, LinearUpdateMethod
-from slimtune.sparsity.masks import apply_mask, clean_name, dense_tensor, get_mask, kept_from_scores
-from slimtune.train.hooks import Hook
+from slimtune.sparsity.masks import clean_name, dense_tensor, get_mask
 
 # --------------------------------------------------------------------------------------------
 # The decomposition that picks S's support.
@@ -196,10 +200,19 @@ class DSEEConfig(MethodConfig):
     heads_per_layer: int = Field(4, ge=0, description="heads: attention heads removed per layer (ranked by head_score)")
     head_score: Literal["update", "taylor", "fisher", "magnitude"] = Field("update", description="heads: how heads are ranked — update (the paper: L1 of the head's rows of the stage-1 update B A + S in Q and V); extensions, scored on the merged model: taylor (mean |dL/dgate| over score_batches training batches), fisher (mean (dL/dgate)^2), magnitude (L2 of the head's Q/K/V rows and output columns)")
     ffn_fraction: float = Field(0.0, ge=0, lt=1, description="heads (extension, not in the paper): also remove this fraction of each layer's FFN neurons physically (0 = the paper's heads only)")
-    ffn_score: Literal["magnitude", "taylor", "fisher"] = Field("taylor", description="ffn_fraction: how neurons are ranked on the merged model — taylor (mean |dL/dgate| on score_batches training batches; on minilm-l6 + movie-sentiment it kept 4 points more validation accuracy than magnitude-ranked units), fisher (mean (dL/dgate)^2), magnitude (L2 of the neuron's FFN input row and output column)")
+    ffn_score: Literal["magnitude", "taylor", "fisher"] = Field("taylor", description="ffn_fraction: how neurons are ranked on the merged model — taylor (mean |dL/dgate| on score_batches training batches), fisher (mean (dL/dgate)^2), magnitude (L2 of the neuron's FFN input row and output column)")
     structured_scope: Literal["local", "global"] = Field("local", description="heads/ffn_fraction: remove the same number of units in every layer (local; the paper's per-layer heads) or as many in total, ranked across layers (global; extension — a layer may lose all its heads)")
     score_batches: int = Field(8, ge=1, description="taylor/fisher scores: seeded batches of the training split (at train.batch_size) used at the prune step")
     seed: int = Field(0, ge=0, description="seed of 'random' supports and of the scoring batches")
+
+    @property
+    def scored_on_data(self) -> list[str]:
+        """The stage-2 rankings that need training batches: "head_score" and/or "ffn_score"."""
+        if self.prune != "heads":
+            return []
+        return [field for field, value, used in (("head_score", self.head_score, self.heads_per_layer > 0),
+                                                 ("ffn_score", self.ffn_score, self.ffn_fraction > 0))
+                if used and value in ("taylor", "fisher")]
 
     @model_validator(mode="after")
     def _stage2(self) -> DSEEConfig:
@@ -226,6 +239,9 @@ class DSEE(LinearUpdateMethod):
 
     # -- attach -------------------------------------------------------------------------------
     def attach(self, model: nn.Module, arch: Arch) -> None:
+        n_heads = getattr(model.config, "num_attention_heads", None)
+        if self.config.prune == "heads" and n_heads is not None and self.config.heads_per_layer >= n_heads:
+            raise SlimtuneError(f"method.heads_per_layer: {self.config.heads_per_layer} would remove every head of a layer (it has {n_heads}); use fewer")
         self.arch = arch
         self.patterns = self.config.targets or arch.default_targets("attention_qv")
         self.stage = 1
@@ -264,11 +280,13 @@ class DSEE(LinearUpdateMethod):
         return sum(self.config.r * (m.base.in_features + m.base.out_features) + m.sparse_indices.numel() for m in self._layers(model))
 
     @property
-    def restructures_in_training(self) -> str:
-        """Non-empty when stage 2 will merge and prune mid-run (another feature's masks would not survive it)."""
-        return f"its stage 2, prune: {self.config.prune}" if self.config.prune != "none" else ""
+    def restructuring_reason(self) -> str | None:
+        """Stage 2 merges and prunes the model mid-run."""
+        return f"its stage 2, prune: {self.config.prune}" if self.config.prune != "none" else None
 
     def hooks(self) -> list[Any]:
+        from slimtune.methods.dsee_stage2 import DSEEPruneHook
+
         return [DSEEPruneHook(self)] if self.config.prune != "none" else []
 
     # -- state --------------------------------------------------------------------------------
@@ -284,13 +302,20 @@ class DSEE(LinearUpdateMethod):
         return state
 
     def load_delta_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        stage1 = {k[len(STAGE1):]: v for k, v in state.items() if k.startswith(STAGE1)}
-        if stage1 and self.stage == 1:
-            self._load_layers(model, stage1)
-            heads, neurons = ({int(k.rpartition(".")[2]): v.tolist() for k, v in state.items() if k.startswith(key + ".")}
-                              for key in (HEADS_KEY, NEURONS_KEY))
-            self.run_stage2(model, heads=heads, neurons=neurons, replay=True)
+        if self.stage == 1 and any(k.startswith(STAGE1) for k in state):
+            self.replay_stage2(model, state)
         self._load_layers(model, {k: v for k, v in state.items() if not k.startswith((STAGE1, HEADS_KEY, NEURONS_KEY))})
+
+    def replay_stage2(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Rebuild the stage-2 model from a saved delta's (or checkpoint's) stage-1 update and
+        removed heads/neurons; the stage-2 update is left fresh, for the caller to load."""
+        stage1 = {k[len(STAGE1):]: v for k, v in state.items() if k.startswith(STAGE1)}
+        if not stage1:
+            raise SlimtuneError(f"{self.name}: the state written after stage 2 lacks the stage-1 update ('{STAGE1}*' tensors)")
+        self._load_layers(model, stage1)
+        heads, neurons = ({int(k.rpartition(".")[2]): v.tolist() for k, v in state.items() if k.startswith(key + ".")}
+                          for key in (HEADS_KEY, NEURONS_KEY))
+        self.run_stage2(model, heads=heads, neurons=neurons, replay=True)
 
     def _load_layers(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
@@ -314,27 +339,7 @@ class DSEE(LinearUpdateMethod):
                         raise SlimtuneError(f"{self.name}: delta tensor '{key}' has shape {tuple(value.shape)}, the model expects {tuple(tensor.shape)}")
                     tensor.copy_(value)
 
-    # -- stage 2 ------------------------------------------------------------------------------
-    def head_scores(self, model: nn.Module) -> dict[int, torch.Tensor]:
-        """Per layer: L1 magnitude of each head's rows of the update (B A + S) in the wrapped
-        query and value projections."""
-        from slimtune.sparsity.structured import head_dim_of, layer_parts
-
-        head_dim = head_dim_of(model)
-        parts = layer_parts(model)
-        scores: dict[int, torch.Tensor] = {}
-        for index, layer in enumerate(parts):
-            total = None
-            for name, module in model.named_modules():
-                if isinstance(module, DSEELinear) and name.startswith(layer.layer + "."):
-                    with torch.no_grad():
-                        per_row = module.delta_weight().abs().sum(1)
-                    per_head = per_row.view(-1, head_dim).sum(1)
-                    total = per_head if total is None else total + per_head
-            if total is not None:
-                scores[index] = total
-        return scores
-
+    # -- stage 2 (slimtune.methods.dsee_stage2) ----------------------------------------------
     def run_stage2(
         self,
         model: nn.Module,
@@ -343,176 +348,8 @@ class DSEE(LinearUpdateMethod):
         batches: list[dict[str, torch.Tensor]] | None = None,
         replay: bool = False,
     ) -> dict[str, Any]:
-        """Merge the stage-1 update into the weights, prune, wrap fresh stage-2 updates.
+        """Merge the stage-1 update into the weights, prune, wrap fresh stage-2 updates (see
+        :func:`slimtune.methods.dsee_stage2.run_stage2`)."""
+        from slimtune.methods.dsee_stage2 import run_stage2
 
-        ``replay``: apply the given ``heads``/``neurons`` (a saved delta's) instead of scoring;
-        ``batches``: training batches for the taylor/fisher scores."""
-        if self.stage != 1:
-            raise SlimtuneError("dsee: stage 2 has already run")
-        c = self.config
-        structured = c.prune == "heads"
-        self.stage1 = {f"{STAGE1}{k}": v.detach().clone() for k, v in self.delta_state_dict(model).items()}
-        if structured and not replay:
-            n_heads = model.config.num_attention_heads
-            if c.heads_per_layer >= n_heads:
-                raise SlimtuneError(f"method.heads_per_layer: {c.heads_per_layer} would remove every head of a layer (it has {n_heads}); use fewer")
-            if c.head_score == "update":
-                heads = self._lowest(self.head_scores(model), c.heads_per_layer, c.structured_scope)
-        # Merge for good and unwrap: W <- W + ΔW; the wrapped names become plain linears again.
-        for name in self.wrapped:
-            layer = model.get_submodule(name)
-            layer.merge(keep_original=False)
-            replace_module(model, name, layer.base)
-        info: dict[str, Any] = {}
-        if structured:
-            from slimtune.sparsity.structured import remove_ffn_neurons, remove_heads
-
-            if not replay:
-                heads, neurons = self._score_merged(model, heads, batches)
-            heads = {int(k): sorted(int(h) for h in v) for k, v in (heads or {}).items() if len(v)}
-            neurons = {int(k): sorted(int(n) for n in v) for k, v in (neurons or {}).items() if len(v)}
-            remove_heads(model, heads)
-            remove_ffn_neurons(model, neurons)
-            self.removed_heads, self.removed_neurons = heads, neurons
-            info["removed_heads"] = self.removed_heads
-            info["removed_neurons_per_layer"] = {layer: len(v) for layer, v in neurons.items()}
-        elif c.prune == "unstructured":
-            targets = backbone_linears(model)
-            scores = {n: m.weight.detach().abs() for n, m in targets.items()}
-            kept = kept_from_scores(scores, 1 - c.prune_ratio, "global")
-            for n, m in targets.items():
-                apply_mask(m, "weight", kept[n])
-            info["weight_density"] = sum(int(k.sum()) for k in kept.values()) / sum(k.numel() for k in kept.values())
-        self._wrap(model)
-        for param in self.trainable_parameters(model).values():
-            param.requires_grad_(True)
-        self.stage = 2
-        return info
-
-    @staticmethod
-    def _lowest(scores: dict[int, torch.Tensor], k: int, scope: str = "local") -> dict[int, list[int]]:
-        """The units with the smallest score: ``k`` per layer (``local``), or ``k`` times the
-        number of layers ranked across all layers (``global``; ties by layer, then unit)."""
-        if scope == "local":
-            return {layer: sorted(torch.topk(-s.float(), k).indices.tolist()) if k else [] for layer, s in scores.items()}
-        ranked = sorted((float(v), layer, unit) for layer, s in scores.items() for unit, v in enumerate(s.tolist()))
-        chosen: dict[int, list[int]] = {layer: [] for layer in scores}
-        for _, layer, unit in ranked[: k * len(scores)]:
-            chosen[layer].append(unit)
-        return {layer: sorted(units) for layer, units in chosen.items()}
-
-    def _score_merged(self, model: nn.Module, heads: dict[int, list[int]] | None, batches) -> tuple[dict, dict]:
-        """Heads (unless the update rule chose them already) and FFN neurons to remove, scored on
-        the merged stage-1 model by :func:`slimtune.sparsity.structured.unit_importance`."""
-        from slimtune.sparsity.structured import unit_importance
-
-        c = self.config
-        wanted = {crit for crit, used in ((c.head_score, heads is None and c.heads_per_layer > 0),
-                                          (c.ffn_score, c.ffn_fraction > 0)) if used}
-        if wanted & {"taylor", "fisher"} and not batches:
-            raise SlimtuneError(f"method.head_score/ffn_score: '{sorted(wanted & {'taylor', 'fisher'})[0]}' needs training batches, and the task has none; use update or magnitude")
-        computed = {crit: unit_importance(model, crit, batches=batches) for crit in sorted(wanted)}
-
-        def as_tensors(scores: dict[int, dict[int, float]]) -> dict[int, torch.Tensor]:
-            # Every unit is still present (nothing removed yet): index i is unit i.
-            return {layer: torch.tensor([units[i] for i in sorted(units)]) for layer, units in scores.items()}
-
-        if heads is None:
-            heads = self._lowest(as_tensors(computed[c.head_score][0]), c.heads_per_layer, c.structured_scope) if c.heads_per_layer else {}
-        neurons: dict[int, list[int]] = {}
-        if c.ffn_fraction > 0:
-            scores = as_tensors(computed[c.ffn_score][1])
-            per_layer = round(c.ffn_fraction * next(iter(scores.values())).numel())
-            neurons = self._lowest(scores, per_layer, c.structured_scope)
-        return heads, neurons
-
-
-def backbone_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """The backbone's linear layers (the task head excluded), by module name."""
-    from slimtune.methods.base import HEAD_MODULE_NAMES
-
-    return {
-        n: m for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) and not any(part in HEAD_MODULE_NAMES for part in n.split(".")) and ".pooler." not in f".{n}."
-    }
-
-
-class DSEEPruneHook(Hook):
-    """Runs DSEE's stage 2 at ``prune_at`` of training and restarts the optimizer on the new
-    parameters for the remaining steps."""
-
-    name = "dsee"
-
-    def __init__(self, method: DSEE):
-        self.method = method
-        self.info: dict[str, Any] = {}
-
-    def on_train_begin(self, trainer) -> None:
-        self.trainer = trainer
-        others = [m.name for m in getattr(trainer.delta, "methods", []) if m is not self.method]
-        if others and self.method.stage == 1:
-            # Stage 2 merges, unwraps and slices (or masks) the backbone's linears: another method's
-            # wrappers, inserted modules or selected parameters would be cut or left stale mid-run.
-            raise SlimtuneError(
-                f"method: dsee's stage 2 (prune: {self.method.config.prune}) merges and prunes the backbone mid-run, "
-                f"which '{others[0]}' also changes; compose dsee with prune: none, or run it alone"
-            )
-        self.at = max(1, round(self.method.config.prune_at * trainer.total_steps))
-        self.info["stage1_trainable"] = sum(p.numel() for p in self.method.trainable_parameters(trainer.model).values())
-
-    def on_step_end(self, trainer) -> None:
-        if trainer.step != self.at or self.method.stage != 1:
-            return
-        from slimtune.measure.flops import flops_per_example
-
-        model = trainer.model
-        was_training = model.training
-        model.eval()
-        from slimtune.measure.report import inference_inputs
-
-        one = inference_inputs(trainer, 1, trainer.cfg.max_length)
-        self.method.merge(model)
-        flops_before = flops_per_example(model, one)
-        self.method.unmerge(model)
-        c = self.method.config
-        needs_data = c.prune == "heads" and (
-            (c.heads_per_layer > 0 and c.head_score in ("taylor", "fisher")) or (c.ffn_fraction > 0 and c.ffn_score in ("taylor", "fisher"))
-        )
-        self.info.update(self.method.run_stage2(model, batches=self._batches(trainer) if needs_data else None))
-        self.method.merge(model)
-        flops_after = flops_per_example(model, one)
-        self.method.unmerge(model)
-        model.train(was_training)
-        self.info.update({
-            "stage2_step": trainer.step,
-            "flops_per_example_before": flops_before,
-            "flops_per_example_after": flops_after,
-            "flops_saved": 1 - flops_after / flops_before,
-            "flops_seq_len": int(one["input_ids"].shape[1]),
-            "stage2_trainable": sum(p.numel() for p in self.method.trainable_parameters(model).values()),
-        })
-        trainer.rebuild_optimizer()
-
-    def _batches(self, trainer) -> list[dict[str, torch.Tensor]]:
-        """``score_batches`` seeded batches of the training split (not the test or validation data)."""
-        n_rows = len(trainer.rows["train"])
-        order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(self.method.config.seed)).tolist()
-        size = trainer.cfg.batch_size
-        chunks = [order[b * size:(b + 1) * size] for b in range(self.method.config.score_batches)]
-        return [trainer.batch("train", chunk) for chunk in chunks if chunk]
-
-    def report(self) -> dict[str, Any]:
-        from slimtune.sparsity.schedules import sparsity_report
-
-        out = dict(self.info)
-        out["stage"] = self.method.stage
-        dense = sparsity_report(self.trainer.model, None) if hasattr(self, "trainer") else {}
-        out["final_weight_density"] = dense.get("weight_density")
-        return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"stage": self.method.stage}
-
-    def load_state_dict(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        if state.get("stage", 1) != 1:
-            raise SlimtuneError("dsee: resuming from a checkpoint written after the prune stage is not supported; start the run again")
+        return run_stage2(self, model, heads=heads, neurons=neurons, batches=batches, replay=replay)

@@ -4,8 +4,8 @@
 pre-trained function. Rank ``r``, ``alpha``, dropout and targets follow the paper/peft defaults.
 
 ``train_a: false`` is FFA-LoRA (Sun et al., ICLR 2024, "Improving LoRA in privacy-preserving
-federated learning"): ``A`` keeps its random init and only ``B`` trains. Under DP-SGD this halves
-the dimensions that receive noise, and ``A`` (whose gradient is zero while ``B`` is, so that it
+federated learning"): ``A`` keeps its random init and only ``B`` trains. Under DP-SGD this drops
+A's r·in parameters from those that receive noise, and ``A`` (whose gradient is zero while ``B`` is, so that it
 would only random-walk on noise early on) stays put. ``A`` is still saved with the delta.
 """
 

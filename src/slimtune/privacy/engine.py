@@ -53,6 +53,14 @@ class PrivacySection(Section):
         return self
 
     def build_hook(self, *, recipe, model, delta, task) -> PrivacyHook:
+        for method in getattr(delta, "methods", []):
+            if reason := getattr(method, "restructuring_reason", None):
+                # The per-sample clipper is built once on the modules present at the start, and
+                # data-driven pruning scores would read raw, un-noised gradients the accounting ignores.
+                raise SlimtuneError(
+                    f"privacy: method '{method.name}' restructures the model during training ({reason}), which DP-SGD "
+                    "cannot follow (per-sample clipping is set up on the starting modules; pruning scores would read un-noised gradients); use it without privacy"
+                )
         return PrivacyHook(self)
 
 

@@ -83,12 +83,6 @@ def large_sparse_width(hidden: int, width: int, density: float, bias: bool = Tru
     return max(1, round(width / density))
 
 
-def large_sparse_reduction_factor(hidden: int, reduction_factor: float, density: float) -> float:
-    """The adapter ``reduction_factor`` giving the Large-Sparse width (hidden // factor = m')."""
-    width = large_sparse_width(hidden, max(1, int(hidden // reduction_factor)), density)
-    return hidden / width
-
-
 #: Methods whose width Large-Sparse can widen, and the field that sets it.
 LARGE_SPARSE_FIELDS = {"houlsby": "reduction_factor", "pfeiffer": "reduction_factor", "lora": "r"}
 
@@ -96,7 +90,9 @@ LARGE_SPARSE_FIELDS = {"houlsby": "reduction_factor", "pfeiffer": "reduction_fac
 def large_sparse_specs(specs: list[Any], hidden: int, density: float) -> tuple[list[Any], dict[str, dict[str, Any]]]:
     """The recipe's method specs widened for Large-Sparse at ``density``: adapters get the width
     of :func:`large_sparse_width` (weights pruned, biases dense), LoRA the rank ``r / density``
-    (rounded; A and B are both pruned, and alpha stays as given, as if the recipe said that r).
+    (rounded; A and B are both pruned, and alpha stays as given, as if the recipe said that r:
+    the update scale alpha / r shrinks by the density). FFA-LoRA (``train_a: false``) is refused:
+    its A is frozen and not pruned, so widening it would add dense parameters.
     Returns the new specs and ``{method: {field: [before, after], width: [before, after]}}``.
     A method without a width to widen is a one-line error."""
     density = check_density(density)
@@ -109,6 +105,11 @@ def large_sparse_specs(specs: list[Any], hidden: int, density: float) -> tuple[l
                 f"{', '.join(LARGE_SPARSE_FIELDS)} (drop large_sparse or the method)"
             )
         config = spec.config
+        if field == "r" and not getattr(config, "train_a", True):
+            raise SlimtuneError(
+                f"sparsity.large_sparse: method '{spec.name}' has train_a: false (FFA-LoRA), whose frozen A is not pruned, "
+                "so rank r / density would add dense parameters; use train_a: true or drop large_sparse"
+            )
         if field == "r":
             before, after = config.r, max(1, round(config.r / density))
             new_config = config.model_copy(update={"r": after})
@@ -227,7 +228,7 @@ class SparsitySection(Section):
     rounds: int = Field(3, ge=1, description="iterative: prune -> retrain rounds")
     batches: int = Field(4, ge=1, description="batches of the training split scored by data criteria (snip, grasp, movement)")
     seed: int = Field(0, ge=0, description="seed of the random criterion and of the scoring batches")
-    large_sparse: bool = Field(False, description="Large-Sparse (He et al. 2022): widen the adapter (houlsby, pfeiffer) or LoRA rank so that its non-zeros at this density equal the dense method's parameters (target: delta only)")
+    large_sparse: bool = Field(False, description="Large-Sparse (He et al. 2022): widen the adapter (houlsby, pfeiffer) or LoRA rank so that its non-zeros at this density equal the dense method's parameters (target: delta only). LoRA: r becomes r / density and alpha is kept, so the update scale alpha / r shrinks by the density (raise alpha to keep it); train_a: false (FFA-LoRA, A frozen and unpruned) is refused")
 
     @model_validator(mode="after")
     def _density(self) -> SparsitySection:
@@ -264,10 +265,10 @@ class SparsitySection(Section):
             if train is None or len(train) == 0:
                 raise SlimtuneError(f"sparsity.criterion: '{self.criterion}' needs training data, and the task has none; use random, magnitude or synflow")
         for method in getattr(delta, "methods", []):
-            if getattr(method, "restructures_in_training", False):
+            if reason := getattr(method, "restructuring_reason", None):
                 raise SlimtuneError(
                     f"sparsity: method '{method.name}' merges and prunes the model's weights during training "
-                    f"({method.restructures_in_training}), which would discard or cut this section's masks; use one of the two"
+                    f"({reason}), which would discard or cut this section's masks; use one of the two"
                 )
         targets = select_targets(model, delta, self.target, self.include)
         hook = SparsityHook(self, model, delta, targets)

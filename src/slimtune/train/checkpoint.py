@@ -188,17 +188,23 @@ def restore_latest(
     warn=print,
     set_aside: bool = True,
     restore_extra=None,
+    prepare=None,
 ) -> tuple[Path, dict[str, Any]] | None:
     """Restore the newest checkpoint that reads back intact and fits this run. Each unusable
     one is set aside as ``corrupt-step-...`` with a warning, falling back to the previous one.
     None when there is no checkpoint at all; an error when none of them is usable. With several
     processes only the main one sets files aside (``set_aside``); the others just skip them.
     ``restore_extra(state, extra_tensors)`` restores the trainer's own part (may raise
-    SlimtuneError to reject the checkpoint)."""
+    SlimtuneError to reject the checkpoint). ``prepare(state, tensors)`` runs before anything is
+    copied and may rebuild the model's structure the checkpoint was written on (a hook that
+    restructures the model mid-run); it returns None, or the new ``(params, optimizer, scheduler)``
+    to restore into."""
     candidates = list_checkpoints(run_dir)
     for path in reversed(candidates):
         try:
             state, tensors = read_checkpoint(path)
+            if prepare is not None and (rebuilt := prepare(state, tensors)) is not None:
+                params, optimizer, scheduler = rebuilt
             restore_checkpoint(state, tensors, params=params, optimizer=optimizer, scheduler=scheduler, hooks=hooks, source=path)
             if restore_extra is not None:
                 try:

@@ -66,5 +66,11 @@ class Hook:
 
     def load_state_dict(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None: ...
 
+    def restore_structure(self, trainer: Trainer, state: dict[str, Any], delta: dict[str, torch.Tensor]) -> bool:
+        """On resume, before a checkpoint's parameters are copied: rebuild a model structure this
+        hook changed mid-run, from its checkpointed ``state`` and the checkpoint's non-trainable
+        delta tensors (and rebuild the optimizer with ``trainer.rebuild_optimizer``). True when it did."""
+        return False
+
     def report(self) -> dict[str, Any]:
         return {}

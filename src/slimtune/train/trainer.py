@@ -138,13 +138,14 @@ class Trainer:
             groups.setdefault((lr, decay), []).append(param)
         return torch.optim.AdamW([{"params": p, "lr": lr, "weight_decay": wd} for (lr, wd), p in groups.items()])
 
-    def rebuild_optimizer(self) -> None:
+    def rebuild_optimizer(self, from_step: int | None = None) -> None:
         """Re-read the delta's trainable parameters and start a fresh optimizer and learning-rate
-        schedule (warm-up included) for the remaining steps: for a hook that replaces the
-        parameters mid-run (DSEE's prune-and-re-tune stage)."""
+        schedule (warm-up included) for the steps after ``from_step`` (default: now): for a hook
+        that replaces the parameters mid-run (DSEE's prune-and-re-tune stage), also when it
+        rebuilds that state on resume."""
         self.trainable = self.delta.trainable_parameters(self.model)
         self.optimizer = self._build_optimizer()
-        remaining = max(1, self.total_steps - self.step)
+        remaining = max(1, self.total_steps - (self.step if from_step is None else from_step))
         self.scheduler = get_scheduler(
             {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[self.cfg.scheduler],
             self.optimizer,
@@ -383,6 +384,13 @@ class Trainer:
         if saved or self._delta_only_state():
             self.delta.load_state_dict(self.model, {**{n: p.detach() for n, p in self.trainable.items()}, **saved})
 
+    def _restore_structure(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]):
+        """Let hooks rebuild a structure they changed mid-run before the checkpoint's parameters
+        are copied; then the (rebuilt) parameters, optimizer and schedule to restore into."""
+        delta = {k[len("extra.delta."):]: v for k, v in tensors.items() if k.startswith("extra.delta.")}
+        changed = [hook.restore_structure(self, state.get("hooks", {}).get(hook.name, {}), delta) for hook in self.hooks]
+        return (self.trainable, self.optimizer, self.scheduler) if any(changed) else None
+
     def _resume(self) -> None:
         if self.run_dir is None:
             raise SlimtuneError("resume needs a run directory")
@@ -390,7 +398,7 @@ class Trainer:
         main = self.accelerator.is_main_process
         found = ckpt.restore_latest(self.run_dir, params=self.trainable, optimizer=self.optimizer, scheduler=self.scheduler,
                                     hooks=self.hooks, warn=tqdm.write if main else (lambda _: None), set_aside=main,
-                                    restore_extra=self._restore_delta_only_state)
+                                    restore_extra=self._restore_delta_only_state, prepare=self._restore_structure)
         if found is None:
             if main:
                 tqdm.write(f"{self.run_dir}: no checkpoint was written before the interruption; starting from step 0")

@@ -30,9 +30,6 @@ if TYPE_CHECKING:  # torch/transformers are imported lazily: listing models must
     import torch
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-#: Kept importable from here: slimtune.compress.loader uses it.
-_quiet_transformers = quiet_transformers
-
 __all__ = [
     "BUNDLED_WEIGHTS",
     "MODELS",
