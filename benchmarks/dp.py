@@ -17,7 +17,11 @@ perplexity before and after. Runs go to ``--runs`` (one directory per run); a fi
 recipe.yaml trains the same as planned (the ``measure`` section aside) is reused, not retrained.
 Parts not run keep their previous figures from benchmarks/results/dp.json.
 
-    python -m benchmarks.dp [--quick] [--parts speed,accuracy,lm] [--repeats 5] [--threads 2] [--runs runs/bench-dp]
+Schedule (part ``schedule``, no training): for logical batches x epochs on the full split, the noise
+σ the accountant calibrates for ε=8 and the scale sqrt(steps) x batch / σ of the accumulated
+signal-to-noise, i.e. what a batch/epoch choice can buy at fixed ε and N.
+
+    python -m benchmarks.dp [--quick] [--parts speed,accuracy,lm,schedule] [--repeats 5] [--threads 2] [--runs runs/bench-dp]
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ from benchmarks.common import RESULTS, interleaved_medians, print_rows, write_re
 
 BATCH, SEQ, SIGMA, CLIP = 32, 64, 1.0, 1.0
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("speed", "speed-full", "accuracy", "lm")
+PARTS = ("speed", "speed-full", "accuracy", "lm", "schedule")
+#: Part "schedule": logical batches x epochs whose noise the accountant calibrates for ε=8.
+SCHEDULE_BATCHES, SCHEDULE_EPOCHS = (256, 1024, 4226), (2, 8, 32)
 
 #: The accuracy comparison: label -> (recipe, overrides). The non-private baseline trains the same
 #: LoRA on the same full training split for the same 2 epochs, with the usual non-private
@@ -49,7 +55,7 @@ LM_RUN = ("lm-dp-eps8", "recipes/dp-lora-lm.yaml", [])
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only the speed part, 3 repeats, DP-LoRA only")
-    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated parts to run: speed (DP-LoRA), speed-full (DP full fine-tuning), accuracy, lm (default: all)")
+    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated parts to run: speed (DP-LoRA), speed-full (DP full fine-tuning), accuracy, lm, schedule (σ and signal-to-noise scale per batch x epochs; no training) (default: all)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--opacus-ghost", action="store_true", help="speed: also time Opacus' ghost-clipping mode on DP-LoRA")
@@ -76,6 +82,8 @@ def main(argv=None) -> dict:
         result["accuracy"] = accuracy(args.runs, args.threads, tuple(args.partial))
     if "lm" in parts:
         result["lm"] = causal_lm(args.runs, args.threads)
+    if "schedule" in parts:
+        result["schedule"] = schedule()
     print_rows("DP-SGD (minilm-l6, movie-sentiment)", summary_rows(result))
     write_result("dp", result)
     return result
@@ -313,6 +321,31 @@ def causal_lm(runs: Path, threads: int) -> dict:
     return entry
 
 
+def schedule(epsilon: float = 8.0, delta: float = 1e-5, accountant: str = "prv") -> dict:
+    """How far the signal can stand above the noise, per batch/epoch choice, on the full split.
+
+    With every example clipped to C, a step's summed signal grows with the batch B and its noise is
+    σC, so over T steps the accumulated signal-to-noise scales as sqrt(T) B / σ (T = epochs N / B).
+    σ is the accountant's calibration for ε over those T steps: this is what batch and epochs can
+    buy at a fixed ε and N (no training)."""
+    from slimtune.privacy.accounting import calibrate_noise
+    from slimtune.recipe import load_recipe
+    from slimtune.zoo.tasks import load_task
+
+    recipe = load_recipe(ROOT / "recipes/dp-lora.yaml")
+    task = load_task(recipe.task.name, split_seed=recipe.task.split_seed, train_size=None, eval_size=recipe.task.eval_size, seed=recipe.train.seed)
+    n = len(task.splits["train"])
+    rows = []
+    for batch in SCHEDULE_BATCHES:
+        for epochs in SCHEDULE_EPOCHS:
+            steps = int(epochs * n / batch)
+            sigma = calibrate_noise(accountant, epsilon, delta, batch / n, steps)
+            rows.append({"batch": batch, "epochs": epochs, "steps": steps, "noise_multiplier": sigma, "signal_to_noise_scale": steps**0.5 * batch / sigma})
+            print(f"schedule: batch {batch} x {epochs} epochs: {steps} steps, σ={sigma:.3f}, sqrt(T)B/σ={rows[-1]['signal_to_noise_scale']:.0f}", flush=True)
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "n_train": n, "epsilon": epsilon, "delta": delta, "accountant": accountant,
+            "recipe": {"batch": recipe.train.batch_size, "epochs": recipe.train.epochs}, "rows": rows}
+
+
 # -- output -----------------------------------------------------------------------------------------
 def summary_rows(result: dict) -> list[tuple[str, object]]:
     rows: list[tuple[str, object]] = []
@@ -404,6 +437,17 @@ def render_markdown(result: dict) -> str:
             f"{pr.get('physical_batch_size')}), lr {t.get('lr')} (LoRA and head; linear decay, no warm-up), max_length {t.get('max_length')}, "
             f"clip {pr.get('max_grad_norm')}, {str(pr.get('accountant', '')).upper()} accountant, noise calibrated to the target ε for the planned steps. "
             f"Non-private: {tn.get('epochs'):g} epochs, batch {tn.get('batch_size')}, lr {tn.get('lr')}, warm-up {tn.get('warmup_ratio')}, max_length {tn.get('max_length')}."
+        )
+    sched = result.get("schedule")
+    if sched:
+        mine = next((r for r in sched["rows"] if r["batch"] == sched["recipe"]["batch"] and r["epochs"] == sched["recipe"]["epochs"]), None)
+        rows = [f"| {r['batch']} | {r['epochs']} | {r['steps']} | {r['noise_multiplier']:.2f} | {r['signal_to_noise_scale']:.0f}"
+                + (f" ({r['signal_to_noise_scale'] / mine['signal_to_noise_scale']:.2f}x the recipe)" if mine else "") + " |" for r in sched["rows"]]
+        parts.append(
+            f"What batch and epochs can buy at ε={sched['epsilon']:g} on the {sched['n_train']} training sentences (part `schedule`, "
+            f"{sched['accountant'].upper()} calibration, no training): with every example clipped to C, the signal summed over T steps "
+            "grows as T B and the noise as sqrt(T) σC, so sqrt(T) B / σ is the scale of the accumulated signal-to-noise.\n\n"
+            "| logical batch | epochs | steps | σ | sqrt(T) B / σ |\n|---|---|---|---|---|\n" + "\n".join(rows)
         )
     lm = result.get("lm")
     if lm:

@@ -82,3 +82,11 @@ def test_an_unfinished_dp_run_is_taken_from_its_checkpoint_with_its_epsilon(tiny
     assert partial["privacy"]["epsilon"] == pytest.approx(report["privacy"]["epsilon"]) and partial["privacy"]["steps"] == report["privacy"]["steps"]
     assert partial["train"]["stop_reason"].startswith("partial")
     assert dp.checkpoint_report(tmp_path / "runs", "dp-eps8", str(recipe_file), [], threads=1) == partial  # cached
+
+
+def test_schedule_part_renders_each_choice_against_the_recipe():
+    rows = [{"batch": b, "epochs": e, "steps": int(e * 1000 / b), "noise_multiplier": 1.0, "signal_to_noise_scale": (e * 1000 / b) ** 0.5 * b}
+            for b in (100, 400) for e in (2, 8)]
+    text = dp.render_markdown({"schedule": {"n_train": 1000, "epsilon": 8.0, "delta": 1e-5, "accountant": "prv", "recipe": {"batch": 400, "epochs": 8}, "rows": rows}})
+    assert "| 400 | 8 | 20 | 1.00 | 1789 (1.00x the recipe) |" in text
+    assert "| 100 | 2 | 20 | 1.00 | 447 (0.25x the recipe) |" in text
