@@ -131,9 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--peft", type=Path, metavar="OUT", help="new directory for the peft adapter (LoRA runs only)")
     export.add_argument("--out", type=Path, metavar="DIR", help="new (or empty) directory for the exported model")
     export.add_argument("--merge", action="store_true", help="merge the delta into the base (implied by --slim/--int8/--bf16)")
-    export.add_argument("--slim", metavar="SPEC", help="remove structure, e.g. heads=0.5,ffn=0.5 (fractions removed, chosen by "
-                        "importance on the task's training data); keys: heads, ffn, criterion=magnitude|delta|taylor|fisher, "
-                        "scope=global|local, batches=N")
+    export.add_argument("--slim", metavar="SPEC", help="remove structure, e.g. heads=0.5,ffn=0.5 or "
+                        "heads=0.5,ffn=0.5,scope=local,multiple=32 (fractions removed, chosen by importance on the task's "
+                        "training data); keys: heads, ffn, criterion=magnitude|delta|taylor|fisher (default taylor), "
+                        "scope=local|global (default local: the same share in every layer), multiple=N (kept FFN neurons "
+                        "per layer rounded to a multiple of N; default 32, 1 = exact), batches=N (default 8)")
     export.add_argument("--int8", action="store_true", help="dynamic int8 Linear layers (CPU inference)")
     export.add_argument("--bf16", action="store_true", help="bfloat16 weights")
     export.add_argument("--threads", type=int, default=2, help="torch threads for the latency measurement (default 2)")

@@ -100,16 +100,21 @@ def export_peft(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
 # one model directory that `slimtune.load_exported` loads (see slimtune.compress.loader).
 # --------------------------------------------------------------------------------------------
 
-SLIM_DEFAULTS: dict[str, Any] = {"heads": 0.0, "ffn": 0.0, "criterion": "taylor", "scope": "global", "batches": 8}
+# Default layout: the same share removed in every layer, FFN widths rounded to multiples of 32
+# (benchmarks/slim.py measures global vs local vs rounded side by side: uniform layers turn more of
+# the FLOP saving into speed than the uneven layers of a global ranking).
+SLIM_DEFAULTS: dict[str, Any] = {"heads": 0.0, "ffn": 0.0, "criterion": "taylor", "scope": "local", "multiple": 32, "batches": 8}
 SLIM_HELP = (
     "SPEC: comma-separated key=value; heads=F, ffn=F (fraction of attention heads / FFN neurons removed, "
-    "0 <= F < 1), criterion=magnitude|delta|taylor|fisher (default taylor), scope=global|local (default global), "
-    "batches=N (training batches of 16 scored by taylor/fisher, default 8)"
+    "0 <= F < 1), criterion=magnitude|delta|taylor|fisher (default taylor), scope=local|global (local, the "
+    "default: the same share in every layer; global: ranked across layers, uneven widths), multiple=N (round "
+    "each layer's kept FFN neurons to a multiple of N, default 32; 1 = no rounding), batches=N (training "
+    "batches of 16 scored by taylor/fisher, default 8)"
 )
 
 
 def parse_slim_spec(text: str) -> dict[str, Any]:
-    """``heads=0.5,ffn=0.5[,criterion=taylor][,scope=global][,batches=8]`` -> a dict (one-line errors)."""
+    """``heads=0.5,ffn=0.5[,criterion=taylor][,scope=local][,multiple=32][,batches=8]`` -> a dict (one-line errors)."""
     from slimtune.errors import did_you_mean
     from slimtune.sparsity.structured import CRITERIA
 
@@ -133,9 +138,9 @@ def parse_slim_spec(text: str) -> dict[str, Any]:
             if not 0 <= fraction < 1:  # also rejects nan
                 raise SlimtuneError(f"--slim '{text}': {key}={value} must be a fraction in [0, 1) (removed share)")
             spec[key] = fraction
-        elif key == "batches":
+        elif key in ("batches", "multiple"):
             if not value.isdigit() or int(value) < 1:
-                raise SlimtuneError(f"--slim '{text}': batches={value} must be a positive integer")
+                raise SlimtuneError(f"--slim '{text}': {key}={value} must be a positive integer")
             spec[key] = int(value)
         elif key == "criterion":
             if value not in CRITERIA:
@@ -143,7 +148,7 @@ def parse_slim_spec(text: str) -> dict[str, Any]:
             spec[key] = value
         else:
             if value not in ("global", "local"):
-                raise SlimtuneError(f"--slim '{text}': scope '{value}' must be global or local")
+                raise SlimtuneError(f"--slim '{text}': scope '{value}' must be local or global")
             spec[key] = value
     if "heads" not in seen and "ffn" not in seen:
         raise SlimtuneError(f"--slim '{text}': give heads=F and/or ffn=F; {SLIM_HELP}")
@@ -512,7 +517,7 @@ def _slim(model, built, spec: dict[str, Any], train_rows: list[dict], pad_id: in
         reference = base.state_dict()
     head_scores, neuron_scores = structured.unit_importance(model, spec["criterion"], batches=batches, reference=reference)
     heads = structured.select_heads(model, head_scores, spec["heads"], spec["scope"])
-    neurons = structured.select_lowest(neuron_scores, spec["ffn"], spec["scope"], "ffn")
+    neurons = structured.select_lowest(neuron_scores, spec["ffn"], spec["scope"], "ffn", spec.get("multiple", 1))
     structured.remove_heads(model, heads)
     record = structured.remove_ffn_neurons(model, neurons)
     return {

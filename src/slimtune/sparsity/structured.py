@@ -457,6 +457,7 @@ def apply_shape_record(model: nn.Module, record: Mapping[str, Any], source: str 
 # --------------------------------------------------------------------------------------------
 
 CRITERIA = ("magnitude", "delta", "taylor", "fisher")
+SCOPES = ("global", "local")
 
 Scores = dict[int, dict[int, float]]  # layer -> {original unit index: importance}
 
@@ -561,14 +562,32 @@ def unit_importance(
     return _gate_gradients(model, batches, criterion)
 
 
-def select_lowest(scores: Scores, fraction: float, scope: str = "global", what: str = "units") -> dict[int, list[int]]:
+def _rounded_keep(keep: int, total: int, multiple: int) -> int:
+    """``keep`` units of ``total`` rounded to the nearest multiple of ``multiple`` (ties: keep
+    more), never below one multiple when the layer keeps anything, never above ``total``."""
+    if multiple <= 1 or keep == 0 or keep == total:
+        return keep
+    rounded = max(multiple, multiple * ((keep + multiple // 2) // multiple))
+    return min(rounded, total)
+
+
+def select_lowest(
+    scores: Scores, fraction: float, scope: str = "global", what: str = "units", multiple: int = 1
+) -> dict[int, list[int]]:
     """The units to remove: the ``fraction`` with the lowest scores, ``global``ly (ranked across
     all layers: "remove 50% of heads overall") or ``local``ly (the same fraction in every layer).
-    Counts round to the nearest unit; ties break by layer then index (deterministic)."""
+    Counts round to the nearest unit; ties break by layer then index (deterministic).
+
+    ``multiple`` > 1 rounds every layer's *kept* count to the nearest multiple of it (a layer that
+    keeps anything keeps at least one multiple; one that keeps all stays whole), then removes that
+    layer's lowest-scored units: matrix widths that CPU GEMM kernels tile well. The overall removed
+    share then differs slightly from ``fraction``."""
     if not 0 <= fraction < 1:
         raise SlimtuneError(f"{what}: fraction {fraction} must be in [0, 1)")
-    if scope not in ("global", "local"):
+    if scope not in SCOPES:
         raise SlimtuneError(f"scope '{scope}' must be 'global' or 'local'")
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise SlimtuneError(f"{what}: multiple {multiple!r} must be a positive integer")
     chosen: dict[int, list[int]] = {layer: [] for layer in scores}
     if scope == "global":
         ranked = sorted((s, layer, unit) for layer, units in scores.items() for unit, s in units.items())
@@ -578,6 +597,11 @@ def select_lowest(scores: Scores, fraction: float, scope: str = "global", what: 
         for layer, units in scores.items():
             ranked = sorted((s, unit) for unit, s in units.items())
             chosen[layer] = [unit for _, unit in ranked[: round(fraction * len(ranked))]]
+    if multiple > 1:
+        for layer, units in scores.items():
+            keep = _rounded_keep(len(units) - len(chosen[layer]), len(units), multiple)
+            ranked = sorted((s, unit) for unit, s in units.items())
+            chosen[layer] = [unit for _, unit in ranked[: len(units) - keep]]
     return {layer: sorted(units) for layer, units in chosen.items()}
 
 
