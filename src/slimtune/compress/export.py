@@ -402,8 +402,10 @@ def export_run(
     seq_len: int | None = None,
     repeats: int = 10,
     force: bool = False,
+    lora_rank: int | float | None = None,
 ) -> dict[str, Any]:
-    """Merge a run's delta into its base, optionally remove the least important heads/neurons
+    """Merge a run's delta into its base (its LoRA update first truncated to ``lora_rank``, see
+    ``slimtune.compress.lora_rank``, when given), optionally remove the least important heads/neurons
     (``slim``), convert to int8 or bf16, and write ``out`` (loadable by ``slimtune.load_exported``)
     with ``export_report.json``: size on disk, params, FLOPs, latency and the task metrics of the
     exported model (re-loaded from ``out``), next to the dense merged float32 model's, measured
@@ -440,6 +442,12 @@ def export_run(
         raise SlimtuneError(f"{run_dir / 'delta.json'}: its methods differ from recipe.yaml's; the run directory was edited")
     built.delta.load_state_dict(built.model, state)
     model, objective = built.model, built.objective
+    lora_info = None
+    if lora_rank is not None:
+        from slimtune.compress.lora_rank import prune_run_lora
+
+        lora_info = prune_run_lora(model, built.delta, lora_rank)
+        lora_info.pop("relative_error")
     pad_id = built.tokenizer.pad_token_id if built.tokenizer.pad_token_id is not None else 0
     max_length = recipe.train.max_length
     seq_len = seq_len or recipe.measure.seq_len or max_length
@@ -475,7 +483,7 @@ def export_run(
         record = save_exported(
             model, staging, objective=objective, pooling=built.pooling, labels=list(built.task.label_names),
             tokenizer=built.tokenizer, kinds=kinds,
-            extra={"slim": slimming, "max_length": max_length,
+            extra={"slim": slimming, "max_length": max_length, "lora_rank": lora_info,
                    "source": {"run_dir": str(run_dir), "model": recipe.model.name, "method": built.delta.label, "task": built.task.name}},
         )
         exported = load_exported(staging)
@@ -486,7 +494,10 @@ def export_run(
                 threads=threads, repeats=repeats, shapes_from=float_twin,
             )
             report["exported"]["size_bytes"] = report["size_bytes"]
-            report["reference"] = {**reference, "what": "the run's model merged, dense, float32, measured in this process"}
+            what = "the run's model merged, dense, float32, measured in this process"
+            if lora_info:
+                what += f" (its LoRA update truncated to rank {lora_info['kept_rank']} of {lora_info['r']}, as exported)"
+            report["reference"] = {**reference, "what": what}
             report["ratios"] = {
                 key: report["exported"][key] / reference[key]
                 for key in ("params", "flops_per_example", "latency_ms_median") if reference[key]
