@@ -26,6 +26,7 @@ examples:
   slimtune eval runs/lora                        reload base + delta, re-evaluate the test split
   slimtune export runs/lora --peft lora-peft     the LoRA delta as a peft adapter directory
   slimtune export runs/lora --out ship --slim heads=0.5,ffn=0.5 --int8   a slim int8 model for load_exported
+  slimtune export runs/lora --out runs/lora-r4 --lora-rank 4   the LoRA delta truncated to rank 4 (a run dir)
   slimtune list methods                          every method's fields, defaults and meaning
   slimtune bench suites/quick.yaml --out runs/quick   methods x seeds -> tables + Pareto plots
 
