@@ -561,6 +561,9 @@ def render_markdown(result: dict) -> str:
         if acc.get("fp32", {}).get("int8") is not None:
             change = 100 * (acc["fp32"]["int8"] - acc["fp32"]["fp32"])
             goals.append(f"int8 accuracy change {change:+.1f} points (goal within 0.5: {'met' if abs(change) <= 0.5 else 'not met'})")
+        if acc.get("qat", {}).get("int8") is not None and acc.get("fp32", {}).get("fp32") is not None:
+            change = 100 * (acc["qat"]["int8"] - acc["fp32"]["fp32"])
+            goals.append(f"with QAT, int8 vs the plain fp32 run {change:+.1f} points ({'met' if abs(change) <= 0.5 else 'not met'})")
         lines += ["", "Goals: " + "; ".join(goals) + "."]
         if result.get("load_before_timing"):
             lines.append(f"Load average of the shared 2-core machine when timing began: {result['load_before_timing'][0]:.1f}"
