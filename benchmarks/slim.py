@@ -505,7 +505,7 @@ def render_markdown(result: dict) -> str:
         f"**Shipping slim** ({s.get('model')}, batch {s.get('batch_size')} x {s.get('seq_len')} tokens, "
         f"{s.get('threads')} threads; all variants timed side by side in one process, interleaved medians of "
         f"{s.get('repeats')}). Heads+FFN neurons removed by {s.get('criterion')} importance, layout `{layout}` "
-        f"({LAYOUT_WORDS.get(layout, layout)}; the default of `slimtune export --slim`), then re-tuned "
+        f"({LAYOUT_WORDS.get(layout, layout)}{'; the default of `slimtune export --slim`' if layout == DEFAULT_LAYOUT else ''}), then re-tuned "
         f"({s.get('recipe')}" + (f"; budget for this run: {', '.join(f'{k}={v}' for k, v in overrides.items())}" if overrides else "")
         + f"). Accuracy = test accuracy on movie-sentiment ({overrides.get('eval_size', 1000):,} sentences), "
         f"trained and evaluated with {accuracy_run.get('threads', 1)} thread(s).",
