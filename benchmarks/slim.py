@@ -569,6 +569,16 @@ def render_markdown(result: dict) -> str:
             lines.append(f"Load average of the shared 2-core machine when timing began: {result['load_before_timing'][0]:.1f}"
                          + (f", after: {result['load_after_timing'][0]:.1f}" if result.get("load_after_timing") else "")
                          + " (other jobs running); ratios come from interleaved timing.")
+    others = result.get("other_timing_runs") or []
+    if others:
+        def realised(run: dict, layout: str) -> str:
+            rows = run.get("realised_by_layout", {}).get(layout, {})
+            return "/".join(f"{rows[k]:.2f}" for k in ("slim25", "slim50", "slim75") if k in rows)
+
+        lines.append("Earlier timing runs of the same models, to show the spread on this shared machine (FLOP saving "
+                     "realised at 25/50/75%, default layout; global layout; int8 / fp32 latency): " + "; ".join(
+                         f"{run['date']} at load {run['load_before_timing'][0]:.1f}: {realised(run, layout)}; "
+                         f"global {realised(run, 'global')}; int8 {run['int8_latency_ratio']:.2f}" for run in others) + ".")
     if timing_run.get("layout") and accuracy_run.get("layout") and timing_run["layout"] != accuracy_run["layout"]:
         lines.append(f"**Note:** timing used layout `{timing_run['layout']}`, the accuracy run `{accuracy_run['layout']}`.")
     before = [(k, v) for k, v in acc.items() if k.startswith("slim")]
