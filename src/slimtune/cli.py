@@ -26,6 +26,7 @@ examples:
   slimtune eval runs/lora                        reload base + delta, re-evaluate the test split
   slimtune export runs/lora --peft lora-peft     the LoRA delta as a peft adapter directory
   slimtune export runs/lora --out ship --slim heads=0.5,ffn=0.5 --int8   a slim int8 model for load_exported
+  slimtune export runs/lora --out runs/lora-r4 --lora-rank 4   the LoRA delta truncated to rank 4 (a run dir)
   slimtune list methods                          every method's fields, defaults and meaning
   slimtune bench suites/quick.yaml --out runs/quick   methods x seeds -> tables + Pareto plots
 
@@ -131,9 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--peft", type=Path, metavar="OUT", help="new directory for the peft adapter (LoRA runs only)")
     export.add_argument("--out", type=Path, metavar="DIR", help="new (or empty) directory for the exported model")
     export.add_argument("--merge", action="store_true", help="merge the delta into the base (implied by --slim/--int8/--bf16)")
-    export.add_argument("--slim", metavar="SPEC", help="remove structure, e.g. heads=0.5,ffn=0.5 (fractions removed, chosen by "
-                        "importance on the task's training data); keys: heads, ffn, criterion=magnitude|delta|taylor|fisher, "
-                        "scope=global|local, batches=N")
+    export.add_argument("--slim", metavar="SPEC", help="remove structure, e.g. heads=0.5,ffn=0.5 or "
+                        "heads=0.5,ffn=0.5,scope=local,multiple=32 (fractions removed, chosen by importance on the task's "
+                        "training data); keys: heads, ffn, criterion=magnitude|delta|taylor|fisher (default taylor), "
+                        "scope=local|global (default local: the same share in every layer), multiple=N (kept FFN neurons "
+                        "per layer rounded to a multiple of N; default 32, 1 = exact), batches=N (default 8)")
+    export.add_argument("--lora-rank", metavar="K", help="truncate the LoRA update to its top K singular directions "
+                        "(an integer rank, or a kept fraction of r such as 0.5); alone with --out: DIR is a run directory "
+                        "with the smaller delta (slimtune eval DIR reads it); with --merge/--slim/--int8/--bf16: merged after")
     export.add_argument("--int8", action="store_true", help="dynamic int8 Linear layers (CPU inference)")
     export.add_argument("--bf16", action="store_true", help="bfloat16 weights")
     export.add_argument("--threads", type=int, default=2, help="torch threads for the latency measurement (default 2)")
@@ -245,10 +251,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    model_flags = args.out or args.merge or args.slim or args.int8 or args.bf16
+    model_flags = args.out or args.merge or args.slim or args.int8 or args.bf16 or args.lora_rank is not None
     if args.peft is not None:
         if model_flags:
-            raise SlimtuneError("export: --peft OUT exports the delta alone; it does not combine with --out/--merge/--slim/--int8/--bf16")
+            raise SlimtuneError("export: --peft OUT exports the delta alone; it does not combine with --out/--merge/--slim/--int8/--bf16/--lora-rank")
         _require_run_dir(args.run_dir)
         from slimtune.compress.export import export_peft
 
@@ -256,14 +262,23 @@ def cmd_export(args) -> int:
         print(f"peft adapter ({config['task_type']}, r={config['r']}, {len(config['target_modules'])} LoRA modules) written to {args.peft}")
         return 0
     if args.out is None:
-        raise SlimtuneError("export: give --out DIR (with --merge, --slim SPEC, --int8 or --bf16) or --peft OUT")
+        raise SlimtuneError("export: give --out DIR (with --merge, --slim SPEC, --int8, --bf16 or --lora-rank K) or --peft OUT")
     if args.threads < 1:
         raise SlimtuneError(f"--threads {args.threads}: must be >= 1")
     from slimtune.compress.export import export_run, parse_slim_spec  # it checks --slim before the run directory
 
     spec = parse_slim_spec(args.slim) if args.slim is not None else None
+    rank = None
+    if args.lora_rank is not None:
+        from slimtune.compress.lora_rank import export_lora_rank, parse_lora_rank, summary_lines
+
+        rank = parse_lora_rank(args.lora_rank)
+        if not (args.merge or spec or args.int8 or args.bf16):
+            report = export_lora_rank(args.run_dir, args.out, rank, measure=args.measure, force=args.force)
+            print("\n".join(summary_lines(report, args.out)))
+            return 0
     report = export_run(args.run_dir, args.out, merge=args.merge, slim=spec, int8=args.int8, bf16=args.bf16,
-                        measure=args.measure, threads=args.threads, force=args.force)
+                        measure=args.measure, threads=args.threads, force=args.force, lora_rank=rank)
     print(f"exported ({'+'.join(report['export']['kinds'])}, {report['export']['layout']} layout) to {args.out}")
     if "exported" in report:
         ref, new = report["reference"], report["exported"]

@@ -81,7 +81,7 @@ def test_merged_and_ffn_only_exports_are_plain_hugging_face(run_dir, tmp_path):
     assert torch.equal(logits(slimtune.load_exported(out), built), logits(model, built))
     # Local scope keeps a uniform FFN width, which BERT's config can express.
     ffn = tmp_path / "ffn"
-    export_run(run_dir, ffn, slim="ffn=0.25,scope=local,criterion=magnitude", measure=False)
+    export_run(run_dir, ffn, slim="ffn=0.25,scope=local,multiple=1,criterion=magnitude", measure=False)
     assert read_json(ffn / "slimtune_export.json")["layout"] == "hf"
     assert json.loads((ffn / "config.json").read_text())["intermediate_size"] == 48
     AutoModelForSequenceClassification.from_pretrained(ffn)  # loads with no shape errors

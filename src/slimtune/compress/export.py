@@ -1,14 +1,12 @@
-"""Export a run's delta to other toolkits.
+"""Ship a run as one model directory: ``slimtune export RUN_DIR --out DIR [--merge] [--slim SPEC]
+[--int8] [--bf16] [--lora-rank K]``, loaded by ``slimtune.load_exported`` (see
+``slimtune.compress.loader``).
 
-``export_peft(run_dir, out)``: a LoRA run (``method: lora`` alone) becomes a peft adapter
-directory, ``adapter_config.json`` + ``adapter_model.safetensors``, that
-``peft.PeftModel.from_pretrained(base, out)`` loads and that computes the same outputs. The
-mapping is one to one, because slimtune's LoRA is peft's LoRA (``W + (alpha / r) B A``, no
-rsLoRA): ``<module>.lora_A`` -> ``base_model.model.<module>.lora_A.weight`` (same for ``lora_B``);
-the task head (classifier/score, and BERT's pooler when it trained) goes to ``modules_to_save``
-under ``base_model.model.<name>``. ``base_model_name_or_path`` is the local model directory; for
-a zoo model truncated at load time (``minilm-l2``) that directory holds the full checkpoint, so
-load the base with ``slimtune.zoo.models.load_model`` (or pass ``num_hidden_layers``).
+The delta is merged into the base (``plain_merged``), optionally the least important heads and
+FFN neurons are removed (``--slim``, ``parse_slim_spec``), the weights converted to int8 or bf16,
+and the directory written (``save_exported``) with ``export_report.json``: size, params, FLOPs,
+latency and task metrics of the re-loaded export next to the dense merged model's. The peft
+adapter export lives in ``slimtune.compress.peft_export`` (``export_peft`` is re-exported here).
 """
 
 from __future__ import annotations
@@ -16,105 +14,31 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from slimtune.compress.peft_export import export_peft  # noqa: F401  (re-export: `slimtune export --peft`)
 from slimtune.errors import SlimtuneError
 from slimtune.io import write_json, write_safetensors
 from slimtune.methods.delta import read_delta
-
-PEFT_PREFIX = "base_model.model."
-TASK_TYPES = {"classification": "SEQ_CLS", "lm": "CAUSAL_LM"}
-
-
-def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SlimtuneError(f"--peft {out}: exists and is not an empty directory; choose a new one")
-
-
-def export_peft(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
-    """Write the LoRA delta of ``run_dir`` as a peft adapter directory ``out``; returns its config."""
-    from slimtune.recipe import load_recipe
-    from slimtune.runner import resolve_objective
-    from slimtune.zoo.models import model_dir
-
-    run_dir, out = Path(run_dir), Path(out)
-    if not run_dir.is_dir():
-        raise SlimtuneError(f"{run_dir}: run directory does not exist")
-    _check_out(out)
-    recipe = load_recipe(run_dir / "recipe.yaml")
-    meta, state = read_delta(run_dir)
-    methods = meta.get("methods", [])
-    names = [m.get("name") for m in methods]
-    if names != ["lora"]:
-        raise SlimtuneError(
-            f"{run_dir / 'delta.json'}: --peft exports LoRA deltas only (method: lora alone); this run's methods are {names}"
-        )
-    lora = methods[0]
-    objective = resolve_objective(recipe)
-    if objective == "classification" and recipe.head.pooling != "cls":
-        # peft wraps the plain HF model, whose head reads [CLS] through the pooler: a run trained
-        # on mean-pooled features would not compute the same function there.
-        raise SlimtuneError(
-            f"{run_dir / 'recipe.yaml'}: --peft needs a run trained with head.pooling: cls (the HF head that peft "
-            f"wraps reads [CLS]); this run used head.pooling: {recipe.head.pooling}"
-        )
-    head_names: list[str] = list(meta.get("head", []))
-
-    # A masked delta (a sparsity section) is stored sparsely: back to dense tensors, whose
-    # zeros peft computes with exactly.
-    from slimtune.sparsity.storage import decode_state
-
-    state = decode_state(state)[0]
-    tensors = {}
-    targets = set()
-    for key, tensor in state.items():
-        if key in head_names:
-            tensors[PEFT_PREFIX + key] = tensor
-            continue
-        module, _, leaf = key.rpartition(".")
-        if leaf not in ("lora_A", "lora_B"):
-            raise SlimtuneError(f"{run_dir / 'delta.safetensors'}: unexpected tensor '{key}' in a LoRA delta")
-        tensors[f"{PEFT_PREFIX}{module}.{leaf}.weight"] = tensor
-        targets.add(module)
-    if not targets:
-        raise SlimtuneError(f"{run_dir / 'delta.safetensors'}: holds no LoRA tensors")
-    modules_to_save = sorted({name.rpartition(".")[0] for name in head_names}) or None
-
-    config = {
-        "peft_type": "LORA",
-        "task_type": TASK_TYPES[objective],
-        "base_model_name_or_path": str(model_dir(recipe.model.name)),
-        "r": lora["r"],
-        "lora_alpha": lora["alpha"],
-        "lora_dropout": lora["dropout"],
-        "target_modules": sorted(targets),
-        "modules_to_save": modules_to_save,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(out / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
-    write_json(out / "adapter_config.json", config)
-    return config
-
 
 # --------------------------------------------------------------------------------------------
 # `slimtune export RUN_DIR --out DIR [--merge] [--slim SPEC] [--int8] [--bf16]`: a run shipped as
 # one model directory that `slimtune.load_exported` loads (see slimtune.compress.loader).
 # --------------------------------------------------------------------------------------------
 
-SLIM_DEFAULTS: dict[str, Any] = {"heads": 0.0, "ffn": 0.0, "criterion": "taylor", "scope": "global", "batches": 8}
+# Default layout: the same share removed in every layer, FFN widths rounded to multiples of 32
+# (benchmarks/slim.py measures global vs local vs rounded side by side: uniform layers turn more of
+# the FLOP saving into speed than the uneven layers of a global ranking).
+SLIM_DEFAULTS: dict[str, Any] = {"heads": 0.0, "ffn": 0.0, "criterion": "taylor", "scope": "local", "multiple": 32, "batches": 8}
 SLIM_HELP = (
     "SPEC: comma-separated key=value; heads=F, ffn=F (fraction of attention heads / FFN neurons removed, "
-    "0 <= F < 1), criterion=magnitude|delta|taylor|fisher (default taylor), scope=global|local (default global), "
-    "batches=N (training batches of 16 scored by taylor/fisher, default 8)"
+    "0 <= F < 1), criterion=magnitude|delta|taylor|fisher (default taylor), scope=local|global (local, the "
+    "default: the same share in every layer; global: ranked across layers, uneven widths), multiple=N (round "
+    "each layer's kept FFN neurons to a multiple of N, default 32; 1 = no rounding), batches=N (training "
+    "batches of 16 scored by taylor/fisher, default 8)"
 )
 
 
 def parse_slim_spec(text: str) -> dict[str, Any]:
-    """``heads=0.5,ffn=0.5[,criterion=taylor][,scope=global][,batches=8]`` -> a dict (one-line errors)."""
+    """``heads=0.5,ffn=0.5[,criterion=taylor][,scope=local][,multiple=32][,batches=8]`` -> a dict (one-line errors)."""
     from slimtune.errors import did_you_mean
     from slimtune.sparsity.structured import CRITERIA
 
@@ -138,9 +62,9 @@ def parse_slim_spec(text: str) -> dict[str, Any]:
             if not 0 <= fraction < 1:  # also rejects nan
                 raise SlimtuneError(f"--slim '{text}': {key}={value} must be a fraction in [0, 1) (removed share)")
             spec[key] = fraction
-        elif key == "batches":
+        elif key in ("batches", "multiple"):
             if not value.isdigit() or int(value) < 1:
-                raise SlimtuneError(f"--slim '{text}': batches={value} must be a positive integer")
+                raise SlimtuneError(f"--slim '{text}': {key}={value} must be a positive integer")
             spec[key] = int(value)
         elif key == "criterion":
             if value not in CRITERIA:
@@ -148,7 +72,7 @@ def parse_slim_spec(text: str) -> dict[str, Any]:
             spec[key] = value
         else:
             if value not in ("global", "local"):
-                raise SlimtuneError(f"--slim '{text}': scope '{value}' must be global or local")
+                raise SlimtuneError(f"--slim '{text}': scope '{value}' must be local or global")
             spec[key] = value
     if "heads" not in seen and "ffn" not in seen:
         raise SlimtuneError(f"--slim '{text}': give heads=F and/or ffn=F; {SLIM_HELP}")
@@ -402,8 +326,10 @@ def export_run(
     seq_len: int | None = None,
     repeats: int = 10,
     force: bool = False,
+    lora_rank: int | float | None = None,
 ) -> dict[str, Any]:
-    """Merge a run's delta into its base, optionally remove the least important heads/neurons
+    """Merge a run's delta into its base (its LoRA update first truncated to ``lora_rank``, see
+    ``slimtune.compress.lora_rank``, when given), optionally remove the least important heads/neurons
     (``slim``), convert to int8 or bf16, and write ``out`` (loadable by ``slimtune.load_exported``)
     with ``export_report.json``: size on disk, params, FLOPs, latency and the task metrics of the
     exported model (re-loaded from ``out``), next to the dense merged float32 model's, measured
@@ -440,6 +366,12 @@ def export_run(
         raise SlimtuneError(f"{run_dir / 'delta.json'}: its methods differ from recipe.yaml's; the run directory was edited")
     built.delta.load_state_dict(built.model, state)
     model, objective = built.model, built.objective
+    lora_info = None
+    if lora_rank is not None:
+        from slimtune.compress.lora_rank import prune_run_lora
+
+        lora_info = prune_run_lora(model, built.delta, lora_rank)
+        lora_info.pop("relative_error")
     pad_id = built.tokenizer.pad_token_id if built.tokenizer.pad_token_id is not None else 0
     max_length = recipe.train.max_length
     seq_len = seq_len or recipe.measure.seq_len or max_length
@@ -475,7 +407,7 @@ def export_run(
         record = save_exported(
             model, staging, objective=objective, pooling=built.pooling, labels=list(built.task.label_names),
             tokenizer=built.tokenizer, kinds=kinds,
-            extra={"slim": slimming, "max_length": max_length,
+            extra={"slim": slimming, "max_length": max_length, "lora_rank": lora_info,
                    "source": {"run_dir": str(run_dir), "model": recipe.model.name, "method": built.delta.label, "task": built.task.name}},
         )
         exported = load_exported(staging)
@@ -486,7 +418,10 @@ def export_run(
                 threads=threads, repeats=repeats, shapes_from=float_twin,
             )
             report["exported"]["size_bytes"] = report["size_bytes"]
-            report["reference"] = {**reference, "what": "the run's model merged, dense, float32, measured in this process"}
+            what = "the run's model merged, dense, float32, measured in this process"
+            if lora_info:
+                what += f" (its LoRA update truncated to rank {lora_info['kept_rank']} of {lora_info['r']}, as exported)"
+            report["reference"] = {**reference, "what": what}
             report["ratios"] = {
                 key: report["exported"][key] / reference[key]
                 for key in ("params", "flops_per_example", "latency_ms_median") if reference[key]
@@ -517,7 +452,7 @@ def _slim(model, built, spec: dict[str, Any], train_rows: list[dict], pad_id: in
         reference = base.state_dict()
     head_scores, neuron_scores = structured.unit_importance(model, spec["criterion"], batches=batches, reference=reference)
     heads = structured.select_heads(model, head_scores, spec["heads"], spec["scope"])
-    neurons = structured.select_lowest(neuron_scores, spec["ffn"], spec["scope"], "ffn")
+    neurons = structured.select_lowest(neuron_scores, spec["ffn"], spec["scope"], "ffn", spec.get("multiple", 1))
     structured.remove_heads(model, heads)
     record = structured.remove_ffn_neurons(model, neurons)
     return {

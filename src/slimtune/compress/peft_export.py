@@ -1,0 +1,100 @@
+"""Export a LoRA run's delta as a peft adapter (``slimtune export RUN --peft OUT``).
+
+``export_peft(run_dir, out)``: a LoRA run (``method: lora`` alone) becomes a peft adapter
+directory, ``adapter_config.json`` + ``adapter_model.safetensors``, that
+``peft.PeftModel.from_pretrained(base, out)`` loads and that computes the same outputs. The
+mapping is one to one, because slimtune's LoRA is peft's LoRA (``W + (alpha / r) B A``, no
+rsLoRA): ``<module>.lora_A`` -> ``base_model.model.<module>.lora_A.weight`` (same for ``lora_B``);
+the task head (classifier/score, and BERT's pooler when it trained) goes to ``modules_to_save``
+under ``base_model.model.<name>``. ``base_model_name_or_path`` is the local model directory; for
+a zoo model truncated at load time (``minilm-l2``) that directory holds the full checkpoint, so
+load the base with ``slimtune.zoo.models.load_model`` (or pass ``num_hidden_layers``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from slimtune.errors import SlimtuneError
+from slimtune.io import write_json, write_safetensors
+from slimtune.methods.delta import read_delta
+
+PEFT_PREFIX = "base_model.model."
+TASK_TYPES = {"classification": "SEQ_CLS", "lm": "CAUSAL_LM"}
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SlimtuneError(f"--peft {out}: exists and is not an empty directory; choose a new one")
+
+
+def export_peft(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
+    """Write the LoRA delta of ``run_dir`` as a peft adapter directory ``out``; returns its config."""
+    from slimtune.recipe import load_recipe
+    from slimtune.runner import resolve_objective
+    from slimtune.zoo.models import model_dir
+
+    run_dir, out = Path(run_dir), Path(out)
+    if not run_dir.is_dir():
+        raise SlimtuneError(f"{run_dir}: run directory does not exist")
+    _check_out(out)
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    meta, state = read_delta(run_dir)
+    methods = meta.get("methods", [])
+    names = [m.get("name") for m in methods]
+    if names != ["lora"]:
+        raise SlimtuneError(
+            f"{run_dir / 'delta.json'}: --peft exports LoRA deltas only (method: lora alone); this run's methods are {names}"
+        )
+    lora = methods[0]
+    objective = resolve_objective(recipe)
+    if objective == "classification" and recipe.head.pooling != "cls":
+        # peft wraps the plain HF model, whose head reads [CLS] through the pooler: a run trained
+        # on mean-pooled features would not compute the same function there.
+        raise SlimtuneError(
+            f"{run_dir / 'recipe.yaml'}: --peft needs a run trained with head.pooling: cls (the HF head that peft "
+            f"wraps reads [CLS]); this run used head.pooling: {recipe.head.pooling}"
+        )
+    head_names: list[str] = list(meta.get("head", []))
+
+    tensors = {}
+    targets = set()
+    # A masked delta (a sparsity section) is stored sparsely: back to dense tensors, whose zeros
+    # peft computes with exactly.
+    from slimtune.sparsity.storage import decode_state
+
+    state = decode_state(state)[0]
+    for key, tensor in state.items():
+        if key in head_names:
+            tensors[PEFT_PREFIX + key] = tensor
+            continue
+        module, _, leaf = key.rpartition(".")
+        if leaf not in ("lora_A", "lora_B"):
+            raise SlimtuneError(f"{run_dir / 'delta.safetensors'}: unexpected tensor '{key}' in a LoRA delta")
+        tensors[f"{PEFT_PREFIX}{module}.{leaf}.weight"] = tensor
+        targets.add(module)
+    if not targets:
+        raise SlimtuneError(f"{run_dir / 'delta.safetensors'}: holds no LoRA tensors")
+    modules_to_save = sorted({name.rpartition(".")[0] for name in head_names}) or None
+
+    config = {
+        "peft_type": "LORA",
+        "task_type": TASK_TYPES[objective],
+        "base_model_name_or_path": str(model_dir(recipe.model.name)),
+        "r": lora["r"],
+        "lora_alpha": lora["alpha"],
+        "lora_dropout": lora["dropout"],
+        "target_modules": sorted(targets),
+        "modules_to_save": modules_to_save,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
+    write_json(out / "adapter_config.json", config)
+    return config
