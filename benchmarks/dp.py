@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import time
 import warnings
 from pathlib import Path
@@ -338,7 +339,7 @@ def schedule(epsilon: float = 8.0, delta: float = 1e-5, accountant: str = "prv")
     rows = []
     for batch in SCHEDULE_BATCHES:
         for epochs in SCHEDULE_EPOCHS:
-            steps = int(epochs * n / batch)
+            steps = epochs * math.ceil(n / batch)  # as the trainer plans them: whole batches per epoch
             sigma = calibrate_noise(accountant, epsilon, delta, batch / n, steps)
             rows.append({"batch": batch, "epochs": epochs, "steps": steps, "noise_multiplier": sigma, "signal_to_noise_scale": steps**0.5 * batch / sigma})
             print(f"schedule: batch {batch} x {epochs} epochs: {steps} steps, σ={sigma:.3f}, sqrt(T)B/σ={rows[-1]['signal_to_noise_scale']:.0f}", flush=True)

@@ -568,14 +568,15 @@ def render_markdown(result: dict) -> str:
         if result.get("load_before_timing"):
             lines.append(f"Load average of the shared 2-core machine when timing began: {result['load_before_timing'][0]:.1f}"
                          + (f", after: {result['load_after_timing'][0]:.1f}" if result.get("load_after_timing") else "")
-                         + " (other jobs running); ratios come from interleaved timing.")
+                         + (" (other jobs running)" if result["load_before_timing"][0] >= 2 else " (no other job)")
+                         + "; ratios come from interleaved timing.")
     others = result.get("other_timing_runs") or []
     if others:
         def realised(run: dict, layout: str) -> str:
             rows = run.get("realised_by_layout", {}).get(layout, {})
             return "/".join(f"{rows[k]:.2f}" for k in ("slim25", "slim50", "slim75") if k in rows)
 
-        lines.append("Earlier timing runs of the same models, to show the spread on this shared machine (FLOP saving "
+        lines.append("Other timing runs of the same models, to show the spread on this shared machine (FLOP saving "
                      "realised at 25/50/75%, default layout; global layout; int8 / fp32 latency): " + "; ".join(
                          f"{run['date']} at load {run['load_before_timing'][0]:.1f}: {realised(run, layout)}; "
                          f"global {realised(run, 'global')}; int8 {run['int8_latency_ratio']:.2f}" for run in others) + ".")
