@@ -312,6 +312,23 @@ def _check_export_out(out: Path) -> None:
         raise SlimtuneError(f"--out {out}: exists and is not an empty directory; choose a new one (nothing was written)")
 
 
+def load_trained_run(run_dir: Path, *, force: bool = False):
+    """A run directory's recipe and its built model with the trained delta loaded (attached, not
+    merged); refuses a delta whose base or methods do not match the recipe."""
+    from slimtune.methods.delta import check_fingerprint
+    from slimtune.recipe import load_recipe
+    from slimtune.runner import build
+
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    meta, state = read_delta(run_dir)
+    built = build(recipe)
+    check_fingerprint(meta, built.fingerprint, run_dir / "delta.json", force=force)
+    if meta.get("methods") != built.delta.config():
+        raise SlimtuneError(f"{run_dir / 'delta.json'}: its methods differ from recipe.yaml's; the run directory was edited")
+    built.delta.load_state_dict(built.model, state)
+    return recipe, built
+
+
 def export_run(
     run_dir: str | Path,
     out: str | Path,
@@ -342,9 +359,6 @@ def export_run(
 
     from slimtune.compress.loader import load_exported
     from slimtune.measure.params import file_bytes
-    from slimtune.methods.delta import check_fingerprint
-    from slimtune.recipe import load_recipe
-    from slimtune.runner import build
     from slimtune.sparsity import structured
     from slimtune.train.data import tokenize_split
 
@@ -357,14 +371,7 @@ def export_run(
     if not (merge or spec or int8 or bf16):
         raise SlimtuneError("export: give --merge, --slim SPEC, --int8 and/or --bf16 (or --peft OUT for a peft adapter)")
     _check_export_out(out)
-    recipe = load_recipe(run_dir / "recipe.yaml")
-    meta, state = read_delta(run_dir)
-
-    built = build(recipe)
-    check_fingerprint(meta, built.fingerprint, run_dir / "delta.json", force=force)
-    if meta.get("methods") != built.delta.config():
-        raise SlimtuneError(f"{run_dir / 'delta.json'}: its methods differ from recipe.yaml's; the run directory was edited")
-    built.delta.load_state_dict(built.model, state)
+    recipe, built = load_trained_run(run_dir, force=force)
     model, objective = built.model, built.objective
     lora_info = None
     if lora_rank is not None:

@@ -84,24 +84,16 @@ def export_lora_rank(run_dir: str | Path, out: str | Path, rank: int | float, *,
     import os
     import shutil
 
-    from slimtune.compress.export import _check_export_out
+    from slimtune.compress.export import _check_export_out, load_trained_run
     from slimtune.io import write_json
-    from slimtune.methods.delta import check_fingerprint, read_delta
-    from slimtune.recipe import load_recipe, validate_recipe
-    from slimtune.runner import build
+    from slimtune.recipe import validate_recipe
     from slimtune.train.trainer import Trainer
 
     run_dir, out = Path(run_dir), Path(out)
     if not run_dir.is_dir():
         raise SlimtuneError(f"{run_dir}: run directory does not exist")
     _check_export_out(out)
-    recipe = load_recipe(run_dir / "recipe.yaml")
-    meta, state = read_delta(run_dir)
-    built = build(recipe)
-    check_fingerprint(meta, built.fingerprint, run_dir / "delta.json", force=force)
-    if meta.get("methods") != built.delta.config():
-        raise SlimtuneError(f"{run_dir / 'delta.json'}: its methods differ from recipe.yaml's; the run directory was edited")
-    built.delta.load_state_dict(built.model, state)
+    recipe, built = load_trained_run(run_dir, force=force)
 
     def evaluate() -> dict[str, float]:
         trainer = Trainer(model=built.model, tokenizer=built.tokenizer, task=built.task, delta=built.delta, recipe=recipe,

@@ -5,8 +5,9 @@ pre-trained function. Rank ``r``, ``alpha``, dropout and targets follow the pape
 
 ``train_a: false`` is FFA-LoRA (Sun et al., ICLR 2024, "Improving LoRA in privacy-preserving
 federated learning"): ``A`` keeps its random init and only ``B`` trains. Under DP-SGD this drops
-A's r·in parameters from those that receive noise, and ``A`` (whose gradient is zero while ``B`` is, so that it
-would only random-walk on noise early on) stays put. ``A`` is still saved with the delta.
+A's r·in parameters from those that receive noise, and ``A`` (whose gradient is zero while ``B``
+is, so that it would only random-walk on noise early on) stays put. ``A`` is still saved with the
+delta.
 """
 
 from __future__ import annotations
