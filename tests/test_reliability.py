@@ -351,3 +351,18 @@ def test_pathological_nesting_and_numbers_are_one_line_errors(tmp_path, name, co
     read = {".jsonl": lambda: load_task({"file": str(path)}), ".yaml": lambda: load_recipe(path), ".json": lambda: read_json(path)}
     with pytest.raises(SlimtuneError, match=re.escape(message)):
         read[path.suffix]()
+
+
+def test_staged_directory_appears_whole_or_not_at_all(tmp_path):
+    from slimtune.io import staged_directory
+
+    out = tmp_path / "export"
+    with pytest.raises(RuntimeError):
+        with staged_directory(out) as staging:
+            (staging / "half.json").write_text("{}")
+            raise RuntimeError("killed mid-export")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    out.mkdir()  # an empty target is replaced
+    with staged_directory(out) as staging:
+        (staging / "done.json").write_text("{}")
+    assert [p.name for p in out.iterdir()] == ["done.json"] and len(list(tmp_path.iterdir())) == 1

@@ -16,7 +16,7 @@ from typing import Any
 
 from slimtune.compress.peft_export import export_peft  # noqa: F401  (re-export: `slimtune export --peft`)
 from slimtune.errors import SlimtuneError
-from slimtune.io import write_json, write_safetensors
+from slimtune.io import staged_directory, write_json, write_safetensors
 from slimtune.methods.delta import read_delta
 
 # --------------------------------------------------------------------------------------------
@@ -352,9 +352,6 @@ def export_run(
     exported model (re-loaded from ``out``), next to the dense merged float32 model's, measured
     side by side. Nothing is written unless all inputs are valid; ``out`` appears complete or not
     at all (written under a temporary name, then renamed). Returns the report."""
-    import os
-    import shutil
-
     import torch
 
     from slimtune.compress.loader import load_exported
@@ -407,10 +404,7 @@ def export_run(
     if bf16:
         model.to(torch.bfloat16)
 
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if staging.exists():
-        shutil.rmtree(staging)
-    try:
+    with staged_directory(out) as staging:
         record = save_exported(
             model, staging, objective=objective, pooling=built.pooling, labels=list(built.task.label_names),
             tokenizer=built.tokenizer, kinds=kinds,
@@ -436,12 +430,6 @@ def export_run(
             report["setting"] = {"batch_size": batch_size, "seq_len": seq_len, "threads": threads, "repeats": repeats,
                                  "n_test": len(rows["test"])}
         write_json(staging / "export_report.json", report)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return report
 
 

@@ -81,11 +81,8 @@ def prune_run_lora(model, delta, rank: int | float) -> dict[str, Any]:
 def export_lora_rank(run_dir: str | Path, out: str | Path, rank: int | float, *, measure: bool = True,
                      force: bool = False) -> dict[str, Any]:
     """Write ``out`` as a run directory whose LoRA delta is truncated to ``rank``; returns its report."""
-    import os
-    import shutil
-
     from slimtune.compress.export import _check_export_out, load_trained_run
-    from slimtune.io import write_json
+    from slimtune.io import staged_directory, write_json
     from slimtune.recipe import validate_recipe
     from slimtune.train.trainer import Trainer
 
@@ -110,10 +107,7 @@ def export_lora_rank(run_dir: str | Path, out: str | Path, rank: int | float, *,
             spec.update({"r": info["kept_rank"], "alpha": info["new_alpha"]})
     new_recipe = validate_recipe(data, source=str(run_dir / "recipe.yaml"))
 
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        staging.mkdir(parents=True)
+    with staged_directory(out) as staging:
         (staging / "recipe.yaml").write_text(new_recipe.to_yaml(), encoding="utf-8")
         bytes_after = built.delta.save(staging, built.model, built.fingerprint,
                                        extra={"lora_rank": {"from_run": str(run_dir), "r": info["r"], "kept_rank": info["kept_rank"]}})
@@ -122,12 +116,6 @@ def export_lora_rank(run_dir: str | Path, out: str | Path, rank: int | float, *,
         if measure:
             report["metrics_before"], report["metrics_after"] = before, evaluate()
         write_json(staging / LORA_RANK_REPORT, report)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return report
 
 

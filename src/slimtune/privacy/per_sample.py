@@ -32,6 +32,7 @@ about DP for its gradients to be right.
 from __future__ import annotations
 
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
@@ -131,7 +132,9 @@ class Call:
         self.args, self.kwargs, self.output, self.extra, self.grad = args, kwargs, output, None, None
 
 
-class Rule:
+class Rule(ABC):
+    """How per-sample gradients of one module's parameters are rebuilt from its captured calls."""
+
     kind = "rule"
 
     def __init__(self, module: nn.Module, params: dict[str, nn.Parameter]):
@@ -143,8 +146,9 @@ class Rule:
         out = call.output
         return [out] if isinstance(out, torch.Tensor) and out.requires_grad else []
 
+    @abstractmethod
     def contributions(self, dtype: torch.dtype) -> dict[str, Any]:
-        raise NotImplementedError
+        """Per parameter name, this rule's per-sample gradient contributions (dense or ghost)."""
 
     def _backprop(self, call: Call, dtype: torch.dtype) -> torch.Tensor | None:
         return None if call.grad is None or call.grad[0] is None else call.grad[0].to(dtype)

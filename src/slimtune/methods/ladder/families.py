@@ -6,6 +6,7 @@ names in one place; the side network and the method only talk to :class:`Family`
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 
 import torch
 from torch import nn
@@ -13,7 +14,7 @@ from torch import nn
 from slimtune.errors import SlimtuneError
 
 
-class Family:
+class Family(ABC):
     """One backbone architecture, bound to a model: its layers, the module whose output the side
     network replaces, and how side blocks of its own block type are made."""
 
@@ -44,9 +45,9 @@ class Family:
         return type(self.layers()[0])(side_config, layer_idx=index)
 
     @staticmethod
+    @abstractmethod
     def _parts(layer) -> tuple[nn.Linear, ...]:
         """The layer's Linear modules, in the order ``load_pruned`` gives their kept rows/columns."""
-        raise NotImplementedError
 
     def _copy_pruned(self, block, layer, rows_cols) -> None:
         """Copy the kept rows/columns of each of the layer's Linears into the side block's."""
