@@ -1,5 +1,5 @@
 """DP-SGD on two processes (torchrun + gloo) equals one process with the same logical batch: the
-same Poisson sample, noise added once, the same ε."""
+same Poisson sample, noise added once, the same ε; the DP linear probe before it too."""
 
 import json
 import shutil
@@ -27,7 +27,7 @@ def test_two_processes_match_one_process(tiny_recipe, tiny_model_dir, tmp_path):
     tiny_recipe["model"]["name"] = str(model_dir)
     tiny_recipe["train"].update(max_steps=4, batch_size=32)
     tiny_recipe["measure"].update(memory=False, flops=False)
-    tiny_recipe["privacy"] = {"epsilon": 8.0, "accountant": "rdp", "seed": 5, "physical_batch_size": 8}
+    tiny_recipe["privacy"] = {"epsilon": 8.0, "accountant": "rdp", "seed": 5, "physical_batch_size": 8, "linear_probe": {"steps": 3, "epsilon": 1.0}}
     path = tmp_path / "dp.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe))
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
@@ -43,6 +43,7 @@ def test_two_processes_match_one_process(tiny_recipe, tiny_model_dir, tmp_path):
     assert report_two["train"]["processes"] == 2
     assert report_two["privacy"]["epsilon"] == pytest.approx(report_one["privacy"]["epsilon"])
     assert report_two["privacy"]["noise_multiplier"] == report_one["privacy"]["noise_multiplier"]
+    assert report_two["privacy"]["linear_probe"] == report_one["privacy"]["linear_probe"]
     a, b = read_safetensors(tmp_path / "one/delta.safetensors"), read_safetensors(tmp_path / "two/delta.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=2e-4, msg=lambda m, k=key: f"{k}: {m}")

@@ -12,6 +12,7 @@ import math
 import warnings
 from typing import Any
 
+import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -33,7 +34,10 @@ def _quiet(fn, *args, **kwargs):
     # still valid (just not the tightest), which is what we report.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return fn(*args, **kwargs)
+        # PRV at sampling rate 1 (a full-batch step, e.g. the linear probe) takes log(0) on the
+        # way to a finite answer.
+        with np.errstate(divide="ignore"):
+            return fn(*args, **kwargs)
 
 
 def epsilon_of(kind: str, history: list[Any], delta: float) -> float:
@@ -54,23 +58,40 @@ def epsilon_for(kind: str, noise_multiplier: float, sample_rate: float, steps: i
     return epsilon_of(kind, [(noise_multiplier, sample_rate, steps)], delta)
 
 
-def calibrate_noise(kind: str, epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """The noise multiplier that spends at most ``epsilon`` in ``steps`` steps (never more).
+def calibrate_noise(kind: str, epsilon: float, delta: float, sample_rate: float, steps: int, prior: list[Any] | None = None) -> float:
+    """The noise multiplier that spends at most ``epsilon`` in ``steps`` steps (never more), after
+    the already-planned ``prior`` history (e.g. a DP linear probe) if any.
 
     Opacus' binary search returns a σ whose ε is below the target; we check it with the same
-    accountant and nudge σ up in the (numerically possible) case that it is not.
+    accountant and, with a prior history or in the (numerically possible) case that it does not
+    fit, search upwards from it (the composed ε only falls as σ grows).
     """
     if steps < 1:
         raise SlimtuneError("privacy: no training steps planned; nothing to calibrate")
+    prior = [tuple(entry) for entry in (prior or [])]
+    if prior and epsilon_of(kind, prior, delta) >= epsilon:
+        raise SlimtuneError(f"privacy.epsilon: {epsilon} leaves nothing for training after the linear probe (which alone spends {epsilon_of(kind, prior, delta):.3g}); lower privacy.linear_probe.epsilon")
     try:
         sigma = float(_quiet(get_noise_multiplier, target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=kind, epsilon_tolerance=0.01))
     except ValueError as exc:
         raise SlimtuneError(f"privacy.epsilon: {epsilon} is out of reach with δ={delta}, sampling rate {sample_rate:.4g} and {steps} steps ({exc})") from None
-    for _ in range(50):
-        if epsilon_for(kind, sigma, sample_rate, steps, delta) <= epsilon:
-            return sigma
-        sigma *= 1.01
-    raise SlimtuneError(f"privacy.epsilon: could not calibrate the noise to ε={epsilon}")
+
+    def fits(value: float) -> bool:
+        return epsilon_of(kind, [*prior, (value, sample_rate, steps)], delta) <= epsilon
+
+    if fits(sigma):
+        return sigma
+    low, high = sigma, sigma * 1.01
+    for _ in range(200):
+        if fits(high):
+            break
+        low, high = high, high * 1.25
+    else:
+        raise SlimtuneError(f"privacy.epsilon: could not calibrate the noise to ε={epsilon}")
+    while high / low > 1.001:  # the smallest fitting σ to 0.1%
+        mid = (low * high) ** 0.5
+        low, high = (low, mid) if fits(mid) else (mid, high)
+    return high
 
 
 def max_steps_within(kind: str, history: list[Any], noise_multiplier: float, sample_rate: float, delta: float, epsilon: float, limit: int) -> int:

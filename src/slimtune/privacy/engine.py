@@ -27,11 +27,12 @@ from pydantic import Field, model_validator
 
 from slimtune.errors import SlimtuneError
 from slimtune.privacy import accounting
+from slimtune.privacy.linear_probe import LinearProbeSection, probe_target, run_probe
 from slimtune.privacy.per_sample import PerSampleClipper, per_sample_losses
 from slimtune.recipe import Section, register_section
 from slimtune.train.hooks import Hook
 
-_SAMPLE, _NOISE = 1, 2  # generator streams
+_SAMPLE, _NOISE, _PROBE_NOISE = 1, 2, 3  # generator streams
 
 
 @register_section("privacy")
@@ -45,6 +46,10 @@ class PrivacySection(Section):
     physical_batch_size: int = Field(32, ge=1, description="examples per forward/backward pass on each process (virtual batches: train.batch_size is the logical, expected batch)")
     ghost: Literal["auto", "always", "never"] = Field("auto", description="ghost norms for linear weights (norms without per-sample gradients): auto picks the cheaper per layer")
     seed: int | None = Field(None, description="seed of Poisson sampling and noise; null: a fresh secret seed per run (kept in checkpoints)")
+    linear_probe: LinearProbeSection = Field(
+        default_factory=LinearProbeSection,
+        description="DP-LP-FT (Ke et al. 2024): first fit the task head privately on the frozen starting model's features, then DP fine-tune; e.g. {steps: 30, epsilon: 0.5}",
+    )
 
     @model_validator(mode="after")
     def _budget_or_noise(self) -> PrivacySection:
@@ -61,6 +66,10 @@ class PrivacySection(Section):
                     f"privacy: method '{method.name}' restructures the model during training ({reason}), which DP-SGD "
                     "cannot follow (per-sample clipping is set up on the starting modules; pruning scores would read un-noised gradients); use it without privacy"
                 )
+        if self.linear_probe.steps:
+            probe_target(model, delta.head_names)  # fails now, with one line, when there is no head
+            if self.epsilon is not None and self.linear_probe.epsilon >= self.epsilon:
+                raise SlimtuneError(f"privacy.linear_probe.epsilon: {self.linear_probe.epsilon} must be below privacy.epsilon ({self.epsilon}), which also pays for fine-tuning")
         return PrivacyHook(self)
 
 
@@ -82,6 +91,8 @@ class PrivacyHook(Hook):
         self.noise_multiplier: float | None = config.noise_multiplier
         self.sample_rate: float | None = None
         self.history: list[list[float]] = []  # accountant history: [noise_multiplier, sample_rate, steps]
+        self.probe_history: list[list[float]] = []  # the linear probe's, composed before ``history``
+        self.probe_report: dict[str, Any] = {}
         self.seed: int | None = config.seed
         self.allowed_steps: int | None = None
         self.clipper: PerSampleClipper | None = None
@@ -99,13 +110,25 @@ class PrivacyHook(Hook):
             raise SlimtuneError(f"train.batch_size: {self.expected_batch} is larger than the {n_train} training examples; DP sampling needs batch_size <= N")
         self.sample_rate = self.expected_batch / n_train
         planned = trainer.total_steps
+        probe = cfg.linear_probe
+        probe_plan = []
+        if probe.steps:
+            probe_sigma = accounting.calibrate_noise(cfg.accountant, probe.epsilon, cfg.delta, 1.0, probe.steps)
+            probe_plan = [[probe_sigma, 1.0, probe.steps]]
         if self.noise_multiplier is None:
-            self.noise_multiplier = accounting.calibrate_noise(cfg.accountant, cfg.epsilon, cfg.delta, self.sample_rate, planned)
+            self.noise_multiplier = accounting.calibrate_noise(cfg.accountant, cfg.epsilon, cfg.delta, self.sample_rate, planned, prior=probe_plan)
         if self.seed is None:
             self.seed = self._shared_secret_seed(trainer)
+        if probe_plan and not self.probe_history and trainer.step == 0:
+            # Not on resume: the probed head is in the checkpoint, its cost in ``probe_history``.
+            self.probe_report = run_probe(
+                trainer, probe_target(trainer.model, trainer.delta.head_names), probe, probe_plan[0][0],
+                lambda step: torch.Generator().manual_seed(_mix(self.seed, step, _PROBE_NOISE)), cfg.physical_batch_size,
+            )
+            self.probe_history = probe_plan
         if cfg.epsilon is not None:
             self.allowed_steps = self.steps_done() + accounting.max_steps_within(
-                cfg.accountant, self.history, self.noise_multiplier, self.sample_rate, cfg.delta, cfg.epsilon, limit=max(planned - trainer.step, 0) + 1
+                cfg.accountant, self.accounted(), self.noise_multiplier, self.sample_rate, cfg.delta, cfg.epsilon, limit=max(planned - trainer.step, 0) + 1
             )
         if not isinstance(self.clipper, PerSampleClipper):
             self.clipper = PerSampleClipper(trainer.model, trainer.trainable, ghost=cfg.ghost)
@@ -117,7 +140,12 @@ class PrivacyHook(Hook):
         return int(seed)
 
     def steps_done(self) -> int:
+        """Fine-tuning steps taken (the probe's are reported on their own)."""
         return int(sum(h[2] for h in self.history))
+
+    def accounted(self) -> list[list[float]]:
+        """Everything the accountant composes: the probe, then the fine-tuning steps."""
+        return [*self.probe_history, *self.history]
 
     # -- one step -----------------------------------------------------------------------------
     def _indices(self, trainer, batch_indices: list[int] | None) -> list[int]:
@@ -197,16 +225,18 @@ class PrivacyHook(Hook):
         return None
 
     def epsilon(self) -> float:
-        return accounting.epsilon_of(self.config.accountant, self.history, self.config.delta)
+        return accounting.epsilon_of(self.config.accountant, self.accounted(), self.config.delta)
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "noise_multiplier": self.noise_multiplier, "seed": self.seed}
+        return {"history": self.history, "noise_multiplier": self.noise_multiplier, "seed": self.seed, "probe_history": self.probe_history, "probe": self.probe_report}
 
     def load_state_dict(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         self.history = [list(h) for h in state.get("history", [])]
         self.noise_multiplier = state.get("noise_multiplier", self.noise_multiplier)
         self.seed = state.get("seed", self.seed)
+        self.probe_history = [list(h) for h in state.get("probe_history", [])]
+        self.probe_report = state.get("probe", {})
 
     def report(self) -> dict[str, Any]:
         if self.sample_rate is None:
@@ -225,6 +255,7 @@ class PrivacyHook(Hook):
             "poisson": self.config.poisson,
             "steps": self.steps_done(),
             "per_sample_rules": _count_rules(self.clipper.describe()) if self.clipper else {},
+            **({"linear_probe": {**self.probe_report, "epsilon_alone": accounting.epsilon_of(self.config.accountant, self.probe_history, self.config.delta)}} if self.probe_history else {}),
         }
 
 
