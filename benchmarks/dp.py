@@ -15,13 +15,14 @@ Accuracy (part ``accuracy``): `recipes/dp-lora.yaml` at ε=8 and at ε=3, and no
 tested on the same 1,000 test sentences. Causal LM (part ``lm``): `recipes/dp-lora-lm.yaml`, test
 perplexity before and after. Runs go to ``--runs`` (one directory per run); a finished run whose
 recipe.yaml trains the same as planned (the ``measure`` section aside) is reused, not retrained.
-Parts not run keep their previous figures from benchmarks/results/dp.json.
+Parts not run keep their previous figures from benchmarks/results/dp.json. Probe (part ``probe``):
+the recipe's DP linear probe alone (no fine-tuning) at 3 noise seeds, test and validation accuracy.
 
 Schedule (part ``schedule``, no training): for logical batches x epochs on the full split, the noise
 σ the accountant calibrates for ε=8 and the scale sqrt(steps) x batch / σ of the accumulated
 signal-to-noise, i.e. what a batch/epoch choice can buy at fixed ε and N.
 
-    python -m benchmarks.dp [--quick] [--parts speed,accuracy,lm,schedule] [--repeats 5] [--threads 2] [--runs runs/bench-dp]
+    python -m benchmarks.dp [--quick] [--parts speed,accuracy,probe,lm,schedule] [--repeats 5] [--threads 2] [--runs runs/bench-dp]
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from benchmarks.common import RESULTS, interleaved_medians, print_rows, write_re
 
 BATCH, SEQ, SIGMA, CLIP = 32, 64, 1.0, 1.0
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("speed", "speed-full", "accuracy", "lm", "schedule")
+PARTS = ("speed", "speed-full", "accuracy", "probe", "lm", "schedule")
 #: Part "schedule": logical batches x epochs whose noise the accountant calibrates for ε=8.
 SCHEDULE_BATCHES, SCHEDULE_EPOCHS = (256, 1024, 4226), (2, 8, 32)
 
@@ -56,7 +57,7 @@ LM_RUN = ("lm-dp-eps8", "recipes/dp-lora-lm.yaml", [])
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only the speed part, 3 repeats, DP-LoRA only")
-    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated parts to run: speed (DP-LoRA), speed-full (DP full fine-tuning), accuracy, lm, schedule (σ and signal-to-noise scale per batch x epochs; no training) (default: all)")
+    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated parts to run: speed (DP-LoRA), speed-full (DP full fine-tuning), accuracy, probe (the recipe's DP linear probe alone, 3 noise seeds), lm, schedule (σ and signal-to-noise scale per batch x epochs; no training) (default: all)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--opacus-ghost", action="store_true", help="speed: also time Opacus' ghost-clipping mode on DP-LoRA")
@@ -81,6 +82,8 @@ def main(argv=None) -> dict:
         result["speed_full"] = speed(args, full_fine_tuning=True)
     if "accuracy" in parts:
         result["accuracy"] = accuracy(args.runs, args.threads, tuple(args.partial))
+    if "probe" in parts:
+        result["probe"] = probe_only(args.threads)
     if "lm" in parts:
         result["lm"] = causal_lm(args.runs, args.threads)
     if "schedule" in parts:
@@ -264,7 +267,7 @@ def _run_entry(report: dict, recipe_path: str, overrides: list[str]) -> dict:
     }
     if "privacy" in report:
         entry["privacy"] = {k: report["privacy"].get(k) for k in ("epsilon", "epsilon_budget", "delta", "accountant", "noise_multiplier", "max_grad_norm",
-                                                                    "sample_rate", "expected_batch_size", "physical_batch_size", "steps")}
+                                                                    "sample_rate", "expected_batch_size", "physical_batch_size", "steps", "linear_probe")}
     return entry
 
 
@@ -276,7 +279,7 @@ def _settings(recipe_path: str, overrides: list[str]) -> dict:
             "head": ("pooling",)}
     out = {section: {k: data[section].get(k) for k in keys if data[section].get(k) is not None} for section, keys in keep.items()}
     if "privacy" in data:
-        out["privacy"] = {k: data["privacy"][k] for k in ("epsilon", "delta", "max_grad_norm", "accountant", "poisson", "physical_batch_size")}
+        out["privacy"] = {k: data["privacy"][k] for k in ("epsilon", "delta", "max_grad_norm", "accountant", "poisson", "physical_batch_size", "linear_probe")}
     return out
 
 
@@ -296,6 +299,34 @@ def accuracy(runs: Path, threads: int, partial: tuple[str, ...] = ()) -> dict:
     out["gap_eps8_points"] = 100 * (acc["non-private"] - acc["dp-eps8"])
     out["gap_eps3_points"] = 100 * (acc["non-private"] - acc["dp-eps3"])
     return out
+
+
+def probe_only(threads: int, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
+    """What the DP linear probe of `recipes/dp-lora.yaml` reaches alone (no fine-tuning), per noise seed."""
+    import torch
+
+    from slimtune.privacy import accounting
+    from slimtune.privacy.linear_probe import probe_target, run_probe
+    from slimtune.recipe import load_recipe
+    from slimtune.runner import build
+    from slimtune.train.trainer import Trainer
+
+    torch.set_num_threads(threads)
+    recipe = load_recipe(ROOT / "recipes/dp-lora.yaml")
+    cfg = recipe.features["privacy"]
+    probe = cfg.linear_probe
+    sigma = accounting.calibrate_noise(cfg.accountant, probe.epsilon, cfg.delta, 1.0, probe.steps)
+    built = build(recipe)
+    trainer = Trainer(model=built.model, tokenizer=built.tokenizer, task=built.task, delta=built.delta, recipe=recipe,
+                      objective=built.objective, hooks=[], progress=False)
+    layer = probe_target(built.model, built.delta.head_names)
+    rows = []
+    for seed in seeds:
+        run_probe(trainer, layer, probe, sigma, lambda step, seed=seed: torch.Generator().manual_seed(1000 * seed + step), cfg.physical_batch_size)
+        rows.append({"seed": seed, "test": trainer.evaluate("test")["accuracy"], "validation": trainer.evaluate("validation")["accuracy"]})
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "steps": probe.steps, "epsilon_alone": accounting.epsilon_of(cfg.accountant, [(sigma, 1.0, probe.steps)], cfg.delta),
+            "noise_multiplier": sigma, "rows": rows, "test_mean": sum(r["test"] for r in rows) / len(rows),
+            "validation_mean": sum(r["validation"] for r in rows) / len(rows)}
 
 
 def causal_lm(runs: Path, threads: int) -> dict:
@@ -435,9 +466,18 @@ def render_markdown(result: dict) -> str:
             f"Gap to non-private: {a['gap_eps8_points']:.1f} points at ε=8 (goal <= 4), {a['gap_eps3_points']:.1f} points at ε=3.\n\n"
             "| run | accuracy | macro F1 | ε spent (δ=1e-5) | noise σ | steps | train minutes (wall, shared machine) |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
             f"DP settings (`recipes/dp-lora.yaml`): {t.get('epochs'):g} epochs, logical batch {t.get('batch_size')} (Poisson sampling, physical batches of "
-            f"{pr.get('physical_batch_size')}), lr {t.get('lr')} (LoRA and head; linear decay, no warm-up), max_length {t.get('max_length')}, "
-            f"clip {pr.get('max_grad_norm')}, {str(pr.get('accountant', '')).upper()} accountant, noise calibrated to the target ε for the planned steps. "
+            f"{pr.get('physical_batch_size')}), lr {t.get('lr')} (LoRA{'' if t.get('head_lr') else ' and head'}; linear decay, no warm-up)"
+            + (f", head lr {t.get('head_lr')}" if t.get("head_lr") else "") + f", max_length {t.get('max_length')}, "
+            f"clip {pr.get('max_grad_norm')}, {str(pr.get('accountant', '')).upper()} accountant, noise calibrated to the target ε for the planned steps"
+            + (_probe_text(pr.get("linear_probe") or {}, a["runs"]["dp-eps8"].get("privacy") or {}) if (pr.get("linear_probe") or {}).get("steps") else "") + ". "
             f"Non-private: {tn.get('epochs'):g} epochs, batch {tn.get('batch_size')}, lr {tn.get('lr')}, warm-up {tn.get('warmup_ratio')}, max_length {tn.get('max_length')}."
+        )
+    probe = result.get("probe")
+    if probe:
+        parts.append(
+            f"The recipe's DP linear probe alone (ε {_fmt(probe['epsilon_alone'], 2)}, {probe['steps']} full-batch steps, σ={_fmt(probe['noise_multiplier'], 1)}, no fine-tuning; "
+            f"part `probe`, {len(probe['rows'])} noise seeds, {probe.get('date', '?')}): test accuracy {', '.join(_fmt(r['test']) for r in probe['rows'])} "
+            f"(mean {_fmt(probe['test_mean'])}; validation mean {_fmt(probe['validation_mean'])})."
         )
     sched = result.get("schedule")
     if sched:
@@ -460,6 +500,13 @@ def render_markdown(result: dict) -> str:
             f"test perplexity {lm['perplexity_before']:.2f} before -> {lm['perplexity_after']:.2f} after ({lm.get('n_test')} test sentences)."
         )
     return "\n\n".join(parts) if parts else "_no measurements_"
+
+
+def _probe_text(planned: dict, spent: dict) -> str:
+    probe = spent.get("linear_probe") or {}
+    return (f"; first a DP linear probe (DP-LP-FT, `privacy.linear_probe`): the head fitted on the frozen model's features by {planned.get('steps')} "
+            f"full-batch DP gradient-descent steps (clip {planned.get('max_grad_norm')}, step size {planned.get('lr')}, σ={_fmt(probe.get('noise_multiplier'), 1)}, "
+            f"ε {_fmt(probe.get('epsilon_alone'), 2)} alone), composed with fine-tuning into the one ε above")
 
 
 # -- models ---------------------------------------------------------------------------------------
