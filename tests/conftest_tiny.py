@@ -61,3 +61,18 @@ class CrashAt(Hook):
     def on_step_begin(self, trainer, batch):
         if trainer.step == self.step:
             raise KeyboardInterrupt
+
+
+def crash_run(recipe, run, step):
+    """Train ``recipe`` into the new directory ``run`` and crash at the start of ``step``, leaving
+    the checkpoints written so far for ``train_run(recipe, run, resume=True)``."""
+    from slimtune.runner import build
+    from slimtune.train.trainer import Trainer
+
+    built = build(recipe)
+    run.mkdir()
+    (run / "recipe.yaml").write_text(recipe.to_yaml())
+    trainer = Trainer(model=built.model, tokenizer=built.tokenizer, task=built.task, delta=built.delta, recipe=recipe,
+                      objective="classification", run_dir=run, hooks=[*built.hooks, CrashAt(step)], progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()

@@ -9,7 +9,6 @@ import shutil
 
 import pytest
 import torch
-import yaml
 
 from tests.conftest_tiny import CrashAt
 from slimtune import runner

@@ -9,9 +9,8 @@ import yaml
 
 import slimtune
 from slimtune.cli import main
-from slimtune.compress.export import export_run, plain_merged
+from slimtune.compress.export import export_run
 from slimtune.compress.lora_rank import LORA_RANK_REPORT, parse_lora_rank
-from slimtune.errors import SlimtuneError
 from slimtune.io import read_json
 from slimtune.methods.delta import read_delta
 from slimtune.methods.lora import LoRALinear

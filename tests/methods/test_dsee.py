@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from slimtune.errors import SlimtuneError
-from slimtune.io import read_json
 from slimtune.methods.base import Arch
 from slimtune.methods.dsee import DSEE, DSEELinear, godec, sparse_support
 from slimtune.recipe import validate_recipe

@@ -137,29 +137,19 @@ def test_heads_plus_ffn_run_saves_more_flops_and_the_delta_replays(tmp_path, tin
 
 
 def test_resume_around_the_prune_step_gives_the_same_delta(tmp_path, tiny_recipe):
-    from slimtune.train.trainer import Trainer
-    from tests.conftest_tiny import CrashAt
+    from tests.conftest_tiny import crash_run
 
     recipe = stage2_recipe(tiny_recipe)
     recipe["train"].update(max_steps=12, checkpoint_every=3)
     recipe = validate_recipe(recipe)
     whole_report = train_run(recipe, tmp_path / "whole", progress=False)
 
-    def crash(run, step):
-        built = build(recipe)
-        run.mkdir()
-        (run / "recipe.yaml").write_text(recipe.to_yaml())
-        trainer = Trainer(model=built.model, tokenizer=built.tokenizer, task=built.task, delta=built.delta, recipe=recipe,
-                          objective="classification", run_dir=run, hooks=[*built.hooks, CrashAt(step)], progress=False)
-        with pytest.raises(KeyboardInterrupt):
-            trainer.fit()
-
     whole = read_safetensors(tmp_path / "whole/delta.safetensors")
     # Stage 2 runs at step 6. Crashed before it (checkpoint 3), right after it (checkpoints 3 and
     # 6) or with only post-prune checkpoints left (6 and 9; KEEP_LAST = 2): a post-prune checkpoint
     # replays stage 2 from its saved stage-1 update and removed units, then loads its parameters.
     for name, step, resumed_from in (("early", 5, 3), ("at", 7, 6), ("late", 10, 9)):
-        crash(tmp_path / name, step)
+        crash_run(recipe, tmp_path / name, step)
         report = train_run(recipe, tmp_path / name, resume=True, progress=False)
         assert report["train"]["resumed_from_step"] == resumed_from
         assert not [p for p in (tmp_path / name / "checkpoints").iterdir() if p.name.startswith("corrupt")]

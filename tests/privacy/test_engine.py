@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest_tiny import CrashAt
+from tests.conftest_tiny import crash_run
 from slimtune.errors import SlimtuneError
 from slimtune.io import read_safetensors
 from slimtune.privacy import accounting
@@ -135,14 +135,8 @@ def test_resume_continues_sampling_noise_and_accounting(tiny_recipe, tmp_path):
     tiny_recipe["privacy"] = {"epsilon": 30.0, "noise_multiplier": 1.0, "accountant": "rdp", "seed": 11}
     recipe = validate_recipe(tiny_recipe)
     whole = train_run(recipe, tmp_path / "whole", progress=False)
-    built = build(recipe)
     run = tmp_path / "crashed"
-    run.mkdir()
-    (run / "recipe.yaml").write_text(recipe.to_yaml())
-    trainer = Trainer(model=built.model, tokenizer=built.tokenizer, task=built.task, delta=built.delta, recipe=recipe,
-                      objective="classification", run_dir=run, hooks=[*built.hooks, CrashAt(3)], progress=False)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.fit()
+    crash_run(recipe, run, 3)
     resumed = train_run(recipe, run, resume=True, progress=False)
     assert resumed["privacy"]["steps"] == whole["privacy"]["steps"] == 4
     assert resumed["privacy"]["epsilon"] == pytest.approx(whole["privacy"]["epsilon"])

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.conftest_tiny import CrashAt
+from tests.conftest_tiny import crash_run
 from tests.privacy.test_engine import make_trainer
 from slimtune.errors import SlimtuneError
 from slimtune.io import read_safetensors
@@ -18,7 +18,6 @@ from slimtune.privacy import accounting, engine, linear_probe
 from slimtune.privacy.linear_probe import LinearProbeSection, clipped_gradient_sum, probe_target, run_probe, training_features
 from slimtune.recipe import validate_recipe
 from slimtune.runner import build, train_run
-from slimtune.train.trainer import Trainer
 
 
 def one_example_loop(weight, bias, x, y, clip):
@@ -116,14 +115,8 @@ def test_resume_does_not_probe_again(tiny_recipe, tmp_path, monkeypatch):
     tiny_recipe["privacy"] = {"epsilon": 30.0, "noise_multiplier": 1.0, "accountant": "rdp", "seed": 4, "linear_probe": {"steps": 3, "epsilon": 2.0}}
     recipe = validate_recipe(tiny_recipe)
     whole = train_run(recipe, tmp_path / "whole", progress=False)
-    built = build(recipe)
     run = tmp_path / "crashed"
-    run.mkdir()
-    (run / "recipe.yaml").write_text(recipe.to_yaml())
-    trainer = Trainer(model=built.model, tokenizer=built.tokenizer, task=built.task, delta=built.delta, recipe=recipe,
-                      objective="classification", run_dir=run, hooks=[*built.hooks, CrashAt(3)], progress=False)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.fit()
+    crash_run(recipe, run, 3)
     probes = []
     monkeypatch.setattr(engine, "run_probe", lambda *args, **kwargs: probes.append(args))
     resumed = train_run(recipe, run, resume=True, progress=False)

@@ -1,6 +1,5 @@
 """Local intrinsic dimension per submodule: projections, the subspace wrapper, d90 and ranking."""
 
-import math
 from types import SimpleNamespace
 
 import pytest

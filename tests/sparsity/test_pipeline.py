@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from slimtune.errors import SlimtuneError
-from slimtune.io import read_json, read_safetensors
+from slimtune.io import read_safetensors
 from slimtune.recipe import validate_recipe
 from slimtune.runner import evaluate_run, train_run
 
@@ -83,22 +83,14 @@ def test_data_criterion_without_data_is_one_line_error(tiny_recipe):
 
 
 def test_pruned_run_resumes_to_the_same_delta(tmp_path, tiny_recipe):
-    from slimtune.runner import build
-    from slimtune.train.trainer import Trainer
-    from tests.conftest_tiny import CrashAt
+    from tests.conftest_tiny import crash_run
 
     recipe = sparse_adapter_recipe(tiny_recipe, schedule="iterative", rounds=2, criterion="magnitude")
     recipe["train"].update(max_steps=8, checkpoint_every=3, batch_size=32)
     recipe = validate_recipe(recipe)
     train_run(recipe, tmp_path / "whole", progress=False)
-    built = build(recipe)
     run = tmp_path / "crashed"
-    run.mkdir()
-    (run / "recipe.yaml").write_text(recipe.to_yaml())
-    trainer = Trainer(model=built.model, tokenizer=built.tokenizer, task=built.task, delta=built.delta, recipe=recipe,
-                      objective="classification", run_dir=run, hooks=[*built.hooks, CrashAt(5)], progress=False)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.fit()  # pruned at steps 0 and 4, checkpointed at 3
+    crash_run(recipe, run, 5)  # pruned at steps 0 and 4, checkpointed at 3
     train_run(recipe, run, resume=True, progress=False)
     whole = read_safetensors(tmp_path / "whole/delta.safetensors")
     resumed = read_safetensors(run / "delta.safetensors")

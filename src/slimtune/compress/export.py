@@ -356,7 +356,6 @@ def export_run(
 
     from slimtune.compress.loader import load_exported
     from slimtune.measure.params import file_bytes
-    from slimtune.sparsity import structured
     from slimtune.train.data import tokenize_split
 
     run_dir, out = Path(run_dir), Path(out)

@@ -25,7 +25,6 @@ tensors uses the gradients seen in training since the last pruning step instead.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
