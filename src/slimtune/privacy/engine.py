@@ -8,6 +8,8 @@ physical batches, and over processes), add Gaussian noise ``N(0, σ²C²)`` once
 logical batch, divide by the expected batch size ``q N``, and hand the result to the optimizer.
 The accountant (:mod:`slimtune.privacy.accounting`) tracks ε; training stops rather than exceed
 the budget. The trainer knows none of this: it sees a hook that takes over ``backward``.
+Optionally a DP linear probe fits the head first (:mod:`slimtune.privacy.linear_probe`), its cost
+composed into the same ε.
 
 Sampling and noise come from generators seeded by ``(seed, step)``, so a run is reproducible and
 a resumed run continues exactly. Left unset, the seed is drawn from the OS once per run (and kept
