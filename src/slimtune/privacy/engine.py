@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from pydantic import Field, model_validator
+from tqdm.auto import tqdm
 
 from slimtune.errors import SlimtuneError
 from slimtune.privacy import accounting
@@ -123,6 +124,8 @@ class PrivacyHook(Hook):
             self.seed = self._shared_secret_seed(trainer)
         if probe_plan and not self.probe_history and trainer.step == 0:
             # Not on resume: the probed head is in the checkpoint, its cost in ``probe_history``.
+            if trainer.progress:
+                tqdm.write(f"DP linear probe: fitting the head on the frozen features ({probe.steps} full-batch steps, σ={probe_plan[0][0]:.3g})")
             self.probe_report = run_probe(
                 trainer, probe_target(trainer.model, trainer.delta.head_names), probe, probe_plan[0][0],
                 lambda step: torch.Generator().manual_seed(_mix(self.seed, step, _PROBE_NOISE)), cfg.physical_batch_size,

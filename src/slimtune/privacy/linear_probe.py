@@ -29,7 +29,7 @@ from slimtune.recipe import Section
 
 
 class LinearProbeSection(Section):
-    steps: int = Field(0, ge=0, description="full-batch DP gradient-descent steps of the probe (0: no probe)")
+    steps: int = Field(0, ge=0, description="full-batch DP gradient-descent steps of the probe (0: no probe); the noise on the mean gradient is σ·C/N, so it pays off with thousands of examples, not hundreds")
     epsilon: float = Field(0.5, gt=0, description="ε the probe alone may spend (its σ is calibrated to it); the fine-tuning noise is then calibrated so that probe and fine-tuning together stay within privacy.epsilon")
     max_grad_norm: float = Field(1.0, gt=0, description="clip norm of each example's head gradient in the probe")
     lr: float = Field(3.0, gt=0, description="gradient-descent step size of the probe (on the mean clipped gradient)")
