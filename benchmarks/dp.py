@@ -552,7 +552,8 @@ def plain_step(model, batch, labels):
 def ours_dp_step(model, batch, labels):
     import torch
 
-    from slimtune.privacy.per_sample import PerSampleClipper, per_sample_losses
+    from slimtune.privacy.losses import per_sample_losses
+    from slimtune.privacy.per_sample import PerSampleClipper
 
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(params.values(), lr=1e-4)

@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train a recipe (YAML) and write a run directory",
         description="Train RECIPE (see recipes/ and `slimtune list recipes`), evaluate on the test split, "
         "measure the cost, and write the run directory.",
-        epilog="example: slimtune train recipes/lora.yaml --set train.epochs=3 --out runs/lora3",
+        epilog="examples:\n  slimtune train recipes/lora.yaml --set train.epochs=3 --out runs/lora3\n"
+        "  slimtune train recipes/dp-lora.yaml --set privacy.epsilon=3 --out runs/dp3   DP-SGD after a DP linear probe of the head\n"
+        "  slimtune train recipes/dp-lora.yaml --set privacy.linear_probe.steps=0 --out runs/dp-noprobe   DP-SGD from a random head",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("recipe", type=Path, help="a recipe YAML file")

@@ -11,6 +11,7 @@ from slimtune.errors import SlimtuneError
 from slimtune.io import read_safetensors
 from slimtune.methods.base import Arch
 from slimtune.methods.dsee import DSEE, DSEELinear
+from slimtune.methods.dsee_stage2 import run_stage2
 from slimtune.recipe import validate_recipe
 from slimtune.runner import build, evaluate_run, train_run
 from slimtune.sparsity.structured import head_dim_of, layer_parts, unit_importance
@@ -56,7 +57,7 @@ def test_heads_and_ffn_removal_keep_the_remaining_computation():
     batch = token_batch(seq=9, vocab=100)
     with torch.no_grad():
         expected = reference(**batch).logits
-    method.run_stage2(model, heads=heads, neurons=neurons, replay=True)
+    run_stage2(method, model, heads=heads, neurons=neurons, replay=True)
     parts = layer_parts(model)
     assert model.get_submodule(parts[0].ffn_in[0]).out_features == 48
     assert model.get_submodule(parts[1].ffn_out).in_features == 48
@@ -75,7 +76,7 @@ def test_update_score_is_the_papers_l1_of_the_stage1_update():
     for i, parts in enumerate(layer_parts(model)):
         total = sum(model.get_submodule(p).delta_weight().detach().abs().sum(1).view(-1, head_dim).sum(1) for p in (parts.q, parts.v))
         expected[i] = [int(total.argmin())]
-    info = method.run_stage2(model)
+    info = run_stage2(method, model)
     assert info["removed_heads"] == expected
     assert info["removed_neurons_per_layer"] == {}
 
@@ -86,7 +87,7 @@ def test_data_and_magnitude_scores_rank_on_the_merged_model(criterion):
     batches = [{**token_batch(seed=s), "labels": torch.tensor([0, 1, 1])} for s in range(2)]
     merged = masked_reference(model, {}, {})
     heads, neurons = unit_importance(merged, criterion, batches=batches if criterion == "taylor" else None)
-    info = method.run_stage2(model, batches=batches)
+    info = run_stage2(method, model, batches=batches)
     for layer in (0, 1):
         want_heads = sorted(sorted(heads[layer], key=heads[layer].get)[:2])
         want_neurons = sorted(sorted(neurons[layer], key=neurons[layer].get)[:32])
@@ -98,7 +99,7 @@ def test_data_and_magnitude_scores_rank_on_the_merged_model(criterion):
 def test_global_scope_ranks_units_across_layers():
     model, method = attached(heads_per_layer=1, head_score="magnitude", ffn_fraction=0.25, ffn_score="magnitude", structured_scope="global")
     heads, neurons = unit_importance(masked_reference(model, {}, {}), "magnitude")
-    info = method.run_stage2(model)
+    info = run_stage2(method, model)
     flat_heads = sorted((s, layer, h) for layer, units in heads.items() for h, s in units.items())[:2]
     flat_neurons = sorted((s, layer, n) for layer, units in neurons.items() for n, s in units.items())[:32]
     assert sum(len(v) for v in info["removed_heads"].values()) == 2
@@ -113,7 +114,7 @@ def test_bad_stage2_settings_are_one_line_errors():
         DSEE({"prune": "heads", "heads_per_layer": 0})
     model, method = attached(heads_per_layer=1, head_score="fisher")
     with pytest.raises(SlimtuneError, match="'fisher' needs training batches"):
-        method.run_stage2(model)
+        run_stage2(method, model)
 
 
 def stage2_recipe(tiny_recipe, **fields):
@@ -169,7 +170,7 @@ def test_stage2_misfits_are_refused_when_the_run_is_built(tiny_recipe):
         build(validate_recipe(stage2_recipe(tiny_recipe, heads_per_layer=4)))
     model, method = attached(heads_per_layer=1, ffn_fraction=0.25, ffn_score="fisher", head_score="update")
     with pytest.raises(SlimtuneError, match=r"method.ffn_score: 'fisher' needs training batches, and the task has none; use magnitude$"):
-        method.run_stage2(model)
+        run_stage2(method, model)
 
 
 def test_llama_grouped_query_heads_are_removed_by_whole_groups():
@@ -181,7 +182,7 @@ def test_llama_grouped_query_heads_are_removed_by_whole_groups():
     group = n_heads // n_kv
     method = DSEE({"r": 2, "num_sparse": 4, "decomposition_rank": 2, "prune": "heads", "heads_per_layer": group, "head_score": "magnitude"})
     method.attach(model, Arch.of(model))
-    info = method.run_stage2(model)
+    info = run_stage2(method, model)
     for heads in info["removed_heads"].values():
         assert len(heads) == group and heads == list(range(heads[0], heads[0] + group)) and heads[0] % group == 0
     model(input_ids=torch.tensor([[1, 2, 3, 4]]))

@@ -11,7 +11,8 @@ from torch import nn
 from slimtune.methods.base import Arch, get_method_class
 from slimtune.methods.delta import Delta
 from slimtune.methods.lora import LoRALinear
-from slimtune.privacy.per_sample import PerSampleClipper, per_sample_losses
+from slimtune.privacy.losses import per_sample_losses
+from slimtune.privacy.per_sample import PerSampleClipper
 from slimtune.recipe import MethodSpec
 from tests.tiny import tiny_bert, tiny_llama
 

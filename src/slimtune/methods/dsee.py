@@ -315,7 +315,9 @@ class DSEE(LinearUpdateMethod):
         self._load_layers(model, stage1)
         heads, neurons = ({int(k.rpartition(".")[2]): v.tolist() for k, v in state.items() if k.startswith(key + ".")}
                           for key in (HEADS_KEY, NEURONS_KEY))
-        self.run_stage2(model, heads=heads, neurons=neurons, replay=True)
+        from slimtune.methods.dsee_stage2 import run_stage2  # imports this module
+
+        run_stage2(self, model, heads=heads, neurons=neurons, replay=True)
 
     def _load_layers(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
@@ -338,18 +340,3 @@ class DSEE(LinearUpdateMethod):
                     if value.shape != tensor.shape:
                         raise SlimtuneError(f"{self.name}: delta tensor '{key}' has shape {tuple(value.shape)}, the model expects {tuple(tensor.shape)}")
                     tensor.copy_(value)
-
-    # -- stage 2 (slimtune.methods.dsee_stage2) ----------------------------------------------
-    def run_stage2(
-        self,
-        model: nn.Module,
-        heads: dict[int, list[int]] | None = None,
-        neurons: dict[int, list[int]] | None = None,
-        batches: list[dict[str, torch.Tensor]] | None = None,
-        replay: bool = False,
-    ) -> dict[str, Any]:
-        """Merge the stage-1 update into the weights, prune, wrap fresh stage-2 updates (see
-        :func:`slimtune.methods.dsee_stage2.run_stage2`)."""
-        from slimtune.methods.dsee_stage2 import run_stage2
-
-        return run_stage2(self, model, heads=heads, neurons=neurons, batches=batches, replay=replay)

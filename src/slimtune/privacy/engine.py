@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from slimtune.errors import SlimtuneError
 from slimtune.privacy import accounting
 from slimtune.privacy.linear_probe import LinearProbeSection, probe_target, run_probe
-from slimtune.privacy.per_sample import PerSampleClipper, per_sample_losses
+from slimtune.privacy.losses import per_sample_losses
+from slimtune.privacy.per_sample import PerSampleClipper
 from slimtune.recipe import Section, register_section
 from slimtune.train.hooks import Hook
 
