@@ -19,6 +19,7 @@ RESULT = {
             "dp-eps8": {"metrics": {"accuracy": 0.842, "macro_f1": 0.84}, "steps": 66, "train_seconds": 900.0, "n_train": 8452, "n_test": 1000,
                         "privacy": {"epsilon": 7.97, "noise_multiplier": 0.71, "linear_probe": {"noise_multiplier": 39.4, "epsilon_alone": 0.498}}},
             "dp-eps3": {"metrics": {"accuracy": 0.811, "macro_f1": 0.81}, "steps": 66, "train_seconds": 900.0, "privacy": {"epsilon": 2.99, "noise_multiplier": 1.1}},
+            "dp-noise-free": {"metrics": {"accuracy": 0.853, "macro_f1": 0.85}, "steps": 66, "train_seconds": 800.0, "privacy": {"epsilon": None, "noise_multiplier": 0.0}},
         },
         "settings": {
             "non-private": {"train": {"epochs": 2, "batch_size": 32, "lr": 0.001, "warmup_ratio": 0.06, "max_length": 64}},
@@ -26,7 +27,7 @@ RESULT = {
                         "privacy": {"max_grad_norm": 0.1, "accountant": "prv", "physical_batch_size": 64,
                                     "linear_probe": {"steps": 30, "epsilon": 0.5, "max_grad_norm": 1.0, "lr": 3.0}}},
         },
-        "gap_eps8_points": 1.9, "gap_eps3_points": 5.0,
+        "gap_eps8_points": 1.9, "gap_eps3_points": 5.0, "gap_schedule_points": 0.8, "gap_noise_eps8_points": 1.1,
     },
     "probe": {"date": "2026-11-29 14:00", "steps": 30, "epsilon_alone": 0.498, "noise_multiplier": 39.4, "test_mean": 0.761, "validation_mean": 0.757,
               "rows": [{"seed": 0, "test": 0.762, "validation": 0.756}, {"seed": 1, "test": 0.765, "validation": 0.75}, {"seed": 2, "test": 0.756, "validation": 0.765}]},
@@ -39,6 +40,7 @@ def test_render_markdown_shows_every_figure():
     text = dp.render_markdown(RESULT)
     for figure in ("1.02x", "0.89x", "0.55x", "<= 1.05", "<= 0.95", "<= 0.6",  # step ratios and goals
                    "0.861", "0.842", "0.811", "7.97", "2.99", "1.9 points at ε=8",  # accuracy and ε
+                   "| 0.853 | 0.850 | ∞ | 0.00 |", "0.8 points of it come with the DP schedule", "1.1 with the noise",  # the gap split by the σ=0 run
                    "logical batch 256", "lr 0.005", "clip 0.1", "PRV", "physical batches of 64", "2 epochs",  # DP settings
                    "head lr 0.0001", "30 full-batch DP gradient-descent steps", "σ=39.4", "ε 0.50 alone",  # the DP linear probe before fine-tuning
                    "0.762, 0.765, 0.756 (mean 0.761; validation mean 0.757)",  # the probe alone
