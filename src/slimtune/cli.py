@@ -105,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
         "measure the cost, and write the run directory.",
         epilog="examples:\n  slimtune train recipes/lora.yaml --set train.epochs=3 --out runs/lora3\n"
         "  slimtune train recipes/dp-lora.yaml --set privacy.epsilon=3 --out runs/dp3   DP-SGD after a DP linear probe of the head\n"
-        "  slimtune train recipes/dp-lora.yaml --set privacy.linear_probe.steps=0 --out runs/dp-noprobe   DP-SGD from a random head",
+        "  slimtune train recipes/dp-lora.yaml --set privacy.linear_probe.steps=0 --out runs/dp-noprobe   DP-SGD from a random head\n"
+        "  slimtune train recipes/public-amazon-lora.yaml --out runs/public-amazon-lora   a non-private run on public data, then\n"
+        "  slimtune train recipes/dp-lora-public.yaml   DP-SGD starting from it (train.init_from: runs/public-amazon-lora)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("recipe", type=Path, help="a recipe YAML file")

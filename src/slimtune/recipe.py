@@ -91,6 +91,11 @@ class TrainSection(Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the global gradient norm (null: no clipping)")
     max_length: int = Field(128, ge=8, le=8192, description="tokens per example (longer texts are truncated)")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of initialisation, shuffling and dropout")
+    init_from: str | None = Field(
+        None,
+        description="start from the delta and head of a finished run (its run directory; same model, methods and "
+        "label count), e.g. a non-private run on public data before a DP run on private data",
+    )
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (fast on AMX CPUs) or fp32")
     eval_each_epoch: bool = Field(True, description="evaluate on the validation split after each epoch")
     checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N steps (always at each epoch end)")

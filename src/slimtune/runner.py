@@ -77,6 +77,24 @@ def build(recipe: Recipe, task_override: str | None = None) -> Built:
     return Built(recipe, model, tokenizer, task, delta, arch, objective, fingerprint, hooks, base_params, pooling)
 
 
+def warm_start(built: Built, run_dir: Path) -> None:
+    """Load a finished run's delta and head into ``built`` (``train.init_from``); a checkpoint of a
+    resumed run overrides it later."""
+    where = f"train.init_from {run_dir}"
+    if not (run_dir / "delta.json").is_file():
+        raise SlimtuneError(f"{where}: no delta.json there; name the directory of a finished run")
+    meta, state = read_delta(run_dir)
+    check_fingerprint(meta, built.fingerprint, run_dir / "delta.json")
+    if meta.get("methods") != built.delta.config():
+        raise SlimtuneError(f"{where}: trained methods {meta.get('methods')}, this recipe has {built.delta.config()}; a warm start needs the same methods")
+    for name, tensor in built.delta.state_dict(built.model).items():
+        if name in state and state[name].shape != tensor.shape:
+            raise SlimtuneError(
+                f"{where}: '{name}' has shape {tuple(state[name].shape)} there, this recipe needs {tuple(tensor.shape)} (another label count?)"
+            )
+    built.delta.load_state_dict(built.model, state)
+
+
 def prepare_run_dir(out: Path, resume: bool) -> Path:
     if resume:
         if not out.is_dir():
@@ -107,6 +125,8 @@ def train_run(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
     accelerator.wait_for_everyone()
     started = time.perf_counter()
     built = build(recipe)
+    if recipe.train.init_from is not None:
+        warm_start(built, Path(recipe.train.init_from))
     trainer = Trainer(
         model=built.model, tokenizer=built.tokenizer, task=built.task, delta=built.delta, recipe=recipe,
         objective=built.objective, run_dir=out, hooks=built.hooks, accelerator=accelerator, progress=progress,

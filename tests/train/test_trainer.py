@@ -165,3 +165,51 @@ def test_merged_inference_is_reported_for_linear_deltas(tiny_recipe, tmp_path):
     tiny_recipe["measure"] = {"latency": True, "repeats": 2, "batch_size": 4}
     report = train_run(validate_recipe(tiny_recipe), tmp_path / "run", progress=False)
     assert report["inference"]["merged"] is True and report["inference"]["latency_ms_median"] > 0
+
+
+def test_init_from_starts_from_the_earlier_runs_delta_and_head(tiny_recipe, tmp_path):
+    from slimtune.runner import warm_start
+
+    train_run(validate_recipe(tiny_recipe), tmp_path / "public", progress=False)
+    saved = read_safetensors(tmp_path / "public/delta.safetensors")
+    tiny_recipe["train"]["init_from"] = str(tmp_path / "public")
+    recipe = validate_recipe(tiny_recipe)
+    built = build(recipe)
+    fresh = built.delta.state_dict(built.model)
+    assert any(not torch.equal(fresh[k], saved[k]) for k in saved)  # LoRA B starts at zero, the trained one does not
+    warm_start(built, tmp_path / "public")
+    started = built.delta.state_dict(built.model)
+    assert started.keys() == saved.keys() and all(torch.equal(started[k], saved[k]) for k in saved)
+    report = train_run(recipe, tmp_path / "private", progress=False)
+    assert report["train"]["steps"] == 8 and report["train"]["init_from"] == str(tmp_path / "public")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda r, run: r["train"].update(init_from=str(run.parent / "missing")), "no delta.json there"),
+        (lambda r, run: r["method"].update(r=2), "a warm start needs the same methods"),
+    ],
+)
+def test_init_from_refuses_a_run_it_cannot_start_from(tiny_recipe, tmp_path, change, message):
+    run = tmp_path / "public"
+    train_run(validate_recipe(tiny_recipe), run, progress=False)
+    tiny_recipe["train"]["init_from"] = str(run)
+    change(tiny_recipe, run)
+    with pytest.raises(SlimtuneError, match=f"train.init_from .*{message}"):
+        train_run(validate_recipe(tiny_recipe), tmp_path / "private", progress=False)
+    assert not (tmp_path / "private/delta.json").exists()
+
+
+def test_init_from_names_a_head_of_another_label_count(tiny_recipe, tmp_path):
+    run = tmp_path / "public"
+    train_run(validate_recipe(tiny_recipe), run, progress=False)
+    state = read_safetensors(run / "delta.safetensors")
+    head = next(k for k in state if k.startswith("classifier.weight"))
+    state[head] = torch.zeros(3, state[head].shape[1])
+    from slimtune.io import write_safetensors
+
+    write_safetensors(run / "delta.safetensors", state)
+    tiny_recipe["train"]["init_from"] = str(run)
+    with pytest.raises(SlimtuneError, match=r"'classifier.weight' has shape \(3, 32\) there, this recipe needs \(2, 32\)"):
+        train_run(validate_recipe(tiny_recipe), tmp_path / "private", progress=False)

@@ -127,6 +127,7 @@ def build_report(
             "skipped_nonfinite_steps": len(result.skipped_steps),
             "skipped_steps": result.skipped_steps,
             "resumed_from_step": result.resumed_from_step,
+            "init_from": recipe.train.init_from,
             "history": result.history,
         },
         "inference": measure_inference(built, trainer),
