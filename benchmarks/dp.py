@@ -13,7 +13,10 @@ hits every contender alike.
 Accuracy (part ``accuracy``): `recipes/dp-lora.yaml` at ε=8 and at ε=3, and non-private LoRA
 (`recipes/lora.yaml` on the same full training split, 2 epochs, max_length 64), and the DP recipe
 with its fine-tuning noise switched off (σ=0: what its clipping and schedule alone cost), each
-trained and tested on the same 1,000 test sentences. Causal LM (part ``lm``): `recipes/dp-lora-lm.yaml`, test
+trained and tested on the same 1,000 test sentences. With public data: a non-private LoRA run on
+amazon-sentiment (`recipes/public-amazon-lora.yaml`) is the start (`train.init_from`) of
+`recipes/dp-lora-public.yaml` at ε=8 and of non-private LoRA beside it; the public run alone is
+tested on movie-sentiment too. Causal LM (part ``lm``): `recipes/dp-lora-lm.yaml`, test
 perplexity before and after. Runs go to ``--runs`` (one directory per run); a finished run whose
 recipe.yaml trains the same as planned (the ``measure`` section aside) is reused, not retrained.
 Parts not run keep their previous figures from benchmarks/results/dp.json. Probe (part ``probe``):
@@ -44,17 +47,23 @@ PARTS = ("speed", "speed-full", "accuracy", "probe", "lm", "schedule")
 #: Part "schedule": logical batches x epochs whose noise the accountant calibrates for ε=8.
 SCHEDULE_BATCHES, SCHEDULE_EPOCHS = (256, 1024, 4226), (2, 6, 8, 32)
 
+ACCURACY_TASK = "movie-sentiment"
+NON_PRIVATE = ["task.train_size=100000", "train.epochs=2", "train.max_length=64"]
 #: The accuracy comparison: label -> (recipe, overrides). The non-private baseline trains the same
 #: LoRA on the same full training split for the same 2 epochs, with the usual non-private
 #: settings (batch 32, lr 1e-3, warm-up 6%); train_size larger than the split = the whole split.
 #: "dp-noise-free" is the DP recipe with the fine-tuning noise switched off (σ=0; same probe,
 #: clipping, Poisson batches and schedule): it splits the gap into what the DP schedule costs and
-#: what the noise costs.
+#: what the noise costs. "{runs}" in an override is the --runs directory.
 ACCURACY_RUNS = {
-    "non-private": ("recipes/lora.yaml", ["task.train_size=100000", "train.epochs=2", "train.max_length=64"]),
+    "non-private": ("recipes/lora.yaml", NON_PRIVATE),
     "dp-eps8": ("recipes/dp-lora.yaml", []),
     "dp-eps3": ("recipes/dp-lora.yaml", ["privacy.epsilon=3"]),
     "dp-noise-free": ("recipes/dp-lora.yaml", ["privacy.epsilon=null", "privacy.noise_multiplier=0"]),
+    # With public data: both sides start from the same non-private run on amazon-sentiment.
+    "public-stage": ("recipes/public-amazon-lora.yaml", []),
+    "non-private-public": ("recipes/lora.yaml", NON_PRIVATE + ["train.init_from={runs}/public-stage"]),
+    "dp-eps8-public": ("recipes/dp-lora-public.yaml", ["train.init_from={runs}/public-stage"]),
 }
 LM_RUN = ("lm-dp-eps8", "recipes/dp-lora-lm.yaml", [])
 
@@ -293,11 +302,12 @@ def accuracy(runs: Path, threads: int, partial: tuple[str, ...] = ()) -> dict:
     latest checkpoint if they did not finish."""
     out = {"date": time.strftime("%Y-%m-%d %H:%M"), "runs": {}, "settings": {}}
     for label, (recipe_path, overrides) in ACCURACY_RUNS.items():
+        planned = [o.format(runs=runs) for o in overrides]  # a warm start names its public run
         report = None
         if label in partial and not (runs / label / "report.json").is_file():
-            report = checkpoint_report(runs, label, recipe_path, overrides, threads)
+            report = checkpoint_report(runs, label, recipe_path, planned, threads)
         if report is None:
-            report = run_or_reuse(runs, label, recipe_path, overrides, threads)
+            report = run_or_reuse(runs, label, recipe_path, planned, threads)
         out["runs"][label] = _run_entry(report, recipe_path, overrides)
         out["settings"][label] = _settings(recipe_path, overrides)
     acc = {label: run["metrics"]["accuracy"] for label, run in out["runs"].items()}
@@ -305,6 +315,11 @@ def accuracy(runs: Path, threads: int, partial: tuple[str, ...] = ()) -> dict:
     out["gap_eps3_points"] = 100 * (acc["non-private"] - acc["dp-eps3"])
     out["gap_schedule_points"] = 100 * (acc["non-private"] - acc["dp-noise-free"])
     out["gap_noise_eps8_points"] = 100 * (acc["dp-noise-free"] - acc["dp-eps8"])
+    from slimtune.runner import evaluate_run  # the public stage alone, on the private task's test split
+
+    out["public_stage_on_target"] = evaluate_run(runs / "public-stage", task=ACCURACY_TASK)["metrics"]
+    out["gap_public_eps8_points"] = 100 * (acc["non-private-public"] - acc["dp-eps8-public"])
+    out["gap_public_vs_plain_eps8_points"] = 100 * (acc["non-private"] - acc["dp-eps8-public"])
     return out
 
 
@@ -453,7 +468,9 @@ def render_markdown(result: dict) -> str:
     if a:
         rows = []
         names = {"non-private": "non-private LoRA", "dp-eps8": "DP-LoRA, ε=8", "dp-eps3": "DP-LoRA, ε=3",
-                 "dp-noise-free": "the DP recipe without its fine-tuning noise (σ=0)"}
+                 "dp-noise-free": "the DP recipe without its fine-tuning noise (σ=0)",
+                 "public-stage": "public stage: non-private LoRA on amazon-sentiment (tested on its own split)",
+                 "non-private-public": "non-private LoRA from the public stage", "dp-eps8-public": "DP-LoRA, ε=8, from the public stage"}
         for label, run in a["runs"].items():
             p = run.get("privacy") or {}
             m = run["metrics"]
@@ -469,7 +486,7 @@ def render_markdown(result: dict) -> str:
         t, pr = dp.get("train", {}), dp.get("privacy", {})
         tn = npv.get("train", {})
         parts.append(
-            f"Test accuracy on movie-sentiment ({a['runs']['dp-eps8'].get('n_test')} test sentences; all runs train on the full split of "
+            f"Test accuracy on movie-sentiment ({a['runs']['dp-eps8'].get('n_test')} test sentences; the movie-sentiment runs train on its full split of "
             f"{a['runs']['dp-eps8'].get('n_train')} sentences), minilm-l6, LoRA r=8 on query/value + a mean-pooling classifier (trained privately too); measured {a.get('date', '?')}. "
             f"Gap to non-private: {a['gap_eps8_points']:.1f} points at ε=8 (goal <= 4), {a['gap_eps3_points']:.1f} points at ε=3"
             + (f"; at ε=8, {a['gap_schedule_points']:.1f} points of it come with the DP schedule itself (per-example clipping, {a['runs']['dp-eps8'].get('steps')} large "
@@ -483,6 +500,15 @@ def render_markdown(result: dict) -> str:
             + (_probe_text(pr.get("linear_probe") or {}, a["runs"]["dp-eps8"].get("privacy") or {}) if (pr.get("linear_probe") or {}).get("steps") else "") + ". "
             f"Non-private: {tn.get('epochs'):g} epochs, batch {tn.get('batch_size')}, lr {tn.get('lr')}, warm-up {tn.get('warmup_ratio')}, max_length {tn.get('max_length')}."
         )
+        if "gap_public_eps8_points" in a:
+            parts.append(
+                "With public data of a related task: `recipes/public-amazon-lora.yaml` (non-private LoRA on amazon-sentiment, "
+                f"{a['runs']['public-stage'].get('n_train')} product-review sentences) is the start (`train.init_from`) of both "
+                f"`recipes/dp-lora-public.yaml` and the non-private run beside it. The public stage alone reaches {_fmt(a['public_stage_on_target']['accuracy'])} "
+                f"on movie-sentiment's test split; from it, DP-LoRA at ε=8 reaches {_fmt(a['runs']['dp-eps8-public']['metrics']['accuracy'])} against "
+                f"{_fmt(a['runs']['non-private-public']['metrics']['accuracy'])} non-private: gap {a['gap_public_eps8_points']:.1f} points (goal <= 4), "
+                f"and {a['gap_public_vs_plain_eps8_points']:.1f} points below the non-private LoRA that had no public data."
+            )
     probe = result.get("probe")
     if probe:
         parts.append(

@@ -1,5 +1,7 @@
 """benchmarks/dp.py renders every figure it measured (README part) and reuses finished runs."""
 
+import copy
+
 import pytest
 
 from benchmarks import dp, readme
@@ -48,6 +50,24 @@ def test_render_markdown_shows_every_figure():
         assert figure in text, figure
     section = readme.render_section({"dp": RESULT})  # the README section uses the script's renderer
     assert "### DP-SGD vs Opacus" in section and "0.842" in section
+
+
+def test_render_markdown_shows_the_public_data_comparison():
+    result = copy.deepcopy(RESULT)
+    acc = result["accuracy"]
+    acc["runs"].update({
+        "public-stage": {"metrics": {"accuracy": 0.84, "macro_f1": 0.83}, "steps": 300, "n_train": 2966, "n_test": 371},
+        "non-private-public": {"metrics": {"accuracy": 0.866, "macro_f1": 0.86}, "steps": 529},
+        "dp-eps8-public": {"metrics": {"accuracy": 0.831, "macro_f1": 0.83}, "steps": 54, "privacy": {"epsilon": 7.99, "noise_multiplier": 0.89}},
+    })
+    acc.update(public_stage_on_target={"accuracy": 0.781}, gap_public_eps8_points=3.5, gap_public_vs_plain_eps8_points=3.0)
+    text = dp.render_markdown(result)
+    for figure in ("| public stage: non-private LoRA on amazon-sentiment (tested on its own split) | 0.840 |",
+                   "| DP-LoRA, ε=8, from the public stage | 0.831 |", "2966 product-review sentences", "alone reaches 0.781",
+                   "DP-LoRA at ε=8 reaches 0.831 against 0.866 non-private: gap 3.5 points (goal <= 4)",
+                   "and 3.0 points below the non-private LoRA that had no public data"):
+        assert figure in text, figure
+    assert "public stage" not in dp.render_markdown(RESULT)  # runs from before the public comparison still render
 
 
 def test_render_markdown_with_parts_missing():
