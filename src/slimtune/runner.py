@@ -84,7 +84,7 @@ def warm_start(built: Built, run_dir: Path) -> None:
     if not (run_dir / "delta.json").is_file():
         raise SlimtuneError(f"{where}: no delta.json there; name the directory of a finished run")
     meta, state = read_delta(run_dir)
-    check_fingerprint(meta, built.fingerprint, run_dir / "delta.json")
+    check_fingerprint(meta, built.fingerprint, run_dir / "delta.json", remedy=f"{where} needs a run on the same base model")
     if meta.get("methods") != built.delta.config():
         raise SlimtuneError(f"{where}: trained methods {meta.get('methods')}, this recipe has {built.delta.config()}; a warm start needs the same methods")
     for name, tensor in built.delta.state_dict(built.model).items():

@@ -189,6 +189,8 @@ def test_init_from_starts_from_the_earlier_runs_delta_and_head(tiny_recipe, tmp_
     [
         (lambda r, run: r["train"].update(init_from=str(run.parent / "missing")), "no delta.json there"),
         (lambda r, run: r["method"].update(r=2), "a warm start needs the same methods"),
+        (lambda r, run: (run / "delta.json").write_text((run / "delta.json").read_text().replace('"weights_sha256": "', '"weights_sha256": "0')),
+         "needs a run on the same base model"),
     ],
 )
 def test_init_from_refuses_a_run_it_cannot_start_from(tiny_recipe, tmp_path, change, message):

@@ -172,14 +172,13 @@ def read_delta(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     return read_json(directory / "delta.json"), read_safetensors(directory / "delta.safetensors")
 
 
-def check_fingerprint(meta: dict[str, Any], actual: dict[str, str], source: Path, force: bool = False) -> None:
+def check_fingerprint(meta: dict[str, Any], actual: dict[str, str], source: Path, force: bool = False, remedy: str = "use --force to load it anyway") -> None:
     expected = meta.get("base", {})
     for key in ("model", "config_sha256", "weights_sha256"):
         if expected.get(key) != actual.get(key) and not force:
             raise SlimtuneError(
                 f"{source}: this delta was made for base '{expected.get('model')}' "
-                f"({key} {expected.get(key)}), not '{actual.get('model')}' ({actual.get(key)}); "
-                "use --force to load it anyway"
+                f"({key} {expected.get(key)}), not '{actual.get('model')}' ({actual.get(key)}); {remedy}"
             )
 
 
