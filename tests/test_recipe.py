@@ -90,3 +90,18 @@ def test_every_shipped_recipe_validates():
     assert len(paths) >= 4
     for path in paths:
         load_recipe(path)
+
+
+def test_the_public_start_dp_recipe_is_the_dp_recipe_plus_its_start():
+    """recipes/dp-lora-public.yaml promises to differ from recipes/dp-lora.yaml only by
+    train.init_from (and its public stage to share the method), so tuning one cannot silently
+    leave the other behind."""
+    from pathlib import Path
+
+    recipes = Path(__file__).resolve().parent.parent / "recipes"
+    private = load_recipe(recipes / "dp-lora.yaml").to_dict()
+    public = load_recipe(recipes / "dp-lora-public.yaml").to_dict()
+    assert public["train"].pop("init_from") == "runs/public-amazon-lora"
+    assert private["train"].pop("init_from") is None
+    assert public == private
+    assert load_recipe(recipes / "public-amazon-lora.yaml").to_dict()["method"] == private["method"]
