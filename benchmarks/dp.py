@@ -548,7 +548,8 @@ def _probe_text(planned: dict, spent: dict) -> str:
 
 # -- models ---------------------------------------------------------------------------------------
 def ours_lora(base):
-    from slimtune.methods.base import Arch, get_method_class
+    from slimtune.methods.base import get_method_class
+    from slimtune.core.arch import Arch
     from slimtune.methods.delta import Delta
     from slimtune.recipe import MethodSpec
 

@@ -63,12 +63,11 @@ def train(method: dict[str, Any], quick: bool, seed: int | None = None):
 def summary(built, trainer, metrics, result) -> dict[str, Any]:
     from slimtune.measure.flops import flops_per_example
     from slimtune.measure.params import param_counts
-    from slimtune.measure.report import inference_inputs
 
     counts = param_counts(built.model, built.delta.trainable_parameters(built.model).keys(), base_total=built.base_params)
     head = sum(p.numel() for p in built.delta.head_parameters(built.model).values())
     built.delta.merge(built.model)
-    flops = flops_per_example(built.model, inference_inputs(trainer, 1, 64))
+    flops = flops_per_example(built.model, trainer.inference_batch(1, 64))
     built.delta.unmerge(built.model)
     out = {
         "accuracy": metrics["accuracy"],
@@ -159,7 +158,6 @@ def main(argv=None) -> dict:
     import torch
 
     from benchmarks.common import RESULTS
-    from slimtune.measure.report import inference_inputs
 
     torch.set_num_threads(args.threads)
     if args.seeds:
@@ -212,7 +210,7 @@ def main(argv=None) -> dict:
         kept_models[lora_label] = (built, None)
     lora_built, _ = kept_models[lora_label]
     heads_built, heads_trainer = kept_models[heads_label]
-    batch = inference_inputs(heads_trainer, 32, 64)
+    batch = heads_trainer.inference_batch(32, 64)
     for built in (lora_built, heads_built):
         built.delta.merge(built.model)
         built.model.eval()

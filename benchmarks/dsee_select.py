@@ -55,7 +55,7 @@ def make_trainer(recipe, run_dir: Path, extra_hooks=()):
 
 
 def stage1() -> None:
-    from slimtune.train.hooks import Hook
+    from slimtune.core.hooks import Hook
 
     class Stop(Hook):
         name = "stop_at"
@@ -75,7 +75,6 @@ def stage1() -> None:
 
 def run(candidate: dict[str, Any], prune_at: float) -> dict[str, Any]:
     from slimtune.measure.flops import flops_per_example
-    from slimtune.measure.report import inference_inputs
 
     method = {**DSEE, "prune": "heads", "prune_at": prune_at, **candidate}
     recipe = recipe_for(method, None)
@@ -96,7 +95,7 @@ def run(candidate: dict[str, Any], prune_at: float) -> dict[str, Any]:
     validation = trainer.evaluate("validation")
     test = trainer.evaluate("test")
     built.delta.merge(built.model)
-    flops = flops_per_example(built.model, inference_inputs(trainer, 1, 64))
+    flops = flops_per_example(built.model, trainer.inference_batch(1, 64))
     built.delta.unmerge(built.model)
     info = next((h.report() for h in trainer.hooks if h.name == "dsee"), {})
     row = {

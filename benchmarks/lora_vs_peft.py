@@ -32,7 +32,7 @@ def main(argv=None) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from slimtune.measure.latency import measure_latency
-    from slimtune.methods.base import Arch
+    from slimtune.core.arch import Arch
     from slimtune.methods.delta import Delta
     from slimtune.methods.lora import LoRALinear
     from slimtune.recipe import load_recipe

@@ -58,7 +58,8 @@ def measure(model_name: str, batch_size: int, seq_len: int, repeats: int) -> dic
     import torch
 
     from slimtune.measure.memory import TrainingMemoryMeter
-    from slimtune.methods.base import Arch, get_method_class
+    from slimtune.methods.base import get_method_class
+    from slimtune.core.arch import Arch
     from slimtune.methods.delta import Delta
     from slimtune.recipe import MethodSpec
     from slimtune.zoo.models import load_model, load_tokenizer

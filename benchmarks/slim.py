@@ -130,9 +130,11 @@ ROUNDING_PROBE = 0.3
 
 
 def plan(structured, dense, head_scores, neuron_scores, level: float, layout: str):
+    from slimtune.sparsity import importance
+
     scope, multiple = LAYOUTS[layout]
-    return (structured.select_heads(dense, head_scores, level, scope),
-            structured.select_lowest(neuron_scores, level, scope, "ffn", multiple))
+    return (importance.select_heads(dense, head_scores, level, scope),
+            importance.select_lowest(neuron_scores, level, scope, "ffn", multiple))
 
 
 def widths(model_config, heads: dict, neurons: dict) -> tuple[list[int], list[int]]:
@@ -229,14 +231,17 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from slimtune.compress.export import evaluate_model, fixed_length_batch, plain_merged, task_batches
+    from slimtune.compress.export import plain_merged
+    from slimtune.measure.evaluate import evaluate_rows as evaluate_model
+    from slimtune.zoo.batches import fixed_length_batch, shuffled_batches as task_batches
     from slimtune.compress.quantize import quantize_int8
     from slimtune.measure.flops import flops_per_example
-    from slimtune.methods.base import Arch
+    from slimtune.core.arch import Arch
     from slimtune.methods.delta import Delta
     from slimtune.runner import train_run
     from slimtune.sparsity import structured
-    from slimtune.train.data import tokenize_split
+    from slimtune.sparsity import importance
+    from slimtune.zoo.batches import tokenize_split
     from slimtune.train.trainer import Trainer
 
     torch.set_num_threads(args.threads if timing else args.accuracy_threads)
@@ -277,7 +282,7 @@ def main(argv=None) -> dict:
 
     # 2. Which heads/neurons go at each level and layout (Taylor importance of the tuned model).
     batches = task_batches(rows["train"], pad, "classification", 16, 8, 0)
-    head_scores, neuron_scores = structured.unit_importance(dense, "taylor", batches=batches)
+    head_scores, neuron_scores = importance.unit_importance(dense, "taylor", batches=batches)
     plans = {(layout, level): plan(structured, dense, head_scores, neuron_scores, level, layout)
              for layout in LAYOUTS for level in LEVELS}
     for layout in ("local", "local-r32"):

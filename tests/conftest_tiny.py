@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from slimtune.train.hooks import Hook
+from slimtune.core.hooks import Hook
 from slimtune.zoo.models import load_tokenizer
 
 POSITIVE = ["good", "great", "lovely", "superb", "wonderful", "fine"]

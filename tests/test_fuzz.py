@@ -15,16 +15,16 @@ from hypothesis import strategies as st
 
 from slimtune.errors import SlimtuneError
 from slimtune.methods.base import all_methods
-from slimtune.recipe import CORE_SECTIONS, SECTIONS, _load_feature_sections, apply_override, load_recipe, validate_recipe
+from slimtune.core.features import all_features
+from slimtune.recipe import CORE_SECTIONS, apply_override, load_recipe, validate_recipe
 from slimtune.zoo.tasks import load_task
 
 _EXAMPLES = os.environ.get("SLIMTUNE_FUZZ_EXAMPLES")
 FUZZ = settings(max_examples=int(_EXAMPLES or 50), deadline=None, derandomize=_EXAMPLES is None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
-_load_feature_sections()
 METHODS = all_methods()
-SECTION_FIELDS = {name: sorted(cls.model_fields) for name, cls in {**CORE_SECTIONS, **SECTIONS}.items()}
+SECTION_FIELDS = {name: sorted(cls.model_fields) for name, cls in {**CORE_SECTIONS, **all_features()}.items()}
 METHOD_FIELDS = sorted({f for cls in METHODS.values() for f in cls.Config.model_fields})
 
 # Values: plausible ones (so that many recipes get deep into validation) and hostile ones.

@@ -18,7 +18,7 @@ from slimtune.io import read_json, read_safetensors
 from slimtune.recipe import load_recipe, validate_recipe
 from slimtune.runner import build, evaluate_run, train_run
 from slimtune.train.checkpoint import list_checkpoints, read_checkpoint
-from slimtune.train.hooks import Hook
+from slimtune.core.hooks import Hook
 from slimtune.train.trainer import Trainer
 from slimtune.zoo.models import load_model
 from slimtune.zoo.tasks import load_task

@@ -1,11 +1,8 @@
-"""slimtune: adapt pre-trained transformers cheaply and ship them slim."""
+"""slimtune: adapt pre-trained transformers cheaply and ship them slim (the Python API:
+:mod:`slimtune.api`; the command line: ``slimtune --help``)."""
+
+from slimtune.api import attach, evaluate, export, fit, load_exported, load_recipe, load_run
 
 __version__ = "0.1.0"
 
-
-def load_exported(directory):
-    """Load a `slimtune export` directory (merged, slimmed, int8 or bf16) ready for inference;
-    see slimtune.compress.loader."""
-    from slimtune.compress.loader import load_exported as _load
-
-    return _load(directory)
+__all__ = ["attach", "evaluate", "export", "fit", "load_exported", "load_recipe", "load_run"]

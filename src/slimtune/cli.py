@@ -260,7 +260,7 @@ def cmd_export(args) -> int:
         if model_flags:
             raise SlimtuneError("export: --peft OUT exports the delta alone; it does not combine with --out/--merge/--slim/--int8/--bf16/--lora-rank")
         _require_run_dir(args.run_dir)
-        from slimtune.compress.export import export_peft
+        from slimtune.runner import export_peft
 
         config = export_peft(args.run_dir, args.peft)
         print(f"peft adapter ({config['task_type']}, r={config['r']}, {len(config['target_modules'])} LoRA modules) written to {args.peft}")
@@ -269,12 +269,13 @@ def cmd_export(args) -> int:
         raise SlimtuneError("export: give --out DIR (with --merge, --slim SPEC, --int8, --bf16 or --lora-rank K) or --peft OUT")
     if args.threads < 1:
         raise SlimtuneError(f"--threads {args.threads}: must be >= 1")
-    from slimtune.compress.export import export_run, parse_slim_spec  # it checks --slim before the run directory
+    from slimtune.compress.export import parse_slim_spec  # it checks --slim before the run directory
+    from slimtune.runner import export_lora_rank, export_run
 
     spec = parse_slim_spec(args.slim) if args.slim is not None else None
     rank = None
     if args.lora_rank is not None:
-        from slimtune.compress.lora_rank import export_lora_rank, parse_lora_rank, summary_lines
+        from slimtune.compress.lora_rank import parse_lora_rank, summary_lines
 
         rank = parse_lora_rank(args.lora_rank)
         if not (args.merge or spec or args.int8 or args.bf16):

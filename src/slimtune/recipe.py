@@ -2,7 +2,7 @@
 
 Sections: ``model``, ``task``, ``method`` (a name, ``{name, fields...}``, or a list of those to
 compose), ``head``, ``train``, ``measure``, and feature sections (``privacy``, ``sparsity``,
-``compress``, ...) that features register with :func:`register_section`. Every field is validated
+``compress``, ...) that features declare and register (:mod:`slimtune.core.features`). Every field is validated
 into a one-line error (file, field, value, what is allowed); ``--set section.field=value``
 overrides any field.
 """
@@ -16,12 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from slimtune.core.features import FEATURES, Feature, Section, all_features
 from slimtune.errors import SlimtuneError, did_you_mean
-
-
-class Section(BaseModel):
-    # inf/nan are never meaningful recipe values (epochs: .inf would train forever).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -127,20 +123,6 @@ class MethodSpec(BaseModel):
         return {"name": self.name, **self.config.model_dump()}
 
 
-#: Feature sections (privacy, sparsity, compress, ...) registered by the features themselves.
-SECTIONS: dict[str, type[Section]] = {}
-
-
-def register_section(name: str):
-    """Class decorator: make ``name:`` a valid recipe section validated by this model."""
-
-    def decorate(cls: type[Section]) -> type[Section]:
-        SECTIONS[name] = cls
-        return cls
-
-    return decorate
-
-
 CORE_SECTIONS = {"model": ModelSection, "task": TaskSection, "head": HeadSection, "train": TrainSection, "measure": MeasureSection}
 
 
@@ -152,7 +134,7 @@ class Recipe(BaseModel):
     head: HeadSection
     train: TrainSection
     measure: MeasureSection
-    features: dict[str, Section] = {}
+    features: dict[str, Feature] = {}
     source: str = "recipe"
 
     def to_dict(self) -> dict[str, Any]:
@@ -168,6 +150,11 @@ class Recipe(BaseModel):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def objective(self) -> str:
+        """The training objective: 'classification' or 'lm' (``task.objective``, auto = classification)."""
+        return "classification" if self.task.objective == "auto" else self.task.objective
 
     @property
     def method_label(self) -> str:
@@ -319,15 +306,15 @@ def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
     # Feature modules import torch: load them only for a recipe that names a section beyond the
     # core ones, so that a mistake in a core section is reported in well under a second.
     if any(key not in CORE_SECTIONS and key != "method" for key in data):
-        _load_feature_sections()
-    valid = {*CORE_SECTIONS, "method", *SECTIONS}
+        all_features()
+    valid = {*CORE_SECTIONS, "method", *FEATURES}
     for key in data:
         if key not in valid:
             raise SlimtuneError(f"{source}: unknown section '{key}'{did_you_mean(str(key), valid)}")
     sections = {name: _validate_section(cls, data.get(name), name, source) for name, cls in CORE_SECTIONS.items()}
     if "task" not in data:
         raise SlimtuneError(f"{source}: task: missing; e.g. task: {{name: movie-sentiment}} (see `slimtune list tasks`)")
-    features = {name: _validate_section(cls, data[name], name, source) for name, cls in SECTIONS.items() if data.get(name) is not None}
+    features = {name: _validate_section(cls, data[name], name, source) for name, cls in FEATURES.items() if data.get(name) is not None}
     return Recipe(methods=parse_methods(data.get("method"), source), features=features, source=source, **sections)
 
 
@@ -342,18 +329,3 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         apply_override(data, assignment)
     return validate_recipe(data, source=str(path) if path is not None else "default recipe")
 
-
-def _load_feature_sections() -> None:
-    """Import the modules that register feature sections (each registers itself on import)."""
-    import importlib
-
-    for module in FEATURE_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:  # a feature not built yet is simply absent
-            if exc.name != module:
-                raise
-
-
-#: Modules that register recipe sections; absent ones are skipped.
-FEATURE_MODULES = ["slimtune.privacy.engine", "slimtune.sparsity.schedules", "slimtune.compress.quantize"]

@@ -1,8 +1,10 @@
 """A run, end to end: recipe -> zoo -> methods -> trainer (+ hooks) -> measure -> run directory.
 
 A run directory holds the resolved ``recipe.yaml``, the delta (``delta.safetensors`` +
-``delta.json``), ``report.json`` and ``checkpoints/``. ``evaluate_run`` rebuilds base + delta from
-it and re-evaluates.
+``delta.json``), ``report.json`` and ``checkpoints/``. It is read back through one path:
+:func:`read_run` (its files, no model) and :func:`load_run` (base + trained delta, checked
+against the base it was trained on), used by ``eval``, ``export``, ``--lora-rank``, ``--peft``
+and warm starts (``train.init_from``).
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from accelerate.utils import set_seed
 from slimtune.errors import SlimtuneError
 from slimtune.measure.params import param_counts
 from slimtune.io import atomic_write_text, read_json, write_json
-from slimtune.methods.base import Arch
+from slimtune.core.arch import Arch
 from slimtune.methods.delta import Delta, base_fingerprint, check_fingerprint, read_delta
+from slimtune.core.hooks import Hook
+from slimtune.measure.evaluate import evaluate_split
 from slimtune.recipe import Recipe, load_recipe
-from slimtune.train.hooks import Hook
 from slimtune.train.trainer import Trainer, TrainResult
 from slimtune.zoo.heads import configure_pooling
 from slimtune.zoo.images import is_image_task, load_image_processor
@@ -43,10 +46,21 @@ class Built:
     hooks: list[Hook]
     base_params: int  # parameters of the model before the delta was attached (task head included)
     pooling: str  # what feeds the task head: "mean", "cls" or "none" (causal LM)
+    run_dir: Path | None = None  # the run whose trained delta is loaded (load_run), else None
+
+
+@dataclass
+class RunFiles:
+    """A finished run's files, read without building a model."""
+
+    dir: Path
+    recipe: Recipe
+    meta: dict[str, Any]  # delta.json
+    state: dict[str, torch.Tensor]  # delta.safetensors
 
 
 def resolve_objective(recipe: Recipe) -> str:
-    return "classification" if recipe.task.objective == "auto" else recipe.task.objective
+    return recipe.objective
 
 
 def build(recipe: Recipe, task_override: str | None = None) -> Built:
@@ -64,35 +78,67 @@ def build(recipe: Recipe, task_override: str | None = None) -> Built:
     arch = Arch.of(model, objective)
     set_seed(recipe.train.seed)  # the delta's initialisation does not depend on how loading used the RNG
     specs = recipe.methods
-    for section in recipe.features.values():  # a feature may reshape the methods (e.g. Large-Sparse widens them)
-        adjust = getattr(section, "adjust_methods", None)
-        specs = adjust(specs, model) if adjust is not None else specs
+    for feature in recipe.features.values():  # a feature may reshape the methods (e.g. Large-Sparse widens them)
+        specs = feature.adjust_methods(specs, model)
     delta = Delta.from_specs(specs, train_pooler=recipe.head.train_pooler and pooling == "cls")
     delta.attach(model, arch)
     hooks = delta.hooks()
-    for section in recipe.features.values():
-        build_hook = getattr(section, "build_hook", None)
-        if build_hook is not None:
-            hooks.append(build_hook(recipe=recipe, model=model, delta=delta, task=task))
+    for feature in recipe.features.values():
+        feature.check_methods(delta)
+        hook = feature.build_hook(recipe=recipe, model=model, delta=delta, task=task)
+        if hook is not None:
+            hooks.append(hook)
     return Built(recipe, model, tokenizer, task, delta, arch, objective, fingerprint, hooks, base_params, pooling)
+
+
+def read_run(run_dir: str | Path, *, what: str | None = None) -> RunFiles:
+    """A run directory's recipe and delta; one-line errors name ``what`` (default: the directory)."""
+    run_dir = Path(run_dir)
+    where = what or str(run_dir)
+    if not run_dir.is_dir():
+        raise SlimtuneError(f"{where}: run directory does not exist")
+    if not (run_dir / "delta.json").is_file():
+        raise SlimtuneError(f"{where}: no delta.json there; name the directory of a finished run")
+    meta, state = read_delta(run_dir)
+    return RunFiles(run_dir, load_recipe(run_dir / "recipe.yaml"), meta, state)
+
+
+def load_delta_into(built: Built, files: RunFiles, *, force: bool = False, where: str | None = None, remedy: str | None = None,
+                    same_methods: str = "recipe.yaml was edited after training", check_shapes: bool = False) -> None:
+    """Load a run's trained delta (and head) into ``built``: refused (one line) when it was trained
+    on another base model (unless ``force``) or with other methods; ``check_shapes``: also when a
+    tensor's shape differs (a warm start; a run's own delta may reshape the model as it loads,
+    e.g. DSEE's stage 2 replayed)."""
+    where = where or str(files.dir / "delta.json")
+    check_fingerprint(files.meta, built.fingerprint, files.dir / "delta.json", force=force, **({"remedy": remedy} if remedy else {}))
+    if files.meta.get("methods") != built.delta.config():
+        raise SlimtuneError(f"{where}: trained methods {files.meta.get('methods')}, this recipe has {built.delta.config()}; {same_methods}")
+    for name, tensor in (built.delta.state_dict(built.model) if check_shapes else {}).items():
+        if name in files.state and files.state[name].shape != tensor.shape:
+            raise SlimtuneError(
+                f"{where}: '{name}' has shape {tuple(files.state[name].shape)} there, this recipe needs {tuple(tensor.shape)} (another label count?)"
+            )
+    built.delta.load_state_dict(built.model, files.state)
+
+
+def load_run(run_dir: str | Path, *, task: str | None = None, force: bool = False) -> Built:
+    """Rebuild a finished run: its recipe's base model and delta, with the trained delta loaded
+    (attached, not merged). ``task`` evaluates on another zoo task; ``force`` loads a delta
+    whose base model's weights differ from the ones here."""
+    files = read_run(run_dir)
+    built = build(files.recipe, task_override=task)
+    load_delta_into(built, files, force=force)
+    built.run_dir = files.dir
+    return built
 
 
 def warm_start(built: Built, run_dir: Path) -> None:
     """Load a finished run's delta and head into ``built`` (``train.init_from``); a checkpoint of a
     resumed run overrides it later."""
     where = f"train.init_from {run_dir}"
-    if not (run_dir / "delta.json").is_file():
-        raise SlimtuneError(f"{where}: no delta.json there; name the directory of a finished run")
-    meta, state = read_delta(run_dir)
-    check_fingerprint(meta, built.fingerprint, run_dir / "delta.json", remedy=f"{where} needs a run on the same base model")
-    if meta.get("methods") != built.delta.config():
-        raise SlimtuneError(f"{where}: trained methods {meta.get('methods')}, this recipe has {built.delta.config()}; a warm start needs the same methods")
-    for name, tensor in built.delta.state_dict(built.model).items():
-        if name in state and state[name].shape != tensor.shape:
-            raise SlimtuneError(
-                f"{where}: '{name}' has shape {tuple(state[name].shape)} there, this recipe needs {tuple(tensor.shape)} (another label count?)"
-            )
-    built.delta.load_state_dict(built.model, state)
+    files = read_run(run_dir, what=where)
+    load_delta_into(built, files, where=where, remedy=f"{where} needs a run on the same base model",
+                    same_methods="a warm start needs the same methods", check_shapes=True)
 
 
 def prepare_run_dir(out: Path, resume: bool) -> Path:
@@ -146,21 +192,36 @@ def train_run(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
 
 def evaluate_run(run_dir: Path, *, task: str | None = None, force: bool = False, progress: bool = False) -> dict[str, Any]:
     """Rebuild base + delta from a run directory and evaluate on the test split."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise SlimtuneError(f"{run_dir}: run directory does not exist")
-    recipe = load_recipe(run_dir / "recipe.yaml")
-    meta, state = read_delta(run_dir)
-    built = build(recipe, task_override=task)
-    check_fingerprint(meta, built.fingerprint, run_dir / "delta.json", force=force)
-    if meta.get("methods") != built.delta.config():
-        raise SlimtuneError(f"{run_dir / 'delta.json'}: its methods differ from recipe.yaml's; the run directory was edited")
-    built.delta.load_state_dict(built.model, state)
-    trainer = Trainer(
-        model=built.model, tokenizer=built.tokenizer, task=built.task, delta=built.delta, recipe=recipe,
-        objective=built.objective, run_dir=None, hooks=[], progress=progress,
-    )
-    metrics = trainer.evaluate("test")
-    report_path = run_dir / "report.json"
+    built = load_run(run_dir, task=task, force=force)
+    metrics = evaluate_split(built, "test")
+    report_path = Path(run_dir) / "report.json"
     saved = read_json(report_path) if report_path.is_file() else {}
     return {"run_dir": str(run_dir), "task": built.task.name, "n_test": len(built.task.splits["test"]), "metrics": metrics, "report_metrics": saved.get("metrics")}
+
+
+def export_run(run_dir: str | Path, out: str | Path, *, force: bool = False, **options: Any) -> dict[str, Any]:
+    """``slimtune export RUN --out DIR ...``: :func:`slimtune.compress.export.export_model` of the
+    loaded run (options checked before the run is loaded); returns the export report."""
+    from slimtune.compress.export import check_export_request, export_model
+
+    options = check_export_request(Path(out), **options)
+    read_run(run_dir)  # one-line errors before the model loads
+    return export_model(load_run(run_dir, force=force), Path(out), **options)
+
+
+def export_lora_rank(run_dir: str | Path, out: str | Path, rank: int | float, *, measure: bool = True, force: bool = False) -> dict[str, Any]:
+    """``slimtune export RUN --out DIR --lora-rank K``: a run directory with the LoRA delta truncated."""
+    from slimtune.compress.export import check_out
+    from slimtune.compress.lora_rank import truncate_run_lora
+
+    check_out(Path(out))
+    read_run(run_dir)
+    return truncate_run_lora(load_run(run_dir, force=force), Path(out), rank, measure=measure)
+
+
+def export_peft(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
+    """``slimtune export RUN --peft OUT``: the run's LoRA delta as a peft adapter."""
+    from slimtune.compress.peft_export import check_peft_out, peft_adapter
+
+    check_peft_out(Path(out))
+    return peft_adapter(read_run(run_dir), Path(out))

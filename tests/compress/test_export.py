@@ -7,12 +7,11 @@ import torch
 from peft import PeftModel
 
 from slimtune.cli import main
-from slimtune.compress.export import export_peft
 from slimtune.errors import SlimtuneError
 from slimtune.io import read_safetensors
 from slimtune.methods.delta import read_delta
 from slimtune.recipe import load_recipe, validate_recipe
-from slimtune.runner import build, train_run
+from slimtune.runner import build, export_peft, train_run
 from slimtune.zoo.models import load_model
 
 
@@ -98,7 +97,7 @@ def test_causal_lm_lora_exports_as_causal_lm_without_head(tmp_path):
     import yaml
     from transformers import LlamaForCausalLM
 
-    from slimtune.methods.base import Arch
+    from slimtune.core.arch import Arch
     from tests.methods.checks import attach, randomize
     from tests.tiny import tiny_llama, token_batch
 

@@ -9,13 +9,12 @@ import yaml
 
 import slimtune
 from slimtune.cli import main
-from slimtune.compress.export import export_run
 from slimtune.compress.lora_rank import LORA_RANK_REPORT, parse_lora_rank
 from slimtune.io import read_json
 from slimtune.methods.delta import read_delta
 from slimtune.methods.lora import LoRALinear
 from slimtune.recipe import load_recipe, validate_recipe
-from slimtune.runner import build, evaluate_run, train_run
+from slimtune.runner import build, evaluate_run, export_run, train_run
 
 TEXTS = ["the film was great and new", "the film was awful", "dull and long, very long indeed"]
 

@@ -41,7 +41,7 @@ def test_int8_state_round_trips_through_safetensors_tensors():
 
 
 def lora_bert():
-    from slimtune.methods.base import Arch
+    from slimtune.core.arch import Arch
     from slimtune.methods.delta import Delta
     from slimtune.methods.lora import LoRAConfig
     from slimtune.recipe import MethodSpec
@@ -78,7 +78,7 @@ def test_fake_quant_forward_quantises_the_effective_weight_and_trains_the_delta(
 
 
 def test_qat_recipe_section_trains_then_exports_int8(tiny_recipe, tmp_path):
-    from slimtune.compress.export import export_run
+    from slimtune.runner import export_run
 
     tiny_recipe["compress"] = {"qat": {}}
     report = train_run(validate_recipe(tiny_recipe), tmp_path / "run", progress=False)

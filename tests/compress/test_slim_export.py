@@ -12,12 +12,12 @@ from transformers import AutoModelForSequenceClassification
 import slimtune
 from slimtune.cli import main
 from slimtune.compress.quantize import is_int8_linear, quantize_int8
-from slimtune.compress.export import export_run, parse_slim_spec, plain_merged
+from slimtune.compress.export import parse_slim_spec, plain_merged
 from slimtune.errors import SlimtuneError
 from slimtune.io import read_json
 from slimtune.methods.delta import read_delta
 from slimtune.recipe import load_recipe, validate_recipe
-from slimtune.runner import build, train_run
+from slimtune.runner import build, export_run, train_run
 from slimtune.sparsity.structured import remove_ffn_neurons, remove_heads
 
 TEXTS = ["the film was great and new", "the film was awful", "dull and long, very long indeed"]

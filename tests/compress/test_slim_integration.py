@@ -5,11 +5,11 @@ import pytest
 import torch
 
 import slimtune
-from slimtune.compress.export import export_run, plain_merged
+from slimtune.compress.export import plain_merged
 from slimtune.io import read_json
 from slimtune.methods.delta import read_delta
 from slimtune.recipe import load_recipe
-from slimtune.runner import build, train_run
+from slimtune.runner import build, export_run, train_run
 from slimtune.sparsity.structured import remove_ffn_neurons, remove_heads
 
 pytestmark = pytest.mark.integration

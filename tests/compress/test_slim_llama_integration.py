@@ -11,6 +11,7 @@ import slimtune
 from slimtune.compress.export import save_exported
 from slimtune.io import read_json
 from slimtune.sparsity import structured
+from slimtune.sparsity import importance
 
 pytestmark = pytest.mark.integration
 
@@ -52,10 +53,10 @@ def test_smollm2_slim_export_round_trip(tmp_path, scope, layout):
     assert (dense.config.num_attention_heads, dense.config.num_key_value_heads) == (9, 3)
     batch = tokenizer(["The capital of France is", "Small models can be fast"], padding=True, return_tensors="pt")
     labelled = [{**batch, "labels": batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)}]
-    heads, neurons = structured.unit_importance(dense, "taylor", batches=labelled)
+    heads, neurons = importance.unit_importance(dense, "taylor", batches=labelled)
     slim = copy.deepcopy(dense)
-    structured.remove_heads(slim, structured.select_heads(slim, heads, 1 / 3, scope))  # one KV group of 3 per layer (local)
-    record = structured.remove_ffn_neurons(slim, structured.select_lowest(neurons, 0.5, scope, "ffn", multiple=32))
+    structured.remove_heads(slim, importance.select_heads(slim, heads, 1 / 3, scope))  # one KV group of 3 per layer (local)
+    record = structured.remove_ffn_neurons(slim, importance.select_lowest(neurons, 0.5, scope, "ffn", multiple=32))
     assert all(len(layer["heads"]) == 3 * len(layer["kv_heads"]) for layer in record["layers"])  # GQA stays consistent
     assert all(len(layer["neurons"]) % 32 == 0 for layer in record["layers"])
     with torch.no_grad():

@@ -3,7 +3,8 @@ Llama and ViT, and the delta-only save/load round trip through the tiny pipeline
 
 import torch
 
-from slimtune.methods.base import Arch, get_method_class
+from slimtune.methods.base import get_method_class
+from slimtune.core.arch import Arch
 from slimtune.methods.delta import Delta
 from slimtune.recipe import MethodSpec, validate_recipe
 from slimtune.runner import evaluate_run, train_run

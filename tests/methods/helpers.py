@@ -2,7 +2,8 @@
 
 import torch
 
-from slimtune.methods.base import Arch, get_method_class
+from slimtune.methods.base import get_method_class
+from slimtune.core.arch import Arch
 from slimtune.methods.delta import Delta
 from slimtune.recipe import MethodSpec
 

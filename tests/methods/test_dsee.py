@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from slimtune.errors import SlimtuneError
-from slimtune.methods.base import Arch
+from slimtune.core.arch import Arch
 from slimtune.methods.dsee import DSEE, DSEELinear, godec, sparse_support
 from slimtune.recipe import validate_recipe
 from slimtune.runner import evaluate_run, train_run

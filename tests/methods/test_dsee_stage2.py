@@ -9,12 +9,13 @@ import torch
 
 from slimtune.errors import SlimtuneError
 from slimtune.io import read_safetensors
-from slimtune.methods.base import Arch
+from slimtune.core.arch import Arch
 from slimtune.methods.dsee import DSEE, DSEELinear
-from slimtune.methods.dsee_stage2 import run_stage2
+from slimtune.methods.dsee.stage2 import run_stage2
 from slimtune.recipe import validate_recipe
 from slimtune.runner import build, evaluate_run, train_run
-from slimtune.sparsity.structured import head_dim_of, layer_parts, unit_importance
+from slimtune.sparsity.structured import head_dim_of, layer_parts
+from slimtune.sparsity.importance import unit_importance
 from tests.tiny import tiny_bert, token_batch
 
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from transformers import ViTConfig, ViTForImageClassification
 
-from slimtune.methods.base import Arch
+from slimtune.core.arch import Arch
 from slimtune.methods.fact import FacTLinear, FacTShared
 from tests.methods.checks import attach, check_merge_and_unmerge, check_round_trip, check_trains
 from tests.tiny import tiny_bert, tiny_llama, tiny_vit

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimtune.errors import SlimtuneError
-from slimtune.methods.base import Arch, get_method_class
+from slimtune.methods.base import get_method_class
+from slimtune.core.arch import Arch
 from slimtune.methods.delta import Delta
 from slimtune.recipe import MethodSpec, validate_recipe
 from slimtune.runner import evaluate_run, train_run

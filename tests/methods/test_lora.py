@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from slimtune.methods.base import Arch, get_method_class
+from slimtune.methods.base import get_method_class
+from slimtune.core.arch import Arch
 from slimtune.methods.delta import Delta
 from slimtune.methods.lora import LoRALinear
 from slimtune.recipe import MethodSpec

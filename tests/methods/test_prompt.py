@@ -115,7 +115,7 @@ def test_composes_with_adapters_and_lora(factory):
 def test_two_prompt_methods_conflict():
     from slimtune.methods.delta import Delta
     from slimtune.methods.prompt import PromptTuning
-    from slimtune.methods.base import Arch
+    from slimtune.core.arch import Arch
 
     model = tiny_bert()
     with pytest.raises(SlimtuneError, match="already holds soft prompts"):

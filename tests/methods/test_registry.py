@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from slimtune.errors import SlimtuneError
-from slimtune.methods.base import METHODS, Arch, Method, MethodConfig, all_methods, find_targets, get_method_class, pattern_matches, register
+from slimtune.methods.base import METHODS, Method, MethodConfig, all_methods, get_method_class, register
+from slimtune.core.arch import Arch, find_targets, pattern_matches
 from slimtune.methods.delta import Delta
 from slimtune.recipe import MethodSpec
 

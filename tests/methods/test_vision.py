@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from transformers import ViTConfig, ViTForImageClassification
 
-from slimtune.methods.base import Arch, all_methods
+from slimtune.methods.base import all_methods
+from slimtune.core.arch import Arch
 from slimtune.runner import evaluate_run, train_run
 from slimtune.recipe import load_recipe
 from tests.methods.helpers import attach

@@ -15,7 +15,7 @@ from slimtune.privacy import accounting
 from slimtune.privacy.engine import PrivacyHook
 from slimtune.recipe import validate_recipe
 from slimtune.runner import build, evaluate_run, train_run
-from slimtune.train.hooks import Hook
+from slimtune.core.hooks import Hook
 from slimtune.train.trainer import Trainer
 
 

@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from slimtune.methods.base import Arch, get_method_class
+from slimtune.methods.base import get_method_class
+from slimtune.core.arch import Arch
 from slimtune.methods.delta import Delta
 from slimtune.methods.lora import LoRALinear
 from slimtune.privacy.losses import per_sample_losses

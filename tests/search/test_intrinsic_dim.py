@@ -99,7 +99,7 @@ def test_d90_is_the_first_size_that_reaches_the_gain_and_no_gain_ranks_last():
 
 
 def test_kind_pattern_matches_the_same_submodule_in_every_layer_only():
-    from slimtune.methods.base import pattern_matches
+    from slimtune.core.arch import pattern_matches
 
     pattern = kind_pattern("bert.encoder.layer.3.output.dense")
     assert pattern_matches(pattern, "bert.encoder.layer.0.output.dense")

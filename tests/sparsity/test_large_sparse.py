@@ -49,7 +49,7 @@ def test_large_sparse_widens_to_the_dense_budget(tmp_path, tiny_recipe, method, 
 
 def test_large_sparse_nonzeros_equal_the_dense_adapter():
     from slimtune.methods.adapter import Houlsby
-    from slimtune.methods.base import Arch
+    from slimtune.core.arch import Arch
     from slimtune.recipe import parse_methods
     from slimtune.sparsity.schedules import large_sparse_specs
     from tests.tiny import tiny_bert

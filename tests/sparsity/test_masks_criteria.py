@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from slimtune.errors import SlimtuneError
-from slimtune.methods.base import Arch
+from slimtune.core.arch import Arch
 from slimtune.methods.delta import Delta
 from slimtune.methods.lora import LoRA
 from slimtune.sparsity import criteria
@@ -19,12 +19,12 @@ from slimtune.sparsity.masks import (
 )
 from slimtune.sparsity.schedules import (
     SparsityHook,
-    SparsitySection,
     cubic_sparsity,
     iterative_densities,
     large_sparse_width,
     select_targets,
 )
+from slimtune.features.sparsity import SparsitySection
 from slimtune.sparsity.storage import decode_state, encode, encode_state
 from tests.tiny import tiny_bert
 

@@ -75,7 +75,7 @@ def test_gradual_magnitude_pruning_of_base_weights(tmp_path, tiny_recipe):
 
 
 def test_data_criterion_without_data_is_one_line_error(tiny_recipe):
-    from slimtune.sparsity.schedules import SparsitySection
+    from slimtune.features.sparsity import SparsitySection
 
     section = SparsitySection(criterion="snip", density=0.5)
     with pytest.raises(SlimtuneError, match="needs training data"):

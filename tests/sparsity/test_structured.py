@@ -122,7 +122,7 @@ def test_bad_requests():
 # Importance scores: recomputed the slow, obvious way.
 # --------------------------------------------------------------------------------------------
 
-from slimtune.sparsity.structured import (  # noqa: E402
+from slimtune.sparsity.importance import (  # noqa: E402
     lora_rank_importance,
     prune_lora_ranks,
     select_heads,
@@ -210,7 +210,7 @@ def test_gqa_selection_removes_whole_kv_groups():
 
 
 def tiny_lora_model(r=4):
-    from slimtune.methods.base import Arch
+    from slimtune.core.arch import Arch
     from slimtune.methods.delta import Delta
     from slimtune.recipe import MethodSpec
     from slimtune.methods.lora import LoRAConfig

@@ -8,7 +8,8 @@ import pytest
 
 from slimtune.compress.export import SLIM_DEFAULTS, parse_slim_spec
 from slimtune.errors import SlimtuneError
-from slimtune.sparsity.structured import remove_ffn_neurons, select_lowest, unit_importance
+from slimtune.sparsity.structured import remove_ffn_neurons
+from slimtune.sparsity.importance import select_lowest, unit_importance
 from tests.tiny import tiny_bert
 
 

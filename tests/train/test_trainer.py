@@ -11,7 +11,7 @@ from slimtune.errors import SlimtuneError
 from slimtune.io import read_safetensors
 from slimtune.recipe import validate_recipe
 from slimtune.runner import build, evaluate_run, train_run
-from slimtune.train.hooks import Hook
+from slimtune.core.hooks import Hook
 from slimtune.train.trainer import Trainer
 
 REPORT_KEYS = {
@@ -187,7 +187,8 @@ def test_init_from_starts_from_the_earlier_runs_delta_and_head(tiny_recipe, tmp_
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda r, run: r["train"].update(init_from=str(run.parent / "missing")), "no delta.json there"),
+        (lambda r, run: r["train"].update(init_from=str(run.parent / "missing")), "run directory does not exist"),
+        (lambda r, run: r["train"].update(init_from=str(run.parent)), "no delta.json there"),
         (lambda r, run: r["method"].update(r=2), "a warm start needs the same methods"),
         (lambda r, run: (run / "delta.json").write_text((run / "delta.json").read_text().replace('"weights_sha256": "', '"weights_sha256": "0')),
          "needs a run on the same base model"),

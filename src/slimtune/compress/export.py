@@ -6,7 +6,8 @@ The delta is merged into the base (``plain_merged``), optionally the least impor
 FFN neurons are removed (``--slim``, ``parse_slim_spec``), the weights converted to int8 or bf16,
 and the directory written (``save_exported``) with ``export_report.json``: size, params, FLOPs,
 latency and task metrics of the re-loaded export next to the dense merged model's. The peft
-adapter export lives in ``slimtune.compress.peft_export`` (``export_peft`` is re-exported here).
+adapter export lives in ``slimtune.compress.peft_export``. Loading the run is the runner's
+(``slimtune.runner.export_run``): this package never imports the trainer or the runner.
 """
 
 from __future__ import annotations
@@ -14,10 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from slimtune.compress.peft_export import export_peft  # noqa: F401  (re-export: `slimtune export --peft`)
 from slimtune.errors import SlimtuneError
 from slimtune.io import staged_directory, write_json, write_safetensors
-from slimtune.methods.delta import read_delta
 
 # --------------------------------------------------------------------------------------------
 # `slimtune export RUN_DIR --out DIR [--merge] [--slim SPEC] [--int8] [--bf16]`: a run shipped as
@@ -40,7 +39,7 @@ SLIM_HELP = (
 def parse_slim_spec(text: str) -> dict[str, Any]:
     """``heads=0.5,ffn=0.5[,criterion=taylor][,scope=local][,multiple=32][,batches=8]`` -> a dict (one-line errors)."""
     from slimtune.errors import did_you_mean
-    from slimtune.sparsity.structured import CRITERIA
+    from slimtune.sparsity.importance import CRITERIA
 
     spec = dict(SLIM_DEFAULTS)
     seen = set()
@@ -85,7 +84,7 @@ def plain_merged(model, delta) -> None:
     import torch
     from torch import nn
 
-    from slimtune.methods.base import replace_module
+    from slimtune.core.arch import replace_module
 
     if not delta.can_merge:
         unmergeable = [m.name for m in delta.methods if not (m.mergeable or m.in_place)]
@@ -209,7 +208,7 @@ def save_exported(
     from slimtune.sparsity.structured import is_dense, shape_record
 
     directory = Path(directory)
-    _check_export_out(directory)
+    check_out(directory)
     directory.mkdir(parents=True, exist_ok=True)
     int8 = any(is_int8_linear(m) for m in model.modules())
     float_params = [p for p in model.parameters() if p.is_floating_point()]
@@ -233,70 +232,19 @@ def save_exported(
     return record
 
 
-def task_batches(rows: list[dict], pad_id: int, objective: str, batch_size: int, count: int, seed: int) -> list[dict]:
-    """``count`` shuffled training batches (with labels) for importance scores."""
-    import random
-
-    from slimtune.train.data import collate
-
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    return [collate([rows[i] for i in order[s:s + batch_size]], pad_id, objective)
-            for s in range(0, min(len(order), count * batch_size), batch_size)]
-
-
-def evaluate_model(model, rows: list[dict], pad_id: int, objective: str, num_labels: int, batch_size: int = 64) -> dict[str, float]:
-    """Accuracy/F1 (classification) or perplexity (lm) of ``model`` on tokenised ``rows``."""
-    import math
-
-    import torch
-
-    from slimtune.train.data import collate, eval_batches
-    from slimtune.zoo.tasks import compute_metrics
-
-    predictions, labels, loss_sum, tokens = [], [], 0.0, 0
-    with torch.inference_mode():
-        for indices in eval_batches(len(rows), batch_size):
-            batch = collate([rows[i] for i in indices], pad_id, objective)
-            if objective == "classification":
-                gold = batch.pop("labels")
-                predictions.append(model(**batch).logits.float().argmax(-1))
-                labels.append(gold)
-            else:
-                n = int((batch["labels"][:, 1:] != -100).sum())
-                loss_sum += float(model(**batch).loss) * n
-                tokens += n
-    if objective == "classification":
-        return compute_metrics(torch.cat(predictions).numpy(), torch.cat(labels).numpy(), num_labels)
-    mean = loss_sum / max(tokens, 1)
-    return {"loss": mean, "perplexity": math.exp(mean)}
-
-
-def fixed_length_batch(rows: list[dict], pad_id: int, batch_size: int, seq_len: int) -> dict:
-    """Real examples, truncated/padded to exactly ``seq_len`` tokens (latency/FLOPs inputs)."""
-    import torch
-
-    chosen = [rows[i % len(rows)] for i in range(batch_size)]
-    batch = {}
-    for key in chosen[0]:
-        if key == "labels":
-            continue
-        fill = pad_id if key == "input_ids" else 0
-        batch[key] = torch.tensor([(r[key] + [fill] * seq_len)[:seq_len] for r in chosen], dtype=torch.long)
-    return batch
-
-
 def measure_model(model, rows, pad_id, objective, num_labels, *, batch_size=32, seq_len=128, threads=2, repeats=10,
                   directory: Path | None = None, shapes_from=None) -> dict[str, Any]:
     """The export report's figures for one model: metrics, params, FLOPs, latency (and size)."""
+    from slimtune.measure.evaluate import evaluate_rows
     from slimtune.measure.flops import flops_per_example
     from slimtune.measure.latency import measure_latency
     from slimtune.measure.params import file_bytes, param_counts
+    from slimtune.zoo.batches import fixed_length_batch
 
     one = fixed_length_batch(rows, pad_id, 1, seq_len)
     timing = measure_latency(model, fixed_length_batch(rows, pad_id, batch_size, seq_len), threads=threads, repeats=repeats)
     out = {
-        "metrics": evaluate_model(model, rows, pad_id, objective, num_labels),
+        "metrics": evaluate_rows(model, rows, pad_id, objective, num_labels),
         "params": param_counts(model)["total"],
         "flops_per_example": flops_per_example(model, one, shapes_from=shapes_from),
         "latency_ms_median": timing["latency_ms_median"],
@@ -307,34 +255,30 @@ def measure_model(model, rows, pad_id, objective, num_labels, *, batch_size=32, 
     return out
 
 
-def _check_export_out(out: Path) -> None:
+def check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SlimtuneError(f"--out {out}: exists and is not an empty directory; choose a new one (nothing was written)")
 
 
-def load_trained_run(run_dir: Path, *, force: bool = False):
-    """A run directory's recipe and its built model with the trained delta loaded (attached, not
-    merged); refuses a delta whose base or methods do not match the recipe."""
-    from slimtune.methods.delta import check_fingerprint
-    from slimtune.recipe import load_recipe
-    from slimtune.runner import build
-
-    recipe = load_recipe(run_dir / "recipe.yaml")
-    meta, state = read_delta(run_dir)
-    built = build(recipe)
-    check_fingerprint(meta, built.fingerprint, run_dir / "delta.json", force=force)
-    if meta.get("methods") != built.delta.config():
-        raise SlimtuneError(f"{run_dir / 'delta.json'}: its methods differ from recipe.yaml's; the run directory was edited")
-    built.delta.load_state_dict(built.model, state)
-    return recipe, built
+def check_export_request(out: Path, *, merge: bool = False, slim: str | dict[str, Any] | None = None, int8: bool = False,
+                         bf16: bool = False, **options: Any) -> dict[str, Any]:
+    """Validate an export's options before anything loads (one-line errors); the options for
+    :func:`export_model`, ``slim`` parsed."""
+    spec = parse_slim_spec(slim) if isinstance(slim, str) else slim
+    if int8 and bf16:
+        raise SlimtuneError("--int8 and --bf16: choose one (int8 Linears run on float32 activations)")
+    if not (merge or spec or int8 or bf16):
+        raise SlimtuneError("export: give --merge, --slim SPEC, --int8 and/or --bf16 (or --peft OUT for a peft adapter)")
+    check_out(out)
+    return {"merge": merge, "slim": spec, "int8": int8, "bf16": bf16, **options}
 
 
-def export_run(
-    run_dir: str | Path,
-    out: str | Path,
+def export_model(
+    built,
+    out: Path,
     *,
     merge: bool = False,
-    slim: str | dict[str, Any] | None = None,
+    slim: dict[str, Any] | None = None,
     int8: bool = False,
     bf16: bool = False,
     measure: bool = True,
@@ -342,10 +286,10 @@ def export_run(
     batch_size: int = 32,
     seq_len: int | None = None,
     repeats: int = 10,
-    force: bool = False,
     lora_rank: int | float | None = None,
 ) -> dict[str, Any]:
-    """Merge a run's delta into its base (its LoRA update first truncated to ``lora_rank``, see
+    """``built``: a loaded run (``slimtune.runner.load_run``; options checked by
+    :func:`check_export_request`; ``slimtune.runner.export_run`` does both). Merge a run's delta into its base (its LoRA update first truncated to ``lora_rank``, see
     ``slimtune.compress.lora_rank``, when given), optionally remove the least important heads/neurons
     (``slim``), convert to int8 or bf16, and write ``out`` (loadable by ``slimtune.load_exported``)
     with ``export_report.json``: size on disk, params, FLOPs, latency and the task metrics of the
@@ -356,18 +300,11 @@ def export_run(
 
     from slimtune.compress.loader import load_exported
     from slimtune.measure.params import file_bytes
-    from slimtune.train.data import tokenize_split
+    from slimtune.zoo.batches import pad_id_of, split_rows
 
-    run_dir, out = Path(run_dir), Path(out)
-    spec = parse_slim_spec(slim) if isinstance(slim, str) else slim
-    if not run_dir.is_dir():
-        raise SlimtuneError(f"{run_dir}: run directory does not exist")
-    if int8 and bf16:
-        raise SlimtuneError("--int8 and --bf16: choose one (int8 Linears run on float32 activations)")
-    if not (merge or spec or int8 or bf16):
-        raise SlimtuneError("export: give --merge, --slim SPEC, --int8 and/or --bf16 (or --peft OUT for a peft adapter)")
-    _check_export_out(out)
-    recipe, built = load_trained_run(run_dir, force=force)
+    spec = slim
+    check_out(out)
+    recipe, run_dir = built.recipe, built.run_dir
     model, objective = built.model, built.objective
     lora_info = None
     if lora_rank is not None:
@@ -375,11 +312,10 @@ def export_run(
 
         lora_info = prune_run_lora(model, built.delta, lora_rank)
         lora_info.pop("relative_error")
-    pad_id = built.tokenizer.pad_token_id if built.tokenizer.pad_token_id is not None else 0
+    pad_id = pad_id_of(built.tokenizer)
     max_length = recipe.train.max_length
     seq_len = seq_len or recipe.measure.seq_len or max_length
-    rows = {name: tokenize_split(built.task.splits[name], built.tokenizer, max_length, objective).to_list()
-            for name in ("train", "test")}
+    rows = {name: split_rows(built.task, built.tokenizer, name, max_length, objective) for name in ("train", "test")}
     num_labels = len(built.task.label_names)
 
     plain_merged(model, built.delta)
@@ -434,19 +370,20 @@ def export_run(
 
 def _slim(model, built, spec: dict[str, Any], train_rows: list[dict], pad_id: int) -> dict[str, Any]:
     """Score heads and neurons on the task's training data and remove the requested fractions."""
-    from slimtune.sparsity import structured
+    from slimtune.sparsity import importance, structured
+    from slimtune.zoo.batches import shuffled_batches
 
     batches = reference = None
     if spec["criterion"] in ("taylor", "fisher"):
-        batches = task_batches(train_rows, pad_id, built.objective, 16, spec["batches"], built.recipe.train.seed)
+        batches = shuffled_batches(train_rows, pad_id, built.objective, 16, spec["batches"], built.recipe.train.seed)
     if spec["criterion"] == "delta":
         from slimtune.zoo.models import load_model
 
         base = load_model(built.recipe.model.name, objective=built.objective, num_labels=len(built.task.label_names))
         reference = base.state_dict()
-    head_scores, neuron_scores = structured.unit_importance(model, spec["criterion"], batches=batches, reference=reference)
-    heads = structured.select_heads(model, head_scores, spec["heads"], spec["scope"])
-    neurons = structured.select_lowest(neuron_scores, spec["ffn"], spec["scope"], "ffn", spec.get("multiple", 1))
+    head_scores, neuron_scores = importance.unit_importance(model, spec["criterion"], batches=batches, reference=reference)
+    heads = importance.select_heads(model, head_scores, spec["heads"], spec["scope"])
+    neurons = importance.select_lowest(neuron_scores, spec["ffn"], spec["scope"], "ffn", spec.get("multiple", 1))
     structured.remove_heads(model, heads)
     record = structured.remove_ffn_neurons(model, neurons)
     return {

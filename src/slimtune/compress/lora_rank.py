@@ -1,7 +1,7 @@
 """Rank pruning of a LoRA delta: ``slimtune export RUN --out DIR --lora-rank K``.
 
 Every LoRA update ``dW = (alpha / r) B A`` is replaced by its best rank-``K`` approximation (the
-top ``K`` singular directions, Eckart-Young; ``slimtune.sparsity.structured.prune_lora_ranks``
+top ``K`` singular directions, Eckart-Young; ``slimtune.sparsity.importance.prune_lora_ranks``
 with the magnitude criterion and the same rank in every layer). ``K`` is a kept rank (an integer
 ``1 <= K < r``) or a kept fraction of ``r`` (``0 < F < 1``, rounded, at least 1).
 
@@ -11,7 +11,7 @@ therefore the update are those of the truncation), ``delta.json`` + ``delta.safe
 ``lora_rank_report.json`` (ranks, bytes, per-layer relative error of the update, test metrics
 before/after). Everything that reads a run reads it: ``slimtune eval DIR``, ``slimtune export DIR
 --peft``, ``slimtune export DIR --out ... --merge``. With ``--merge``/``--slim``/``--int8``/
-``--bf16`` the truncated delta is merged instead (see ``export_run``).
+``--bf16`` the truncated delta is merged instead (see ``slimtune.compress.export.export_model``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from slimtune.errors import SlimtuneError
 
@@ -54,7 +56,7 @@ def prune_run_lora(model, delta, rank: int | float) -> dict[str, Any]:
     import torch
 
     from slimtune.methods.lora import LoRALinear
-    from slimtune.sparsity.structured import prune_lora_ranks
+    from slimtune.sparsity.importance import prune_lora_ranks
 
     loras = [m for m in delta.methods if m.name == "lora"]
     if len(loras) != 1:
@@ -78,24 +80,19 @@ def prune_run_lora(model, delta, rank: int | float) -> dict[str, Any]:
             "max_relative_error": max(errors.values()) if errors else 0.0, "relative_error": errors}
 
 
-def export_lora_rank(run_dir: str | Path, out: str | Path, rank: int | float, *, measure: bool = True,
-                     force: bool = False) -> dict[str, Any]:
-    """Write ``out`` as a run directory whose LoRA delta is truncated to ``rank``; returns its report."""
-    from slimtune.compress.export import _check_export_out, load_trained_run
+def truncate_run_lora(built, out: Path, rank: int | float, *, measure: bool = True) -> dict[str, Any]:
+    """Write ``out`` as a run directory whose LoRA delta is truncated to ``rank``; ``built`` is the
+    loaded run (``slimtune.runner.load_run``; ``slimtune.runner.export_lora_rank`` does both).
+    Returns its report."""
+    from slimtune.compress.export import check_out
     from slimtune.io import staged_directory, write_json
-    from slimtune.recipe import validate_recipe
-    from slimtune.train.trainer import Trainer
+    from slimtune.measure.evaluate import evaluate_split
 
-    run_dir, out = Path(run_dir), Path(out)
-    if not run_dir.is_dir():
-        raise SlimtuneError(f"{run_dir}: run directory does not exist")
-    _check_export_out(out)
-    recipe, built = load_trained_run(run_dir, force=force)
+    check_out(out)
+    recipe, run_dir = built.recipe, built.run_dir
 
     def evaluate() -> dict[str, float]:
-        trainer = Trainer(model=built.model, tokenizer=built.tokenizer, task=built.task, delta=built.delta, recipe=recipe,
-                          objective=built.objective, run_dir=None, hooks=[], progress=False)
-        return trainer.evaluate("test")
+        return evaluate_split(built, "test")
 
     before = evaluate() if measure else None
     bytes_before = sum(t.numel() * t.element_size() for t in built.delta.state_dict(built.model).values())
@@ -105,10 +102,10 @@ def export_lora_rank(run_dir: str | Path, out: str | Path, rank: int | float, *,
     for spec in methods:
         if spec.get("name") == "lora":
             spec.update({"r": info["kept_rank"], "alpha": info["new_alpha"]})
-    new_recipe = validate_recipe(data, source=str(run_dir / "recipe.yaml"))
 
     with staged_directory(out) as staging:
-        (staging / "recipe.yaml").write_text(new_recipe.to_yaml(), encoding="utf-8")
+        # The run's own resolved recipe with the new r and alpha (as Recipe.to_yaml writes it).
+        (staging / "recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
         bytes_after = built.delta.save(staging, built.model, built.fingerprint,
                                        extra={"lora_rank": {"from_run": str(run_dir), "r": info["r"], "kept_rank": info["kept_rank"]}})
         report = {**info, "delta_bytes_before": bytes_before, "delta_bytes_after": bytes_after,

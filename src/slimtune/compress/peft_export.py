@@ -1,6 +1,6 @@
 """Export a LoRA run's delta as a peft adapter (``slimtune export RUN --peft OUT``).
 
-``export_peft(run_dir, out)``: a LoRA run (``method: lora`` alone) becomes a peft adapter
+``peft_adapter(run_files, out)`` (``slimtune.runner.export_peft(run_dir, out)`` reads the run): a LoRA run (``method: lora`` alone) becomes a peft adapter
 directory, ``adapter_config.json`` + ``adapter_model.safetensors``, that
 ``peft.PeftModel.from_pretrained(base, out)`` loads and that computes the same outputs. The
 mapping is one to one, because slimtune's LoRA is peft's LoRA (``W + (alpha / r) B A``, no
@@ -18,29 +18,23 @@ from typing import Any
 
 from slimtune.errors import SlimtuneError
 from slimtune.io import write_json, write_safetensors
-from slimtune.methods.delta import read_delta
 
 PEFT_PREFIX = "base_model.model."
 TASK_TYPES = {"classification": "SEQ_CLS", "lm": "CAUSAL_LM"}
 
 
-def _check_out(out: Path) -> None:
+def check_peft_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SlimtuneError(f"--peft {out}: exists and is not an empty directory; choose a new one")
 
 
-def export_peft(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
-    """Write the LoRA delta of ``run_dir`` as a peft adapter directory ``out``; returns its config."""
-    from slimtune.recipe import load_recipe
-    from slimtune.runner import resolve_objective
+def peft_adapter(run, out: Path) -> dict[str, Any]:
+    """Write the LoRA delta of a run (``slimtune.runner.RunFiles``: dir, recipe, meta, state) as a
+    peft adapter directory ``out``; returns its config."""
     from slimtune.zoo.models import model_dir
 
-    run_dir, out = Path(run_dir), Path(out)
-    if not run_dir.is_dir():
-        raise SlimtuneError(f"{run_dir}: run directory does not exist")
-    _check_out(out)
-    recipe = load_recipe(run_dir / "recipe.yaml")
-    meta, state = read_delta(run_dir)
+    check_peft_out(out)
+    run_dir, recipe, meta, state = run.dir, run.recipe, run.meta, run.state
     methods = meta.get("methods", [])
     names = [m.get("name") for m in methods]
     if names != ["lora"]:
@@ -48,7 +42,7 @@ def export_peft(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
             f"{run_dir / 'delta.json'}: --peft exports LoRA deltas only (method: lora alone); this run's methods are {names}"
         )
     lora = methods[0]
-    objective = resolve_objective(recipe)
+    objective = recipe.objective
     if objective == "classification" and recipe.head.pooling != "cls":
         # peft wraps the plain HF model, whose head reads [CLS] through the pooler: a run trained
         # on mean-pooled features would not compute the same function there.

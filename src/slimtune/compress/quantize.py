@@ -36,8 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from slimtune.errors import SlimtuneError
-from slimtune.recipe import Section, register_section
-from slimtune.train.hooks import Hook
+from slimtune.core.hooks import Hook
 
 INT8_FORMAT = "torch.ao-dynamic-int8-per-channel"
 WEIGHT_QMIN, WEIGHT_QMAX = -128, 127
@@ -233,13 +232,3 @@ class QATHook(Hook):
     def report(self) -> dict[str, Any]:
         return {"fake_quant_linears": self.layers, "weights": "int8 per-channel symmetric",
                 "activations": "8-bit per-tensor dynamic" if self.config.activations else "float"}
-
-
-@register_section("compress")
-class CompressSection(Section):
-    """Compression during fine-tuning. ``qat``: quantisation-aware training for int8 export."""
-
-    qat: QATConfig = Field(description="fake-quantise Linear weights (int8 per channel) and inputs while fine-tuning, then `slimtune export --int8`; `qat: {}` takes the defaults")
-
-    def build_hook(self, *, recipe, model, delta, task) -> Hook:
-        return QATHook(self.qat)

@@ -38,48 +38,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from slimtune.errors import SlimtuneError
 from slimtune.measure.latency import batch_size_of, call_model, eval_mode
+from slimtune.zoo.hf_helpers import eager_attention
 
 __all__ = ["flops_per_example", "eager_attention", "analytic_linear_flops", "linear_features"]
-
-
-def _hf_configs(model: nn.Module) -> list[Any]:
-    """Distinct Hugging Face configs (and their sub-configs) reachable from ``model``'s modules."""
-    try:
-        from transformers import PretrainedConfig
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return []
-    seen: dict[int, Any] = {}
-    stack = [m.config for m in model.modules() if isinstance(getattr(m, "config", None), PretrainedConfig)]
-    while stack:
-        cfg = stack.pop()
-        if id(cfg) in seen:
-            continue
-        seen[id(cfg)] = cfg
-        for key in getattr(cfg, "sub_configs", {}) or {}:
-            sub = getattr(cfg, key, None)
-            if isinstance(sub, PretrainedConfig):
-                stack.append(sub)
-    return list(seen.values())
-
-
-@contextmanager
-def eager_attention(model: nn.Module) -> Iterator[nn.Module]:
-    """Temporarily run every Hugging Face (sub)model inside ``model`` with eager attention.
-
-    transformers 5 reads ``config._attn_implementation`` at every forward, so setting the
-    internal field on each reachable config switches the backend without reloading; the old
-    values are restored on exit. Non-HF modules are left alone.
-    """
-    saved: list[tuple[Any, Any]] = []
-    for cfg in _hf_configs(model):
-        if hasattr(cfg, "_attn_implementation_internal"):
-            saved.append((cfg, cfg._attn_implementation_internal))
-            cfg._attn_implementation_internal = "eager"
-    try:
-        yield model
-    finally:
-        for cfg, value in saved:
-            cfg._attn_implementation_internal = value
 
 
 def linear_features(module: nn.Module) -> tuple[int, int] | None:

@@ -12,7 +12,6 @@ import importlib.metadata
 import platform
 from typing import TYPE_CHECKING, Any
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -20,6 +19,7 @@ from slimtune.measure.flops import flops_per_example
 from slimtune.measure.latency import measure_latency
 from slimtune.measure.memory import peak_rss_bytes
 from slimtune.measure.params import param_counts
+from slimtune.core.hooks import HOOK_CLASSES
 
 if TYPE_CHECKING:
     from slimtune.runner import Built
@@ -38,21 +38,6 @@ def versions() -> dict[str, str]:
     return found
 
 
-def inference_inputs(trainer: Trainer, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
-    """A batch of real test examples, truncated/padded to exactly ``seq_len`` tokens."""
-    rows = trainer.rows["test"] or trainer.rows["train"]
-    if hasattr(rows, "pixel_values"):  # images (ImageRows): no sequence length to pad to
-        return rows.batch([i % len(rows) for i in range(batch_size)], with_labels=False)
-    chosen = [rows[i % len(rows)] for i in range(batch_size)]
-    batch: dict[str, torch.Tensor] = {}
-    for key in chosen[0]:
-        if key == "labels":
-            continue
-        fill = trainer.pad_id if key == "input_ids" else 0
-        batch[key] = torch.tensor([(r[key] + [fill] * seq_len)[:seq_len] for r in chosen], dtype=torch.long)
-    return batch
-
-
 def measure_inference(built: Built, trainer: Trainer) -> dict[str, Any]:
     cfg = built.recipe.measure
     seq_len = cfg.seq_len or built.recipe.train.max_length
@@ -66,11 +51,11 @@ def measure_inference(built: Built, trainer: Trainer) -> dict[str, Any]:
         out["merged"] = True
     try:
         if cfg.flops:
-            one = inference_inputs(trainer, 1, seq_len)
+            one = trainer.inference_batch(1, seq_len)
             out["flops_per_example"] = flops_per_example(model, one)
             out["flops_seq_len"] = None if "pixel_values" in one else seq_len
         if cfg.latency:
-            batch = inference_inputs(trainer, cfg.batch_size, seq_len)
+            batch = trainer.inference_batch(cfg.batch_size, seq_len)
             timing = measure_latency(model, batch, threads=cfg.threads, repeats=cfg.repeats)
             out.update({k: timing[k] for k in ("latency_ms_median", "latency_ms_p90", "batch_size", "seq_len", "threads", "repeats")})
     finally:
@@ -141,6 +126,15 @@ def build_report(
     return report
 
 
+def registered_hooks() -> dict[str, type]:
+    """Every hook class, by report section name (methods and features are imported, so that a
+    report read from disk prints the same rows as at the end of its run)."""
+    from slimtune.core.features import load_plugins
+
+    load_plugins()
+    return HOOK_CLASSES
+
+
 def fmt_bytes(n: float | None) -> str:
     """Human-readable bytes (1024-based); "–" when unknown."""
     if n is None:
@@ -182,15 +176,11 @@ def report_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     if "latency_ms_median" in inference:
         merged = ", merged" if inference.get("merged") else ""
         rows.append(("inference latency", f"{inference['latency_ms_median']:.1f} ms (batch {inference['batch_size']} x {inference['seq_len']}, {inference['threads']} threads{merged})"))
-    if "privacy" in report:
-        p = report["privacy"]
-        rows.append(("privacy", f"ε = {p.get('epsilon', float('nan')):.2f} (δ = {p.get('delta')})"))
-    if "sparsity" in report:
-        s = report["sparsity"]
-        rows.append(("sparsity", f"delta density {s.get('delta_density', 1.0):.3f}, weight density {s.get('weight_density', 1.0):.3f}"))
-    if "dsee" in report and "flops_saved" in report["dsee"]:
-        d = report["dsee"]
-        rows.append(("DSEE stage 2", f"FLOPs saved {d['flops_saved']:.1%}, final weight density {d.get('final_weight_density') or 1.0:.3f}"))
+    # Sections that hooks (features, method phases) added: each hook class prints its own.
+    hook_classes = registered_hooks()
+    for key, section in report.items():
+        if key in hook_classes and isinstance(section, dict):
+            rows += hook_classes[key].report_rows(section)
     if train.get("stop_reason"):
         rows.append(("stopped early", str(train["stop_reason"])))
     return rows

@@ -44,7 +44,8 @@ from torch import nn
 from transformers.activations import get_activation
 
 from slimtune.errors import SlimtuneError, did_you_mean
-from slimtune.methods.base import HEAD_MODULE_NAMES, Arch, Method, MethodConfig, pattern_matches, register
+from slimtune.methods.base import Method, MethodConfig, register
+from slimtune.core.arch import HEAD_MODULE_NAMES, Arch, pattern_matches
 
 #: Sublayer output projections per family: where adapters go (see the module docstring).
 ADAPTER_SITES: dict[str, dict[str, list[str]]] = {

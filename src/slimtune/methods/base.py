@@ -1,4 +1,4 @@
-"""The Method protocol, the registry and target addressing.
+"""The Method protocol and the registry (architecture facts and target addressing: :mod:`slimtune.core.arch`).
 
 A *method* decides what trains. Methods differ in shape (per-layer wrappers, inserted modules,
 shared parameter groups, side networks, input-level prompts, selectors of base parameters), yet
@@ -23,174 +23,15 @@ Registration is one decorator line: ``@register`` on the class, whose ``name`` i
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from slimtune.core.arch import Arch
 from slimtune.errors import SlimtuneError, did_you_mean
-
-# --------------------------------------------------------------------------------------------
-# Architectures: what the model is, where its parts live, what methods target by default.
-# --------------------------------------------------------------------------------------------
-
-#: HF ``model_type`` -> the family whose naming conventions the model follows.
-FAMILY_OF_MODEL_TYPE = {
-    "bert": "bert",
-    "roberta": "bert",
-    "distilbert": "bert",
-    "mpnet": "mpnet",
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "llama",
-    "vit": "vit",
-    "timm_vit": "timm",  # timm VisionTransformer (no HF config): see Arch.of
-}
-
-#: Default target module names per family, by role. Methods name a role; users may give patterns.
-DEFAULT_TARGETS: dict[str, dict[str, list[str]]] = {
-    "attention_qv": {
-        "bert": ["query", "value"],
-        "vit": ["q_proj", "v_proj"],  # transformers 5 names ViT's projections like Llama's
-        "mpnet": ["q", "v"],
-        "llama": ["q_proj", "v_proj"],
-        # timm fuses q, k, v into one Linear (d -> 3d); it is adapted as one target
-        "timm": ["attn.qkv"],
-    },
-    "attention_qkvo": {
-        "bert": ["query", "key", "value", "attention.output.dense"],
-        "vit": ["q_proj", "k_proj", "v_proj", "o_proj"],
-        "mpnet": ["q", "k", "v", "attention.attn.o"],
-        "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
-        "timm": ["attn.qkv", "attn.proj"],
-    },
-    "ffn": {
-        "bert": ["intermediate.dense", "output.dense"],
-        "vit": ["mlp.fc1", "mlp.fc2"],
-        "mpnet": ["intermediate.dense", "output.dense"],
-        "llama": ["gate_proj", "up_proj", "down_proj"],
-        "timm": ["mlp.fc1", "mlp.fc2"],
-    },
-}
-
-#: Modules that make up the task head (newly initialised, trained by every classification run).
-HEAD_MODULE_NAMES = ("classifier", "score")
-
-
-@dataclass(frozen=True)
-class Arch:
-    """What a method needs to know about the model it attaches to."""
-
-    model_type: str
-    family: str
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    objective: str  # "classification" | "lm"
-
-    @classmethod
-    def of(cls, model: nn.Module, objective: str = "classification") -> Arch:
-        if getattr(model, "config", None) is None and hasattr(model, "blocks") and hasattr(model, "patch_embed"):
-            # A timm VisionTransformer: no HF config, its shape is read from the modules.
-            return cls(
-                model_type="timm_vit",
-                family="timm",
-                hidden_size=int(getattr(model, "embed_dim", 0)),
-                num_layers=len(model.blocks),
-                num_heads=int(getattr(model.blocks[0].attn, "num_heads", 0)),
-                objective=objective,
-            )
-        config = model.config
-        model_type = getattr(config, "model_type", "unknown")
-        return cls(
-            model_type=model_type,
-            family=FAMILY_OF_MODEL_TYPE.get(model_type, model_type),
-            hidden_size=getattr(config, "hidden_size", 0),
-            num_layers=getattr(config, "num_hidden_layers", 0),
-            num_heads=getattr(config, "num_attention_heads", 0),
-            objective=objective,
-        )
-
-    def default_targets(self, role: str) -> list[str]:
-        per_family = DEFAULT_TARGETS[role]
-        if self.family not in per_family:
-            raise SlimtuneError(
-                f"no default targets for role '{role}' on model type '{self.model_type}'; "
-                f"set method.targets to module name patterns"
-            )
-        return list(per_family[self.family])
-
-
-def head_parameter_names(model: nn.Module) -> list[str]:
-    """Parameters of the task head (``classifier``/``score``); empty for a causal LM."""
-    names = []
-    for module_name, module in model.named_modules():
-        if module_name.split(".")[-1] in HEAD_MODULE_NAMES:
-            names += [f"{module_name}.{n}" for n, _ in module.named_parameters()]
-    return names
-
-
-# --------------------------------------------------------------------------------------------
-# Target addressing by name patterns.
-# --------------------------------------------------------------------------------------------
-
-
-def pattern_matches(pattern: str, module_name: str) -> bool:
-    """``pattern`` matches a module name when it is the whole name, a dotted suffix of it
-    (``value`` matches ``encoder.layer.0.attention.self.value``), or, prefixed with ``re:``,
-    a regular expression that matches the whole name."""
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], module_name) is not None
-    return module_name == pattern or module_name.endswith("." + pattern)
-
-
-def find_targets(
-    model: nn.Module,
-    patterns: Iterable[str],
-    *,
-    kind: type[nn.Module] | tuple[type[nn.Module], ...] = nn.Linear,
-    field: str = "method.targets",
-) -> list[tuple[str, nn.Module]]:
-    """All modules of type ``kind`` whose name matches any pattern, in model order.
-
-    Fails with one line when a pattern matches nothing, listing the names that would match."""
-    patterns = list(patterns)
-    candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, kind)]
-    candidates = [(n, m) for n, m in candidates if n.split(".")[-1] not in HEAD_MODULE_NAMES]
-    found = [(n, m) for n, m in candidates if any(pattern_matches(p, n) for p in patterns)]
-    # A target another method already wrapped (its frozen layer lives at `<name>.base`) is a
-    # conflict, not a miss: say so rather than silently skipping it or suggesting `.base`.
-    for name, module in model.named_modules():
-        if isinstance(getattr(module, "base", None), kind) and any(pattern_matches(p, name) for p in patterns):
-            raise SlimtuneError(
-                f"{field}: '{name}' is already changed by another method of this recipe; "
-                "compose methods that touch different parameters"
-            )
-    for pattern in patterns:
-        if not any(pattern_matches(pattern, n) for n, _ in candidates):
-            leaf_names = sorted({".".join(n.split(".")[-2:]) for n, _ in candidates} | {n.split(".")[-1] for n, _ in candidates})
-            raise SlimtuneError(
-                f"{field}: pattern '{pattern}' matches no {_kind_name(kind)} module"
-                f"{did_you_mean(pattern, leaf_names)}"
-            )
-    return found
-
-
-def _kind_name(kind) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return "/".join(k.__name__ for k in kinds)
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
 
 # --------------------------------------------------------------------------------------------
 # The protocol.

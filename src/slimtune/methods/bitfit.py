@@ -8,7 +8,8 @@ from pydantic import Field
 from torch import nn
 
 from slimtune.errors import SlimtuneError
-from slimtune.methods.base import HEAD_MODULE_NAMES, Arch, Method, MethodConfig, pattern_matches, register
+from slimtune.methods.base import Method, MethodConfig, register
+from slimtune.core.arch import HEAD_MODULE_NAMES, Arch, pattern_matches
 
 #: The paper's smaller variant (Sec. 4): the query bias and the FFN's intermediate bias.
 QUERY_FFN_BIASES = {"bert": ["query", "intermediate.dense"], "vit": ["q_proj", "mlp.fc1"], "mpnet": ["q", "intermediate.dense"]}

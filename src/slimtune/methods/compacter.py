@@ -27,7 +27,8 @@ from torch import nn
 
 from slimtune.errors import SlimtuneError
 from slimtune.methods.adapter import AdapterMethod, AdapterPlacementConfig, NonLinearity, activation
-from slimtune.methods.base import Arch, register
+from slimtune.methods.base import register
+from slimtune.core.arch import Arch
 
 
 class PHMRules(nn.Module):

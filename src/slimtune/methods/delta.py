@@ -17,7 +17,8 @@ from torch import nn
 
 from slimtune.errors import SlimtuneError
 from slimtune.io import read_json, read_safetensors, write_json, write_safetensors
-from slimtune.methods.base import Arch, Method, get_method_class, head_parameter_names
+from slimtune.methods.base import Method, get_method_class
+from slimtune.core.arch import Arch, head_parameter_names
 
 DELTA_FORMAT = 1
 

@@ -38,7 +38,8 @@ from pydantic import Field
 from torch import nn
 
 from slimtune.errors import SlimtuneError
-from slimtune.methods.base import Arch, MethodConfig, find_targets, register, replace_module
+from slimtune.methods.base import MethodConfig, register
+from slimtune.core.arch import Arch, find_targets, replace_module
 from slimtune.methods.linear_update import LinearUpdate, LinearUpdateMethod
 
 SHARED_NAME = "fact_shared"

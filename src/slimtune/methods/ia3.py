@@ -25,7 +25,8 @@ from torch import nn
 
 from slimtune.errors import SlimtuneError
 from slimtune.methods.adapter import find_modules_by_name, is_linear_or_wrapped
-from slimtune.methods.base import Arch, Method, MethodConfig, pattern_matches, register
+from slimtune.methods.base import Method, MethodConfig, register
+from slimtune.core.arch import Arch, pattern_matches
 
 #: (targets, feedforward targets) per family, as peft's IA3 defaults (ViT/MPNet by analogy).
 IA3_DEFAULTS: dict[str, tuple[list[str], list[str]]] = {

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from slimtune.methods.base import Arch, Method, MethodConfig, register
+from slimtune.methods.base import Method, MethodConfig, register
+from slimtune.core.arch import Arch
 
 
 @register

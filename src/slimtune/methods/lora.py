@@ -19,12 +19,16 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from slimtune.methods.base import Arch, MethodConfig, find_targets, register, replace_module
+from slimtune.methods.base import MethodConfig, register
+from slimtune.core.arch import Arch, find_targets, replace_module
 from slimtune.methods.linear_update import LinearUpdate, LinearUpdateMethod
 
 
 class LoRALinear(LinearUpdate):
     """A frozen ``nn.Linear`` plus a trainable low-rank branch. The base layer is kept, not copied."""
+
+    #: The update is exactly ``scaling * lora_B @ lora_A`` (rank pruning by SVD relies on it).
+    pure_low_rank_update = True
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
         super().__init__(base)

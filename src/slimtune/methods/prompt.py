@@ -31,7 +31,8 @@ from pydantic import Field
 from torch import nn
 
 from slimtune.errors import SlimtuneError
-from slimtune.methods.base import Arch, Method, MethodConfig, register
+from slimtune.methods.base import Method, MethodConfig, register
+from slimtune.core.arch import Arch
 
 MODULE = "prompt_tuning"
 

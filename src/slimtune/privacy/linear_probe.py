@@ -25,7 +25,7 @@ from pydantic import Field
 from torch import nn
 
 from slimtune.errors import SlimtuneError
-from slimtune.recipe import Section
+from slimtune.core.features import Section
 
 
 class LinearProbeSection(Section):

@@ -27,6 +27,11 @@ On its first batch the engine checks each rule: the sum of its per-sample gradie
 autograd's batch gradient; a rule that fails (a module whose parameter is used elsewhere, an
 in-place op on a captured output, ...) is demoted to the last resort, so no method has to know
 about DP for its gradients to be right.
+
+Rules are a registry keyed by module type, as Opacus' ``register_grad_sampler``: ``@register_rule(
+ModuleType)`` on a :class:`Rule` subclass; the exact type is looked up first, then its bases, then
+the generic vmap rule. A method's own layer gets an exact rule by one registration here (LoRA's
+below); methods never import this package.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from slimtune.methods.lora import LoRALinear
 
 # Instantiating per-sample weight gradients writes and reads B*out*in floats; on CPU that memory
 # traffic costs about as much as this many multiply-adds per element (measured on the dev box).
@@ -132,15 +139,50 @@ class Call:
         self.args, self.kwargs, self.output, self.extra, self.grad = args, kwargs, output, None, None
 
 
+#: Module type -> the rule that computes per-sample gradients of the parameters it owns directly.
+RULES: dict[type[nn.Module], type[Rule]] = {}
+
+
+def register_rule(*module_types: type[nn.Module]):
+    """Class decorator: ``cls`` computes per-sample gradients for modules of these exact types."""
+
+    def decorate(cls: type[Rule]) -> type[Rule]:
+        for module_type in module_types:
+            RULES[module_type] = cls
+        return cls
+
+    return decorate
+
+
+def rule_for(module: nn.Module) -> type[Rule]:
+    """The rule registered for ``module``'s exact type (a subclass may change the forward), if it
+    accepts this module, else the generic vmap rule."""
+    rule = RULES.get(type(module))
+    return rule if rule is not None and rule.accepts(module) else ModuleVmapRule
+
+
 class Rule(ABC):
     """How per-sample gradients of one module's parameters are rebuilt from its captured calls."""
 
     kind = "rule"
 
-    def __init__(self, module: nn.Module, params: dict[str, nn.Parameter]):
+    def __init__(self, module: nn.Module, params: dict[str, nn.Parameter], **options: Any):
         self.module = module
         self.params = params  # name -> parameter, the ones this rule covers
         self.calls: list[Call] = []
+
+    @classmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        """Whether this rule is exact for this instance of its module type."""
+        return True
+
+    def extra_hooks(self, capturing: Callable[[], bool]) -> list[Any]:
+        """Hook handles capturing more than the module's own call (removed with the clipper)."""
+        return []
+
+    def reset(self) -> None:
+        """Forget the captured calls (before each physical batch)."""
+        self.calls = []
 
     def output_tensors(self, call: Call) -> list[torch.Tensor]:
         out = call.output
@@ -154,10 +196,11 @@ class Rule(ABC):
         return None if call.grad is None or call.grad[0] is None else call.grad[0].to(dtype)
 
 
+@register_rule(nn.Linear)
 class LinearRule(Rule):
     kind = "linear"
 
-    def __init__(self, module, params, ghost: str):
+    def __init__(self, module, params, ghost: str = "auto", **options):
         super().__init__(module, params)
         self.ghost = ghost
 
@@ -185,14 +228,26 @@ class LinearRule(Rule):
         return out
 
 
+@register_rule(LoRALinear)
 class LoRARule(Rule):
     """``y = base(x) + (d(x) Aᵀ)(s B)ᵀ``: capture ``d(x)`` at the dropout module, ``b`` at the layer."""
 
     kind = "lora"
 
-    def __init__(self, module, params):
+    def __init__(self, module, params, **options):
         super().__init__(module, params)
         self.branch_inputs: list[torch.Tensor] = []
+
+    def extra_hooks(self, capturing):
+        def hook(module, args, output):
+            if capturing():
+                self.branch_inputs.append(output)
+
+        return [self.module.dropout.register_forward_hook(hook)]
+
+    def reset(self) -> None:
+        super().reset()
+        self.branch_inputs = []
 
     def contributions(self, dtype):
         layer = self.module
@@ -216,8 +271,13 @@ class LoRARule(Rule):
         return out
 
 
+@register_rule(nn.Embedding)
 class EmbeddingRule(Rule):
     kind = "embedding"
+
+    @classmethod
+    def accepts(cls, module) -> bool:
+        return not module.sparse and module.max_norm is None
 
     def contributions(self, dtype):
         (name,) = self.params
@@ -234,6 +294,7 @@ class EmbeddingRule(Rule):
         return {name: out}
 
 
+@register_rule(nn.LayerNorm)
 class LayerNormRule(Rule):
     kind = "layernorm"
 
@@ -313,8 +374,6 @@ class PerSampleClipper:
     """Clipped per-sample gradient sums of ``params`` (name -> parameter) of ``model``."""
 
     def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], *, ghost: str = "auto", check: bool = True):
-        from slimtune.methods.lora import LoRALinear
-
         self.model = model
         self.params = dict(params)
         self.capturing = False
@@ -327,25 +386,11 @@ class PerSampleClipper:
         covered: set[str] = set()
         for module in model.modules():
             own = {by_id[id(p)]: p for p in module.parameters(recurse=False) if id(p) in by_id}
-            if isinstance(module, LoRALinear):
-                lora = {n: p for n, p in self.params.items() if p is module.lora_A or p is module.lora_B}
-                if lora:
-                    rule = LoRARule(module, lora)
-                    self._add(rule)
-                    self._handles.append(module.dropout.register_forward_hook(self._branch_hook(rule)))
-                    covered |= set(lora)
-                own = {n: p for n, p in own.items() if n not in lora}
             if not own:
                 continue
-            if type(module) is nn.Linear:
-                rule = LinearRule(module, own, ghost)
-            elif type(module) is nn.Embedding and not module.sparse and module.max_norm is None:
-                rule = EmbeddingRule(module, own)
-            elif type(module) is nn.LayerNorm:
-                rule = LayerNormRule(module, own)
-            else:
-                rule = ModuleVmapRule(module, own)
+            rule = rule_for(module)(module, own, ghost=ghost)
             self._add(rule)
+            self._handles += rule.extra_hooks(lambda: self.capturing)
             covered |= set(own)
         # Tied parameters are found under every module that holds them; any left are the fallback's.
         self.fallback = {n: p for n, p in self.params.items() if n not in covered}
@@ -375,13 +420,6 @@ class PerSampleClipper:
 
         return hook
 
-    def _branch_hook(self, rule: LoRARule) -> Callable:
-        def hook(module, args, output):
-            if self.capturing:
-                rule.branch_inputs.append(output)
-
-        return hook
-
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -399,9 +437,7 @@ class PerSampleClipper:
         parameter, its contributions (each with ``sq_norms``/``weighted_sum``/``dense``)."""
         self.batch_size = batch_size
         for rule in self.rules:
-            rule.calls = []
-            if isinstance(rule, LoRARule):
-                rule.branch_inputs = []
+            rule.reset()
         self.capturing = True
         try:
             losses = forward()

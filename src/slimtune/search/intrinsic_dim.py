@@ -239,7 +239,7 @@ def measure_intrinsic_dims(
     """The measurement on any model: ``train_batches`` are the (same) batches of every run,
     ``score(model)`` evaluates (higher is better), ``head_parameters`` train in every run.
     The model is left as it was (head and submodules restored)."""
-    from slimtune.methods.base import replace_module
+    from slimtune.core.arch import replace_module
 
     if list(config.dims) != sorted(set(config.dims)) or config.dims[0] < 1:
         raise SlimtuneError(f"dims: {config.dims} must be strictly increasing positive integers")
@@ -317,12 +317,12 @@ def intrinsic_dim_search(recipe: Any, config: IntrinsicDimConfig | dict[str, Any
     Only the model, task, head and ``train.max_length`` of the recipe are used."""
     from accelerate.utils import set_seed
 
-    from slimtune.methods.base import Arch, find_targets, head_parameter_names
+    from slimtune.core.arch import Arch, find_targets, head_parameter_names
+    from slimtune.measure.evaluate import evaluate
     from slimtune.recipe import Recipe, load_recipe, validate_recipe
-    from slimtune.runner import resolve_objective
-    from slimtune.train.data import collate, eval_batches, tokenize_split
+    from slimtune.zoo.batches import collate, eval_batches, tokenize_split
     from slimtune.zoo.models import load_model, load_tokenizer
-    from slimtune.zoo.tasks import compute_metrics, load_task
+    from slimtune.zoo.tasks import load_task
 
     if isinstance(recipe, (str, Path)):
         recipe = load_recipe(recipe)
@@ -331,7 +331,7 @@ def intrinsic_dim_search(recipe: Any, config: IntrinsicDimConfig | dict[str, Any
     if not isinstance(recipe, Recipe):
         raise SlimtuneError("intrinsic_dim_search: give a Recipe, a recipe dict or a recipe path")
     config = config if isinstance(config, IntrinsicDimConfig) else IntrinsicDimConfig(**(config or {}))
-    objective = resolve_objective(recipe)
+    objective = recipe.objective
     if objective != "classification":
         raise SlimtuneError("intrinsic-dimension search scores classification accuracy; task.objective must be classification")
     set_seed(config.seed)
@@ -352,9 +352,7 @@ def intrinsic_dim_search(recipe: Any, config: IntrinsicDimConfig | dict[str, Any
     num_labels = len(task.label_names)
 
     def accuracy(m: nn.Module) -> float:
-        predictions = torch.cat([m(**{k: v for k, v in b.items() if k != "labels"}).logits.argmax(-1) for b in eval_batch_list])
-        labels = torch.cat([b["labels"] for b in eval_batch_list])
-        return compute_metrics(predictions.numpy(), labels.numpy(), num_labels)["accuracy"]
+        return evaluate(m, eval_batch_list, objective, num_labels)["accuracy"]
 
     arch = Arch.of(model, objective)
     patterns = config.candidates or arch.default_targets("attention_qkvo") + arch.default_targets("ffn")

@@ -118,7 +118,7 @@ def score(
 def _grasp(model, targets: Targets, batches, loss_fn, weights) -> dict[str, torch.Tensor]:
     """w ⊙ Hg with g the summed gradient and Hg summed over the same batches (a Hessian-vector
     product through a second backward)."""
-    from slimtune.measure.flops import eager_attention
+    from slimtune.zoo.hf_helpers import eager_attention
 
     g = _summed_gradients(model, targets, batches, loss_fn)
     # The CPU scaled-dot-product kernel has no double backward: run attention eagerly here.

@@ -215,9 +215,9 @@ def select_heads(model: nn.Module, scores: Scores, fraction: float, scope: str =
 
 
 def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
-    from slimtune.methods.lora import LoRALinear
-
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    # Modules that declare their update is exactly scaling * B @ A (slimtune.methods.lora.LoRALinear;
+    # DSEE's layer also has lora_A/lora_B but adds a sparse part): sparsity names no method.
+    layers = {name: m for name, m in model.named_modules() if getattr(m, "pure_low_rank_update", False)}
     if not layers:
         raise SlimtuneError("the model holds no LoRA layers")
     return layers

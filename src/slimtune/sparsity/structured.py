@@ -35,87 +35,15 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from slimtune.core.arch import LayerParts, layer_parts, model_family
 from slimtune.errors import SlimtuneError
 
 SHAPE_RECORD_FORMAT = "slimtune-shapes/1"
-
-BERT_LIKE = ("bert", "roberta", "xlm-roberta", "electra")
-MPNET_LIKE = ("mpnet",)
-LLAMA_LIKE = ("llama", "mistral", "qwen2")
-
-
-# --------------------------------------------------------------------------------------------
-# Where each family keeps its heads and neurons.
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LayerParts:
-    """Module paths (relative to the model) of one transformer layer's prunable parts."""
-
-    layer: str  # the layer module; kept indices are stored on it
-    attention: str  # the module that owns the head counts and computes attention
-    q: str
-    k: str
-    v: str
-    o: str
-    ffn_in: tuple[str, ...]  # rows = neurons
-    ffn_out: str  # columns = neurons
-
-
-def model_family(model: nn.Module) -> str:
-    model_type = getattr(model.config, "model_type", "unknown")
-    if model_type in BERT_LIKE:
-        return "bert"
-    if model_type in MPNET_LIKE:
-        return "mpnet"
-    if model_type in LLAMA_LIKE:
-        return "llama"
-    raise SlimtuneError(
-        f"model type '{model_type}': structured removal supports {', '.join(BERT_LIKE + MPNET_LIKE + LLAMA_LIKE)}"
-    )
-
-
-def _layers_path(model: nn.Module, family: str) -> str:
-    names = {id(m): n for n, m in model.named_modules()}
-    base = model.base_model
-    container = base.layers if family == "llama" else base.encoder.layer
-    return names[id(container)]
-
-
-def layer_parts(model: nn.Module) -> list[LayerParts]:
-    """The prunable parts of every layer, in order."""
-    family = model_family(model)
-    root = _layers_path(model, family)
-    count = len(model.get_submodule(root))
-    parts = []
-    for i in range(count):
-        p = f"{root}.{i}"
-        if family == "bert":
-            parts.append(LayerParts(
-                layer=p, attention=f"{p}.attention.self", q=f"{p}.attention.self.query", k=f"{p}.attention.self.key",
-                v=f"{p}.attention.self.value", o=f"{p}.attention.output.dense",
-                ffn_in=(f"{p}.intermediate.dense",), ffn_out=f"{p}.output.dense",
-            ))
-        elif family == "mpnet":
-            parts.append(LayerParts(
-                layer=p, attention=f"{p}.attention.attn", q=f"{p}.attention.attn.q", k=f"{p}.attention.attn.k",
-                v=f"{p}.attention.attn.v", o=f"{p}.attention.attn.o",
-                ffn_in=(f"{p}.intermediate.dense",), ffn_out=f"{p}.output.dense",
-            ))
-        else:
-            parts.append(LayerParts(
-                layer=p, attention=f"{p}.self_attn", q=f"{p}.self_attn.q_proj", k=f"{p}.self_attn.k_proj",
-                v=f"{p}.self_attn.v_proj", o=f"{p}.self_attn.o_proj",
-                ffn_in=(f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"), ffn_out=f"{p}.mlp.down_proj",
-            ))
-    return parts
 
 
 def head_dim_of(model: nn.Module) -> int:
@@ -439,22 +367,3 @@ def apply_shape_record(model: nn.Module, record: Mapping[str, Any], source: str 
         if sorted(want["kv_heads"]) != have["kv_heads"] and model_family(model) == "llama":
             raise SlimtuneError(f"{source}: layers[{i}].kv_heads {want['kv_heads']} do not match its heads {want['heads']}")
     return model
-
-
-# --------------------------------------------------------------------------------------------
-# Importance and selection live in slimtune.sparsity.importance; their names stay reachable here
-# (resolved lazily: importance imports this module).
-# --------------------------------------------------------------------------------------------
-
-_IMPORTANCE_NAMES = frozenset({
-    "CRITERIA", "SCOPES", "Scores", "unit_importance", "select_lowest", "select_heads",
-    "lora_rank_importance", "prune_lora_ranks",
-})
-
-
-def __getattr__(name: str):
-    if name in _IMPORTANCE_NAMES:
-        from slimtune.sparsity import importance
-
-        return getattr(importance, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

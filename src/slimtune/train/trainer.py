@@ -1,6 +1,6 @@
 """One training loop for every method: classification (cross-entropy on the task head) or causal
 LM (next-token loss on the task's texts), on ``accelerate`` for process setup, with hooks for
-everything else (see :mod:`slimtune.train.hooks`). It knows no method by name: it trains what
+everything else (see :mod:`slimtune.core.hooks`). It knows no method by name: it trains what
 the :class:`~slimtune.methods.delta.Delta` says is trainable.
 
 Numerical faults: a NaN/inf loss or gradient (checked after the gradient hooks and all-reduce,
@@ -17,9 +17,8 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
@@ -28,13 +27,16 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from slimtune.errors import SlimtuneError
+from slimtune.measure.evaluate import evaluate
 from slimtune.methods.delta import Delta
-from slimtune.recipe import Recipe
 from slimtune.train import checkpoint as ckpt
-from slimtune.train.data import BatchPlan, collate, eval_batches, tokenize_split
-from slimtune.train.hooks import Hook
+from slimtune.zoo.batches import BatchPlan, eval_batches, fixed_length_batch, pad_id_of, rows_batch, split_rows
+from slimtune.core.hooks import Hook
 from slimtune.zoo.images import ImageRows, is_image_task
-from slimtune.zoo.tasks import TaskData, compute_metrics
+from slimtune.zoo.tasks import TaskData
+
+if TYPE_CHECKING:
+    from slimtune.recipe import Recipe
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight", "layernorm")
 
@@ -101,20 +103,11 @@ class Trainer:
         self.base_fingerprint: dict[str, str] | None = None
         self.result = TrainResult()
 
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.pad_id = pad_id
-        if is_image_task(task):
-            # Images: the processor turns each split into one pixel tensor once (ImageRows).
-            if objective != "classification":
-                raise SlimtuneError(f"task.objective: image tasks are classification, not '{objective}'")
-            self.rows = {name: tokenizer.encode_split(task.splits[name]) for name in ("train", "validation", "test")}
-        else:
-            self.splits = {
-                name: tokenize_split(task.splits[name], tokenizer, self.cfg.max_length, objective)
-                for name in ("train", "validation", "test")
-            }
-            # Tokenised examples as plain lists, per split: batches are built from these by index.
-            self.rows = {name: split.to_list() for name, split in self.splits.items()}
+        self.pad_id = pad_id_of(tokenizer)
+        if is_image_task(task) and objective != "classification":
+            raise SlimtuneError(f"task.objective: image tasks are classification, not '{objective}'")
+        # Per split: tokenised examples (or one pixel tensor for images); batches are built by index.
+        self.rows = {name: split_rows(task, tokenizer, name, self.cfg.max_length, objective) for name in ("train", "validation", "test")}
         self.plan = BatchPlan(len(self.rows["train"]), self.cfg.batch_size, self.cfg.seed, self.rank, self.world_size)
         self.total_steps = self.cfg.max_steps or max(1, math.ceil(self.cfg.epochs * self.plan.batches_per_epoch))
         self.trainable = delta.trainable_parameters(model)
@@ -154,10 +147,7 @@ class Trainer:
         )
 
     def batch(self, split: str, indices: list[int]) -> dict[str, torch.Tensor]:
-        rows = self.rows[split]
-        if isinstance(rows, ImageRows):
-            return rows.batch(indices)
-        return collate([rows[i] for i in indices], self.pad_id, self.objective)
+        return rows_batch(self.rows[split], indices, self.pad_id, self.objective)
 
     def autocast(self):
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
@@ -193,7 +183,7 @@ class Trainer:
         self.step_skipped = fault is not None
         if fault is not None:
             return self._handle_nonfinite(fault, loss_value)
-        if self.cfg.max_grad_norm is not None and not any(getattr(h, "clips_gradients", False) for h in self.hooks):
+        if self.cfg.max_grad_norm is not None and not any(h.clips_gradients for h in self.hooks):
             torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), self.cfg.max_grad_norm)
         for hook in self.hooks:
             hook.on_before_optimizer_step(self)
@@ -320,34 +310,25 @@ class Trainer:
 
         return TrainingMemoryMeter()
 
+    # -- inference inputs and their cost (the report card and hooks measure through these) -----
+    def inference_batch(self, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
+        """A batch of real test examples (training ones when there is no test split), truncated or
+        padded to exactly ``seq_len`` tokens; no labels."""
+        rows = self.rows["test"] or self.rows["train"]
+        if isinstance(rows, ImageRows):  # no sequence length to pad to
+            return rows.batch([i % len(rows) for i in range(batch_size)], with_labels=False)
+        return fixed_length_batch(rows, self.pad_id, batch_size, seq_len)
+
+    def flops_per_example(self, batch: dict[str, torch.Tensor]) -> int:
+        """Forward FLOPs per example of the model as it is now (:mod:`slimtune.measure.flops`)."""
+        from slimtune.measure.flops import flops_per_example
+
+        return flops_per_example(self.model, batch)
+
     # -- evaluation ---------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, split: str = "test") -> dict[str, float]:
-        was_training = self.model.training
-        self.model.eval()
-        rows = self.rows[split]
-        predictions, labels, loss_sum, token_count = [], [], 0.0, 0
-        for indices in eval_batches(len(rows), self.cfg.eval_batch_size, self.rank, self.world_size):
-            batch = self.batch(split, indices)
-            with self.autocast():
-                out = self.model(**batch)
-            if self.objective == "classification":
-                predictions.append(out.logits.float().argmax(-1))
-                labels.append(batch["labels"])
-            else:
-                n_tokens = int((batch["labels"][:, 1:] != -100).sum())
-                loss_sum += float(out.loss) * n_tokens
-                token_count += n_tokens
-        self.model.train(was_training)
-        if self.objective == "classification":
-            preds = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
-            golds = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
-            preds, golds = self._gather(preds), self._gather(golds)
-            metrics = compute_metrics(preds.numpy(), golds.numpy(), len(self.task.label_names))
-        else:
-            totals = self._gather(torch.tensor([loss_sum, float(token_count)], dtype=torch.float64)).view(-1, 2).sum(0)
-            mean_loss = float(totals[0] / max(totals[1], 1))
-            metrics = {"loss": mean_loss, "perplexity": float(np.exp(mean_loss))}
+        batches = (self.batch(split, indices) for indices in eval_batches(len(self.rows[split]), self.cfg.eval_batch_size, self.rank, self.world_size))
+        metrics = evaluate(self.model, batches, self.objective, len(self.task.label_names), gather=self._gather, autocast=self.autocast)
         for hook in self.hooks:
             hook.on_evaluate(self, split, metrics)
         return metrics

@@ -11,12 +11,13 @@ import torch
 from torch import nn
 
 from slimtune.errors import SlimtuneError
-from slimtune.methods.base import Arch, Method, register
+from slimtune.methods.base import Method, register
+from slimtune.core.arch import Arch
 from slimtune.methods.ladder.cache import HiddenStateCache
 from slimtune.methods.ladder.config import LadderConfig
 from slimtune.methods.ladder.families import FAMILIES, Family
 from slimtune.methods.ladder.side_network import SIDE_ATTRIBUTE, ForwardPass, LadderSideNetwork
-from slimtune.train.hooks import Hook
+from slimtune.core.hooks import Hook
 
 
 @register

@@ -96,3 +96,50 @@ def eval_batches(num_examples: int, batch_size: int, rank: int = 0, world_size: 
     shard = list(range(rank, num_examples, world_size))
     for start in range(0, len(shard), batch_size):
         yield shard[start : start + batch_size]
+
+
+def fixed_length_batch(rows: list[dict], pad_id: int, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """Real examples (cycled), truncated or padded to exactly ``seq_len`` tokens, without labels:
+    the inputs of FLOP and latency measurements."""
+    chosen = [rows[i % len(rows)] for i in range(batch_size)]
+    batch: dict[str, torch.Tensor] = {}
+    for key in chosen[0]:
+        if key == "labels":
+            continue
+        fill = pad_id if key == "input_ids" else 0
+        batch[key] = torch.tensor([(r[key] + [fill] * seq_len)[:seq_len] for r in chosen], dtype=torch.long)
+    return batch
+
+
+def pad_id_of(tokenizer) -> int:
+    return tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
+
+
+def split_rows(task, tokenizer, split: str, max_length: int, objective: str):
+    """One split as model-ready rows: tokenised examples (a list of dicts) for a text task; for an
+    image task the processor's pixel tensor (``ImageRows``). Batches are built by index."""
+    from slimtune.zoo.images import is_image_task
+
+    if is_image_task(task):
+        return tokenizer.encode_split(task.splits[split])
+    return tokenize_split(task.splits[split], tokenizer, max_length, objective).to_list()
+
+
+def rows_batch(rows, indices: list[int], pad_id: int, objective: str) -> dict[str, torch.Tensor]:
+    """The labelled batch of ``rows[indices]`` (text rows padded to the longest, or images)."""
+    from slimtune.zoo.image_processing import ImageRows
+
+    if isinstance(rows, ImageRows):
+        return rows.batch(indices)
+    return collate([rows[i] for i in indices], pad_id, objective)
+
+
+def shuffled_batches(rows: list[dict], pad_id: int, objective: str, batch_size: int, count: int, seed: int) -> list[dict]:
+    """``count`` seeded, shuffled training batches (with labels), e.g. for importance scores."""
+    import random
+
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    return [collate([rows[i] for i in order[s:s + batch_size]], pad_id, objective)
+            for s in range(0, min(len(order), count * batch_size), batch_size)]
+

@@ -1,184 +1,20 @@
-"""DSEE (Chen et al., ACL 2023, "Dually Sparsity-embedded Efficient Tuning"): sparsity in the
-update and in the final weights.
-
-Stage 1 — the update of each target linear (query and value by default) is low-rank plus
-sparse, ``ΔW = (alpha / r) (B A + S)``, with ``S`` non-zero only on ``num_sparse`` (N) fixed
-positions per matrix. The positions come from the pre-trained weight itself:
-
-* ``decomposition`` (default): a low-rank + sparse decomposition ``W ≈ L + S`` of rank
-  ``decomposition_rank`` and cardinality N (GoDec: alternate the best rank-r approximation of
-  ``W - S`` by SVD and the N largest entries of ``W - L``); S's support is kept. The official
-  code runs a GreBsmo-style variant (rank grown one at a time with QR sketches, residual
-  hard-thresholded at an absolute 0.01); on BERT-scale weights (std ~0.04) that threshold keeps
-  most of the residual and the alternation does not separate L from S, so the top-N pick is
-  made here with the cardinality form, which does (tested on a synthetic low-rank + sparse
-  matrix). Exact SVD is cheaper than sketches at these widths (< 0.5 s per 384 x 384 matrix);
-* ``magnitude``: the N entries of largest |W| (the official "omp"); ``random``: N random
-  positions (the official "rp").
-
-Defaults from the official code and README: r = 16, N = 64, alpha = 32 (their ``lora_alpha``
-default, which scales the sparse part too), decomposition rank 100 and 10 iterations. A is Kaiming-uniform and B and S start at zero (the pre-trained function at step 0; the
-official code draws them from the model's own initialiser instead).
-
-Stage 2 (``prune``), after a fraction ``prune_at`` of the training steps: merge ``W + ΔW`` into
-the weights, prune them, and re-tune a fresh low-rank + sparse update on the pruned model for the
-remaining steps (S's support again from the merged weight):
-
-* ``unstructured``: global L1 pruning of all backbone linear weights at ``prune_ratio`` (fraction
-  removed; the official ``pruning_ratio``), as masks (:mod:`slimtune.sparsity.masks`); the
-  re-tuned update is masked too, so the merged final weights keep the zeros. Masked zeros are
-  still dense computation: FLOPs do not drop;
-* ``heads``: in each layer, the ``heads_per_layer`` attention heads whose stage-1 update
-  (rows of ``B A + S`` in Q and V) has the smallest L1 magnitude are removed physically
-  (:func:`slimtune.sparsity.structured.remove_heads`), so FLOPs and latency drop for real
-  (grouped-query attention: whole KV groups, ``heads_per_layer`` rounded to whole groups).
-
-Stage 2 lives in :mod:`slimtune.methods.dsee_stage2`. It changes the model mid-run, so DSEE with
-``prune`` runs alone (no other method), without a sparsity section and without DP-SGD (see
-``restructuring_reason``).
-
-Extensions of the structured stage 2 (off by default; the defaults are the paper's rule). In a
-BERT layer the heads are only about a third of the FLOPs (Q/K/V/O and attention; the FFN is the
-rest), so a large FLOP saving from heads alone removes nearly all of them:
-
-* ``ffn_fraction``: also remove that fraction of each layer's FFN neurons physically
-  (:func:`slimtune.sparsity.structured.remove_ffn_neurons`), ranked by ``ffn_score``;
-* ``head_score`` / ``ffn_score``: rank units on the merged stage-1 model by
-  :func:`slimtune.sparsity.structured.unit_importance` — ``taylor`` (|dL/dgate|, Michel et al.
-  2019), ``fisher`` ((dL/dgate)^2, Kwon et al. 2022), both on ``score_batches`` seeded training
-  batches, or ``magnitude`` (weight norms) — instead of the paper's ``update`` rule for heads.
-
-The saved delta holds the stage-1 update, the removed heads (and neurons) and the stage-2
-update; loading it onto the pre-trained base replays the stage-2 transformation exactly (the
-unstructured mask is a deterministic function of the merged weights; the structured removal is
-stored, so data scores are not recomputed). A checkpoint written after stage 2 holds the same
-tensors among its non-trainable delta state: a resume replays stage 2 from them before it copies
-the stage-2 parameters and optimizer state.
-"""
+"""The DSEE method: its fields and the registered class (see :mod:`slimtune.methods.dsee`)."""
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
 from slimtune.errors import SlimtuneError
-from slimtune.methods.base import Arch, MethodConfig, find_targets, register, replace_module
-from slimtune.methods.linear_update import LinearUpdate, LinearUpdateMethod
-from slimtune.sparsity.masks import clean_name, dense_tensor, get_mask
-
-# --------------------------------------------------------------------------------------------
-# The decomposition that picks S's support.
-# --------------------------------------------------------------------------------------------
-
-
-def godec(W: torch.Tensor, rank: int, cardinality: int, iterations: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
-    """Low-rank + sparse decomposition ``W ≈ L + S`` (GoDec, Zhou & Tao 2011): alternate
-    ``L = best rank-r approximation of (W - S)`` and ``S = the `cardinality` largest entries of
-    W - L`` (the rest zero)."""
-    W = W.detach().float()
-    S = torch.zeros_like(W)
-    L = torch.zeros_like(W)
-    rank = min(rank, min(W.shape))
-    for _ in range(iterations):
-        U, sigma, Vh = torch.linalg.svd(W - S, full_matrices=False)
-        L = (U[:, :rank] * sigma[:rank]) @ Vh[:rank]
-        residual = (W - L).flatten()
-        S = torch.zeros_like(residual)
-        if cardinality > 0:
-            top = torch.topk(residual.abs(), min(cardinality, residual.numel())).indices
-            S[top] = residual[top]
-        S = S.view_as(W)
-    return L, S
-
-
-def sparse_support(W: torch.Tensor, n: int, how: str, *, rank: int = 100, iterations: int = 10, seed: int = 0) -> torch.Tensor:
-    """Flat positions (sorted) of S's ``n`` non-zeros for weight ``W``."""
-    n = min(n, W.numel())
-    if how == "decomposition":
-        _, S = godec(W, rank, n, iterations)
-        scores = S.abs() + (S != 0)  # the support of S first, by |S|
-    elif how == "magnitude":
-        scores = W.detach().float().abs()
-    elif how == "random":
-        scores = torch.rand(W.shape, generator=torch.Generator().manual_seed(seed))
-    else:
-        raise SlimtuneError(f"method.sparse_init: '{how}' is not a support rule; valid: decomposition, magnitude, random")
-    return torch.sort(torch.topk(scores.flatten(), n).indices).values
-
-
-# --------------------------------------------------------------------------------------------
-# The layer.
-# --------------------------------------------------------------------------------------------
-
-
-class DSEELinear(LinearUpdate):
-    """``base(x) + (alpha/r) (x Aᵀ Bᵀ + x Sᵀ)``; S lives as ``sparse_values`` on the fixed flat
-    positions ``sparse_indices``. When the base weight is masked (unstructured stage 2) the
-    update is masked alike, so the final weight ``mask ⊙ (W + ΔW)`` stays sparse."""
-
-    def __init__(self, base: nn.Linear, r: int, alpha: float, indices: torch.Tensor, dropout: float = 0.0):
-        super().__init__(base)
-        self.r = r
-        self.scaling = alpha / r
-        dtype = base.weight.dtype
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=dtype))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.sparse_values = nn.Parameter(torch.zeros(indices.numel(), dtype=dtype))
-        self.register_buffer("sparse_indices", indices.to(torch.int64).clone())
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-    def sparse_matrix(self) -> torch.Tensor:
-        out, inp = self.base.out_features, self.base.in_features
-        flat = self.sparse_values.new_zeros(out * inp).index_add(0, self.sparse_indices, self.sparse_values)
-        return flat.view(out, inp)
-
-    def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B @ self.lora_A + self.sparse_matrix()) * self.scaling
-
-    def update(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(x)
-        low_rank = F.linear(F.linear(x, self.lora_A), self.lora_B * self.scaling)
-        return low_rank + F.linear(x, self.sparse_matrix() * self.scaling)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        if self.merged_from is not None:
-            return out
-        mask = get_mask(self.base, "weight")
-        if mask is not None:
-            return out + F.linear(self.dropout(x), self.delta_weight() * mask.kept.to(out.dtype))
-        return out + self.update(x)
-
-    # A masked base weight is read through its parametrisation: merge into the dense tensor.
-    def merge(self, keep_original: bool = True) -> None:
-        if self.merged_from is not None:
-            return
-        weight = dense_tensor(self.base, "weight")
-        with torch.no_grad():
-            original = weight.detach().clone() if keep_original else torch.empty(0)
-            weight.add_(self.delta_weight().to(weight.dtype))
-        self.merged_from = original
-
-    def unmerge(self) -> None:
-        if self.merged_from is None:
-            return
-        weight = dense_tensor(self.base, "weight")
-        with torch.no_grad():
-            if self.merged_from.numel():
-                weight.copy_(self.merged_from)
-            else:
-                weight.sub_(self.delta_weight().to(weight.dtype))
-        self.merged_from = None
-
-    def extra_repr(self) -> str:
-        return f"r={self.r}, sparse={self.sparse_indices.numel()}, scaling={self.scaling:g}"
-
+from slimtune.methods.base import MethodConfig, register
+from slimtune.core.arch import Arch, find_targets, replace_module
+from slimtune.methods.linear_update import LinearUpdateMethod
+from slimtune.sparsity.masks import clean_name, dense_tensor
+from slimtune.methods.dsee.layer import HEADS_KEY, NEURONS_KEY, STAGE1, DSEELinear, sparse_support
+from slimtune.methods.dsee.stage2 import DSEEPruneHook, run_stage2
 
 # --------------------------------------------------------------------------------------------
 # The method.
@@ -221,11 +57,6 @@ class DSEEConfig(MethodConfig):
         if self.prune == "heads" and self.heads_per_layer == 0 and self.ffn_fraction == 0:
             raise ValueError("prune: heads with heads_per_layer 0 and ffn_fraction 0 would remove nothing; set one of them")
         return self
-
-
-STAGE1 = "dsee_stage1."
-HEADS_KEY = "dsee_removed_heads.layer"
-NEURONS_KEY = "dsee_removed_neurons.layer"
 
 
 @register
@@ -285,8 +116,6 @@ class DSEE(LinearUpdateMethod):
         return f"its stage 2, prune: {self.config.prune}" if self.config.prune != "none" else None
 
     def hooks(self) -> list[Any]:
-        from slimtune.methods.dsee_stage2 import DSEEPruneHook
-
         return [DSEEPruneHook(self)] if self.config.prune != "none" else []
 
     # -- state --------------------------------------------------------------------------------
@@ -315,8 +144,6 @@ class DSEE(LinearUpdateMethod):
         self._load_layers(model, stage1)
         heads, neurons = ({int(k.rpartition(".")[2]): v.tolist() for k, v in state.items() if k.startswith(key + ".")}
                           for key in (HEADS_KEY, NEURONS_KEY))
-        from slimtune.methods.dsee_stage2 import run_stage2  # imports this module
-
         run_stage2(self, model, heads=heads, neurons=neurons, replay=True)
 
     def _load_layers(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:

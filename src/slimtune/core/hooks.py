@@ -10,7 +10,13 @@ The loop calls, per optimizer step::
 
 and ``on_train_begin``, ``on_epoch_end``, ``on_evaluate``, ``on_train_end`` around it. A hook may
 stop training by returning a reason from ``stop_reason``; its ``state_dict`` is checkpointed and
-its ``report`` is merged into ``report.json``.
+its ``report`` is merged into ``report.json`` under its ``name``.
+
+Optional capabilities are declared on the class, never sniffed: ``clips_gradients`` (the hook
+clips per-sample gradients itself, so the trainer's global-norm clipping is off) and
+``report_rows`` (its lines on the printed report card, read from its saved ``report.json``
+section, so a report prints the same from disk). Every subclass with its own ``name`` is listed
+in :data:`HOOK_CLASSES`, which the report card reads; it names no hook.
 
 A step whose loss or gradients are NaN/inf is skipped under ``train.on_nonfinite: skip``: then
 ``on_before_optimizer_step`` is not called, and ``trainer.step_skipped`` is True in ``on_step_end``
@@ -19,7 +25,7 @@ A step whose loss or gradients are NaN/inf is skipped under ``train.on_nonfinite
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     import torch
@@ -27,11 +33,22 @@ if TYPE_CHECKING:
     from slimtune.train.trainer import Trainer
 
 
+#: Hook classes by ``name`` (their section key in report.json): filled by subclassing.
+HOOK_CLASSES: dict[str, type[Hook]] = {}
+
+
 class Hook:
     """Override the events you need; the defaults do nothing."""
 
     #: Key of this hook's state in checkpoints and of its section in report.json.
-    name: str = "hook"
+    name: ClassVar[str] = "hook"
+    #: The hook clips (and noises) gradients itself: the trainer must not clip them again.
+    clips_gradients: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            HOOK_CLASSES[cls.name] = cls
 
     def on_train_begin(self, trainer: Trainer) -> None: ...
 
@@ -74,3 +91,9 @@ class Hook:
 
     def report(self) -> dict[str, Any]:
         return {}
+
+    @staticmethod
+    def report_rows(section: dict[str, Any]) -> list[tuple[str, str]]:
+        """(label, value) lines for the printed report card, from this hook's ``report()`` as
+        saved in report.json; default none."""
+        return []

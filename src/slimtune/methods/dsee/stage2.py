@@ -3,8 +3,8 @@ prune them (unstructured masks, or attention heads and FFN neurons removed physi
 fresh update for the re-tune; the unit rankings; and the trainer hook that runs it at
 ``prune_at`` of training (and replays it when a run resumes from a post-prune checkpoint).
 
-Units are chosen with :func:`slimtune.sparsity.structured.select_heads` /
-:func:`~slimtune.sparsity.structured.select_lowest`, so grouped-query attention (Llama) removes
+Units are chosen with :func:`slimtune.sparsity.importance.select_heads` /
+:func:`~slimtune.sparsity.importance.select_lowest`, so grouped-query attention (Llama) removes
 whole KV groups: there ``heads_per_layer`` counts query heads and is rounded to whole groups.
 """
 
@@ -16,22 +16,15 @@ import torch
 from torch import nn
 
 from slimtune.errors import SlimtuneError
-from slimtune.methods.base import replace_module
+from slimtune.core.arch import replace_module
 from slimtune.sparsity.masks import apply_mask, kept_from_scores
-from slimtune.sparsity.structured import (
-    Scores,
-    head_dim_of,
-    layer_parts,
-    remove_ffn_neurons,
-    remove_heads,
-    select_heads,
-    select_lowest,
-    unit_importance,
-)
-from slimtune.train.hooks import Hook
+from slimtune.sparsity.structured import head_dim_of, layer_parts, remove_ffn_neurons, remove_heads
+from slimtune.sparsity.importance import Scores, select_heads, select_lowest, unit_importance
+from slimtune.core.hooks import Hook
+from slimtune.methods.dsee.layer import STAGE1, DSEELinear
 
 if TYPE_CHECKING:
-    from slimtune.methods.dsee import DSEE
+    from slimtune.methods.dsee.method import DSEE
 
 # --------------------------------------------------------------------------------------------
 # Rankings.
@@ -41,8 +34,6 @@ if TYPE_CHECKING:
 def head_update_scores(model: nn.Module) -> Scores:
     """The paper's rule. Per layer: L1 magnitude of each head's rows of the update (B A + S) in
     the wrapped query and value projections."""
-    from slimtune.methods.dsee import DSEELinear
-
     head_dim = head_dim_of(model)
     scores: Scores = {}
     for index, layer in enumerate(layer_parts(model)):
@@ -67,7 +58,7 @@ def lowest_heads(model: nn.Module, scores: Scores, per_layer: int, scope: str) -
 
 def score_merged(method: DSEE, model: nn.Module, heads: dict[int, list[int]] | None, batches) -> tuple[dict, dict]:
     """Heads (unless the update rule chose them already) and FFN neurons to remove, scored on
-    the merged stage-1 model by :func:`slimtune.sparsity.structured.unit_importance`."""
+    the merged stage-1 model by :func:`slimtune.sparsity.importance.unit_importance`."""
     c = method.config
     wanted = {crit for crit, used in ((c.head_score, heads is None and c.heads_per_layer > 0),
                                       (c.ffn_score, c.ffn_fraction > 0)) if used}
@@ -91,7 +82,7 @@ def score_merged(method: DSEE, model: nn.Module, heads: dict[int, list[int]] | N
 
 def backbone_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """The backbone's linear layers (the task head excluded), by module name."""
-    from slimtune.methods.base import HEAD_MODULE_NAMES
+    from slimtune.core.arch import HEAD_MODULE_NAMES
 
     return {
         n: m for n, m in model.named_modules()
@@ -116,8 +107,6 @@ def run_stage2(
 
     ``replay``: apply the given ``heads``/``neurons`` (a saved delta's) instead of scoring;
     ``batches``: training batches for the taylor/fisher scores."""
-    from slimtune.methods.dsee import STAGE1
-
     if method.stage != 1:
         raise SlimtuneError("dsee: stage 2 has already run")
     c = method.config
@@ -182,21 +171,18 @@ class DSEEPruneHook(Hook):
     def on_step_end(self, trainer) -> None:
         if trainer.step != self.at or self.method.stage != 1:
             return
-        from slimtune.measure.flops import flops_per_example
-
         model = trainer.model
         was_training = model.training
         model.eval()
-        from slimtune.measure.report import inference_inputs
-
-        one = inference_inputs(trainer, 1, trainer.cfg.max_length)
+        # The trainer counts (a method does not import the measuring code).
+        one = trainer.inference_batch(1, trainer.cfg.max_length)
         self.method.merge(model)
-        flops_before = flops_per_example(model, one)
+        flops_before = trainer.flops_per_example(one)
         self.method.unmerge(model)
         batches = self._batches(trainer) if self.method.config.scored_on_data else None
         self.info.update(run_stage2(self.method, model, batches=batches))
         self.method.merge(model)
-        flops_after = flops_per_example(model, one)
+        flops_after = trainer.flops_per_example(one)
         self.method.unmerge(model)
         model.train(was_training)
         self.info.update({
@@ -216,6 +202,12 @@ class DSEEPruneHook(Hook):
         size = trainer.cfg.batch_size
         chunks = [order[b * size:(b + 1) * size] for b in range(self.method.config.score_batches)]
         return [trainer.batch("train", chunk) for chunk in chunks if chunk]
+
+    @staticmethod
+    def report_rows(section: dict[str, Any]) -> list[tuple[str, str]]:
+        if "flops_saved" not in section:
+            return []
+        return [("DSEE stage 2", f"FLOPs saved {section['flops_saved']:.1%}, final weight density {section.get('final_weight_density') or 1.0:.3f}")]
 
     def report(self) -> dict[str, Any]:
         from slimtune.sparsity.schedules import sparsity_report

@@ -1,0 +1,99 @@
+"""The feature protocol: recipe sections beyond model/task/method/head/train/measure.
+
+A *feature* (``privacy``, ``sparsity``, ``compress``, and the sections to come) is a validated
+recipe section class that declares what it may do to a run; the runner calls these in this
+order and names no feature:
+
+1. ``adjust_methods(specs, model)``: rewrite the method specs before the delta is built
+   (e.g. Large-Sparse widens an adapter); default: unchanged.
+2. ``build_hook(recipe=, model=, delta=, task=)``: the trainer hook that does the work, or None.
+   Refusals of incompatible combinations happen here, as one-line ``SlimtuneError``s.
+   ``refuses_restructuring`` (a reason, or None) refuses every method that restructures the
+   model mid-run (``Method.restructuring_reason``), with one shared message.
+3. The hook's ``report()`` becomes the report section of the same name, and the hook class's
+   ``report_rows`` its lines on the report card (:mod:`slimtune.core.hooks`).
+
+Registration is one decorator line, ``@register_feature`` on the class (whose ``section`` is
+the recipe key), in one module of :mod:`slimtune.features`; features are discovered the way
+methods are, by importing every module of that package (:func:`load_plugins`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from slimtune.errors import SlimtuneError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from slimtune.core.hooks import Hook
+
+
+class Section(BaseModel):
+    """A validated block of recipe fields: unknown fields are errors."""
+
+    # inf/nan are never meaningful recipe values (epochs: .inf would train forever).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class Feature(Section):
+    """A recipe section that plugs into a run (see the module docstring)."""
+
+    #: The recipe key of this section.
+    section: ClassVar[str]
+    #: Why this feature cannot follow a model restructured mid-run (DSEE's stage 2), or None.
+    refuses_restructuring: ClassVar[str | None] = None
+
+    def adjust_methods(self, specs: list[Any], model: nn.Module) -> list[Any]:
+        return specs
+
+    def build_hook(self, *, recipe: Any, model: nn.Module, delta: Any, task: Any) -> Hook | None:
+        return None
+
+    def check_methods(self, delta: Any) -> None:
+        """Refuse the delta's methods this feature cannot work with (one line); called before
+        ``build_hook``."""
+        if self.refuses_restructuring is None:
+            return
+        for method in delta.methods:
+            if reason := method.restructuring_reason:
+                raise SlimtuneError(
+                    f"{self.section}: method '{method.name}' restructures the model during training ({reason}), "
+                    f"which {self.refuses_restructuring}"
+                )
+
+
+#: Feature classes by recipe section name.
+FEATURES: dict[str, type[Feature]] = {}
+
+
+def register_feature(cls: type[Feature]) -> type[Feature]:
+    """Class decorator: make ``cls.section`` a valid recipe section validated by ``cls``."""
+    if cls.section in FEATURES and FEATURES[cls.section] is not cls:
+        raise ValueError(f"recipe section '{cls.section}' registered twice")
+    FEATURES[cls.section] = cls
+    return cls
+
+
+def _import_all(package_name: str) -> None:
+    package = importlib.import_module(package_name)
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{package_name}.{info.name}")
+
+
+def all_features() -> dict[str, type[Feature]]:
+    """Every feature, after importing each module of :mod:`slimtune.features` once."""
+    _import_all("slimtune.features")
+    return dict(FEATURES)
+
+
+def load_plugins() -> None:
+    """Import every method and feature module (each registers itself and its hooks)."""
+    _import_all("slimtune.methods")
+    _import_all("slimtune.features")
