@@ -75,7 +75,8 @@ examples:
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-        help="override a recipe field (repeatable), e.g. --set train.lr=5e-4 --set method.r=16",
+        help="override a recipe field (repeatable), e.g. --set train.lr=5e-4 --set method.r=16; "
+        "model=NAME, task=NAME and method=NAME replace the whole section (task.name=NAME keeps the other task fields)",
     )
     parser.add_argument("--out", type=Path, help="run directory to create (default: runs/<method>-<task>-<time>)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
