@@ -29,6 +29,7 @@ from transformers import get_scheduler
 
 from slimtune.errors import SlimtuneError
 from slimtune.methods.delta import Delta
+from slimtune.progress import progress as progress_bar
 from slimtune.recipe import Recipe
 from slimtune.train import checkpoint as ckpt
 from slimtune.train.data import BatchPlan, collate, eval_batches, tokenize_split
@@ -257,7 +258,7 @@ class Trainer:
         for hook in self.hooks:
             hook.on_train_begin(self)
         memory_meter = self._memory_meter()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {self.delta.label}", disable=not self.progress, unit="step", dynamic_ncols=True)
+        bar = progress_bar(total=self.total_steps, initial=self.step, desc=f"train {self.delta.label}", disable=not self.progress, unit="step")
         started = time.perf_counter()
         # Memory is measured on this process's second step (after one-off allocations), also when resumed.
         measured_step = min(self.step + 1, self.total_steps - 1)
