@@ -87,3 +87,17 @@ def test_training_into_a_pipe_logs_lines_not_redraws(tiny_recipe, tmp_path):
     assert 3 <= len(lines) <= 40 / 2 + 2, result.stderr  # about 20 lines a loop: every 2 steps here
     assert lines[0].startswith("train lora: 0/40 steps") and lines[-1].startswith("train lora: 40/40 steps (100%)  loss ")
     assert all(" step/s" in line or " s/step" in line for line in lines[1:])
+
+
+def test_bench_in_a_log_writes_a_line_per_cell(tmp_path, tiny_recipe, capsys):
+    from slimtune.bench import load_suite, run_suite
+
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump({"name": "tiny", "recipe": tiny_recipe, "grid": {"method": ["no-such-a", "no-such-b", "no-such-c"]}}))
+    rows = run_suite(load_suite(path), tmp_path / "bench", progress=True, report=False)
+    assert [r["status"] for r in rows] == ["failed"] * 3
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith("bench tiny:")]
+    assert "\r" not in captured.err and len(lines) == 4
+    assert lines[-1].startswith("bench tiny: 3/3 cells (100%)  ok 0  failed 3  skipped 0")
+    assert captured.out.count(": FAILED: ") == 3
