@@ -1,5 +1,7 @@
 """The command line: help that one can work from, listings, and one-line errors with exit 2."""
 
+import json
+import re
 import subprocess
 import sys
 
@@ -32,6 +34,68 @@ def test_list(what, expected, capsys):
     out = capsys.readouterr().out
     for word in expected:
         assert word in out
+
+
+def test_list_in_a_pipe_is_plain_and_never_truncated():
+    from slimtune.zoo.models import MODELS
+
+    methods = run_cli("list", "methods")
+    assert methods.returncode == 0, methods.stderr
+    assert "…" not in methods.stdout and "┃" not in methods.stdout
+    assert re.search(r"^  reduction_factor +32 +float +bottleneck width = hidden // reduction_factor", methods.stdout, re.M)
+    assert re.search(r"^lora: low-rank update .*\[Hu et al. 2021", methods.stdout, re.M)
+    models = run_cli("list", "models")
+    assert "…" not in models.stdout and all(spec.description in models.stdout for spec in MODELS.values())
+    tasks = run_cli("list", "tasks")
+    assert "…" not in tasks.stdout and re.search(r"^reuters-r8 +8 +accuracy +(yes|no) +Reuters-21578", tasks.stdout, re.M)
+
+
+def test_list_on_a_terminal_is_a_table_that_folds_instead_of_cutting():
+    import io
+
+    from slimtune.listing import print_listing
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Terminal()
+    print_listing("methods", file=out)
+    assert "┃" in out.getvalue() and "…" not in out.getvalue()
+
+
+def test_list_json_is_machine_readable():
+    from slimtune.methods.base import all_methods
+    from slimtune.zoo.images import IMAGE_TASKS
+    from slimtune.zoo.models import MODELS
+    from slimtune.zoo.tasks import TASKS
+
+    methods = json.loads(run_cli("list", "methods", "--json").stdout)
+    assert [m["name"] for m in methods] == list(all_methods())
+    lora = next(m for m in methods if m["name"] == "lora")
+    assert lora["paper"].startswith("Hu et al. 2021") and lora["description"]
+    r = next(f for f in lora["fields"] if f["name"] == "r")
+    assert r == {"name": "r", "type": "int", "default": 8, "required": False, "description": "rank of the update B A"}
+    assert all({"name", "type", "default", "required", "description"} <= set(f) for m in methods for f in m["fields"])
+    tasks = json.loads(run_cli("list", "tasks", "--json").stdout)
+    assert [t["name"] for t in tasks] == [*TASKS, *IMAGE_TASKS]
+    trec = next(t for t in tasks if t["name"] == "trec-6")
+    assert trec["kind"] == "text" and trec["n_labels"] == len(trec["labels"]) == 6 and trec["metric"] == "accuracy"
+    models = json.loads(run_cli("list", "models", "--json").stdout)
+    assert [m["name"] for m in models] == list(MODELS)
+    assert all({"name", "family", "params", "installed", "dir", "description"} <= set(m) for m in models)
+    assert all(m["dir"] is None or m["installed"] for m in models)
+    recipes = json.loads(run_cli("list", "recipes", "--json").stdout)
+    assert any(r["path"].endswith("lora.yaml") and r["method"] == "lora" for r in recipes)
+
+
+def test_list_help_mentions_json_and_a_closed_pipe_is_no_traceback(capsys):
+    with pytest.raises(SystemExit):
+        main(["list", "--help"])
+    assert "--json" in capsys.readouterr().out
+    assert "--json" in build_parser().format_help()
+    closed = subprocess.run(f"{sys.executable} -m slimtune list methods --json | true", shell=True, capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in closed.stderr and "BrokenPipe" not in closed.stderr, closed.stderr
 
 
 @pytest.mark.parametrize(

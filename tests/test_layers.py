@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "slimtune"
 #: Bottom to top. A unit is a package (folder) or a top-level module of slimtune.
 LAYERS = [
     ["errors"],
-    ["io"],
+    ["io", "progress"],
     ["core"],
     ["zoo"],
     ["sparsity"],
@@ -26,7 +26,7 @@ LAYERS = [
     ["recipe"],
     ["search"],
     ["runner"],
-    ["listing", "progress", "bench"],
+    ["listing", "bench"],
     ["api"],
     ["cli"],
     ["__main__", "__init__"],

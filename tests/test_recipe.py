@@ -105,3 +105,26 @@ def test_the_public_start_dp_recipe_is_the_dp_recipe_plus_its_start():
     assert private["train"].pop("init_from") is None
     assert public == private
     assert load_recipe(recipes / "public-amazon-lora.yaml").to_dict()["method"] == private["method"]
+
+
+def test_model_and_task_overrides_take_a_name_like_the_yaml_shorthand(tmp_path):
+    r = load_recipe(None, ["model=minilm-l2", "task=trec-6"])
+    assert r.model.name == "minilm-l2" and r.task.name == "trec-6"
+    # Like `task: trec-6` in a recipe, the whole section is replaced (the default's sizes go) ...
+    assert r.task.train_size is None and r.task.eval_size is None
+    # ... while task.name=NAME changes the name alone.
+    r = load_recipe(None, ["task.name=trec-6"])
+    assert r.task.name == "trec-6" and r.task.train_size == 2000
+    r = load_recipe(None, ["task={name: trec-6, train_size: 100}", "model=/some/local/dir"])
+    assert r.task.train_size == 100 and r.model.name == "/some/local/dir"
+    path = tmp_path / "r.yaml"
+    path.write_text("model: minilm-l6\ntask: movie-sentiment\nmethod: lora\n")
+    r = load_recipe(path, ["model=minilm-l2", "task=trec-6", "task.train_size=50"])
+    assert (r.model.name, r.task.name, r.task.train_size) == ("minilm-l2", "trec-6", 50)
+    assert load_recipe(None, ["model=0123"]).model.name == "0123"
+
+
+@pytest.mark.parametrize("bad", ["model=", "task=", "model=[a, b]", "task=true"])
+def test_model_and_task_overrides_refuse_what_is_not_a_name(bad):
+    with pytest.raises(SlimtuneError, match=r"--set .*is a name or a YAML mapping"):
+        load_recipe(None, [bad])

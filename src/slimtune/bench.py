@@ -410,7 +410,8 @@ def run_suite(
 ) -> list[dict[str, Any]]:
     """Run every cell (skipping finished ones), keep results.jsonl current after each cell, and
     write report.md/report.html/plots at the end (also after an interruption)."""
-    from tqdm.auto import tqdm
+    from slimtune.progress import progress as progress_bar
+    from slimtune.progress import write
 
     out = Path(out)
     selected = [c for c in suite.cells if not only or any(fnmatch.fnmatchcase(c.id, pattern) for pattern in only)]
@@ -425,7 +426,7 @@ def run_suite(
             rows[cell.id] = _row(cell, out, "pending")
     ordered = lambda: [rows[c.id] for c in suite.cells]  # noqa: E731
     write_results(out, ordered())
-    bar = tqdm(selected, desc=f"bench {suite.name}", unit="cell", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(selected, desc=f"bench {suite.name}", unit="cell", disable=not progress)
     counts = {"ok": 0, "failed": 0, "skipped": 0}
     try:
         for cell in bar:
@@ -436,7 +437,7 @@ def run_suite(
             counts["skipped" if row.get("reused") else row["status"]] += 1
             bar.set_postfix(ok=counts["ok"], failed=counts["failed"], skipped=counts["skipped"])
             if progress and not row.get("reused"):
-                tqdm.write(_describe(row))
+                write(_describe(row))
             if on_cell is not None:
                 on_cell(row)
     finally:

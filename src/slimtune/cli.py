@@ -28,6 +28,7 @@ examples:
   slimtune export runs/lora --out ship --slim heads=0.5,ffn=0.5 --int8   a slim int8 model for load_exported
   slimtune export runs/lora --out runs/lora-r4 --lora-rank 4   the LoRA delta truncated to rank 4 (a run dir)
   slimtune list methods                          every method's fields, defaults and meaning
+  slimtune list methods --json                   the same as JSON, for scripts
   slimtune bench suites/quick.yaml --out runs/quick   methods x seeds -> tables + Pareto plots
 
 two processes on CPU (gloo):
@@ -75,7 +76,8 @@ examples:
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-        help="override a recipe field (repeatable), e.g. --set train.lr=5e-4 --set method.r=16",
+        help="override a recipe field (repeatable), e.g. --set train.lr=5e-4 --set method.r=16; "
+        "model=NAME, task=NAME and method=NAME replace the whole section (task.name=NAME keeps the other task fields)",
     )
     parser.add_argument("--out", type=Path, help="run directory to create (default: runs/<method>-<task>-<time>)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -165,8 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--report-only", action="store_true", help="rebuild report.md/html and the plots from DIR/results.jsonl; run nothing")
     bench.add_argument("--no-progress", action="store_true", help="hide the progress bar over the cells")
 
-    ls = sub.add_parser("list", help="list models, tasks, methods or recipes", description="List what slimtune has.")
+    ls = sub.add_parser(
+        "list", help="list models, tasks, methods or recipes (--json for scripts)",
+        description="List what slimtune has: a table on a terminal, plain untruncated lines in a pipe or file, "
+        "or JSON with --json.",
+        epilog="examples:\n  slimtune list methods | grep reduction_factor\n"
+        "  slimtune list methods --json   name, description, paper, fields (name, type, default, required, description)\n"
+        "  slimtune list tasks --json     name, kind, labels, metric, installed, source\n"
+        "  slimtune list models --json    name, family, params, installed, dir (once there), package",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ls.add_argument("what", choices=["models", "tasks", "methods", "recipes"], help="what to list")
+    ls.add_argument("--json", action="store_true", help="print a JSON list (one object per entry) instead of a table")
     return parser
 
 
@@ -302,56 +314,9 @@ def _require_run_dir(run_dir: Path) -> None:
 
 
 def cmd_list(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
+    from slimtune.listing import print_listing
 
-    console = Console()
-    if args.what == "models":
-        from slimtune.zoo.models import list_models
-
-        table = Table(title="models (any local HF model directory works too: model.name: /path/to/dir)", title_justify="left")
-        for col in ("name", "family", "params", "installed", "description"):
-            table.add_column(col)
-        for row in list_models():
-            table.add_row(row["name"], row["family"], row["params"], "yes" if row["installed"] else "no", row["description"])
-    elif args.what == "tasks":
-        from slimtune.zoo.images import list_image_tasks
-        from slimtune.zoo.tasks import list_tasks
-
-        table = Table(title="tasks (or your own data: task: {file: data.csv, text: COL, label: COL} or {images: DIR}; "
-                      "image tasks take protocol: vtab-1k or shots: K, seed: S)", title_justify="left")
-        for col in ("name", "labels", "metric", "installed", "description"):
-            table.add_column(col)
-        for row in list_tasks() + list_image_tasks():
-            table.add_row(row["name"], str(row["n_labels"]), row["metric"], "yes" if row["installed"] else "no", row["description"])
-    elif args.what == "methods":
-        from slimtune.methods.base import all_methods
-
-        table = Table(title="methods (recipe: method: {name: NAME, FIELD: VALUE}; a list composes methods)", title_justify="left", show_lines=True)
-        for col in ("method", "what it does", "field", "default", "meaning"):
-            table.add_column(col)
-        for name, cls in all_methods().items():
-            fields = list(cls.Config.model_fields.items())
-            if not fields:
-                table.add_row(name, cls.description, "-", "", "")
-                continue
-            for i, (field, info) in enumerate(fields):
-                table.add_row(name if i == 0 else "", cls.description if i == 0 else "", field, repr(info.default), info.description or "")
-    else:
-        table = Table(title="recipes", title_justify="left")
-        table.add_column("recipe")
-        table.add_column("method")
-        table.add_column("model / task")
-        for path in find_recipes():
-            from slimtune.recipe import read_yaml
-
-            data = read_yaml(path)
-            method = data.get("method")
-            label = method if isinstance(method, str) else (method.get("name") if isinstance(method, dict) else "+".join(m if isinstance(m, str) else m.get("name", "?") for m in method or []))
-            model = (data.get("model") or {}).get("name", "minilm-l6") if isinstance(data.get("model"), dict) else data.get("model")
-            task = (data.get("task") or {}).get("name", (data.get("task") or {}).get("file")) if isinstance(data.get("task"), dict) else data.get("task")
-            table.add_row(str(path), str(label), f"{model} / {task}")
-    console.print(table)
+    print_listing(args.what, as_json=args.json)
     return 0
 
 
@@ -391,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     except SlimtuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `slimtune list methods | head`: the reader is gone; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit-time flush must not fail again
+        return 141  # what a shell reports for a process ended by SIGPIPE
     except KeyboardInterrupt:
         if args.command == "bench":
             print("interrupted; rerun the same command to resume (finished cells are skipped)", file=sys.stderr)

@@ -203,11 +203,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
     """Apply ``section.field=value`` (value parsed as YAML; ``method.0.r=4`` indexes a list).
-    ``method=NAME`` (or a YAML mapping/list) replaces the whole method section."""
+    ``method=NAME`` (or a YAML mapping/list) replaces the whole method section; ``model=NAME``
+    and ``task=NAME`` (or a YAML mapping) replace theirs, like ``model: NAME`` in a recipe
+    (``task.name=NAME`` changes the name alone and keeps the other task fields)."""
     if "=" not in assignment:
         raise SlimtuneError(f"--set {assignment!r}: expected section.field=value, e.g. train.lr=1e-4")
     key, _, raw = assignment.partition("=")
     parts = [p for p in key.strip().split(".") if p]
+    if parts in (["model"], ["task"]):
+        data[parts[0]] = _section_shorthand(parts[0], raw, assignment)
+        return
     if parts == ["method"]:
         try:
             data["method"] = yaml.safe_load(raw)
@@ -221,6 +226,21 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     except yaml.YAMLError:
         value = raw
     set_field(data, key.strip(), value)
+
+
+def _section_shorthand(section: str, raw: str, assignment: str) -> dict[str, Any]:
+    """``model=NAME`` / ``task=NAME`` as ``{name: NAME}``; a YAML mapping is taken as the section."""
+    example = "model=minilm-l2" if section == "model" else "task=trec-6"
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw.strip()
+    if isinstance(value, dict):
+        return value
+    if value is None or isinstance(value, (list, bool)):
+        raise SlimtuneError(f"--set {assignment!r}: the {section} is a name or a YAML mapping, e.g. {example}")
+    # A number is kept as written: a model directory named 0123 stays "0123".
+    return {"name": value if isinstance(value, str) else raw.strip()}
 
 
 def set_field(data: dict[str, Any], key: str, value: Any) -> None:

@@ -29,6 +29,7 @@ from transformers import get_scheduler
 from slimtune.errors import SlimtuneError
 from slimtune.measure.evaluate import evaluate
 from slimtune.methods.delta import Delta
+from slimtune.progress import progress as progress_bar
 from slimtune.train import checkpoint as ckpt
 from slimtune.zoo.batches import BatchPlan, eval_batches, fixed_length_batch, pad_id_of, rows_batch, split_rows
 from slimtune.core.hooks import Hook
@@ -247,7 +248,7 @@ class Trainer:
         for hook in self.hooks:
             hook.on_train_begin(self)
         memory_meter = self._memory_meter()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {self.delta.label}", disable=not self.progress, unit="step", dynamic_ncols=True)
+        bar = progress_bar(total=self.total_steps, initial=self.step, desc=f"train {self.delta.label}", disable=not self.progress, unit="step")
         started = time.perf_counter()
         # Memory is measured on this process's second step (after one-off allocations), also when resumed.
         measured_step = min(self.step + 1, self.total_steps - 1)

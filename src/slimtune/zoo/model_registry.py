@@ -233,6 +233,19 @@ def _registered_model_dir(spec: ModelSpec) -> Path:
     raise AssertionError(f"no resolver for registered model {spec.name!r}")
 
 
+def installed_dir(name: str) -> Path | None:
+    """A registered model's local directory if it is there already (never converts), else None."""
+    if name not in MODELS:
+        raise SlimtuneError(f"unknown model '{name}'{did_you_mean(name, MODELS)}")
+    if name in ("minilm-l6", "minilm-l2"):
+        found = _package_file(_MINILM_DISTRIBUTION, _MINILM_DIR)
+    elif name in _BUNDLED:
+        found = BUNDLED_WEIGHTS / name
+    else:
+        found = _converted_dir(name)
+    return found if found is not None and is_model_dir(found) else None
+
+
 # ----------------------------------------------------------------------------- listing
 
 
