@@ -44,7 +44,7 @@ test-fast: setup
 bench: setup
 	$(PY) -m benchmarks
 
-# The quick suite (4 methods x 2 seeds, minilm-l2; resumable) -> docs/quick/ (report + plots for the README).
+# The quick suite (4 methods x 2 seeds, minilm-l2; resumable) -> docs/quick/ (report + plots, shown in docs/bench.md).
 bench-quick: setup
 	$(VENV)/bin/slimtune bench suites/quick.yaml --out runs/quick
 	mkdir -p docs/quick/plots

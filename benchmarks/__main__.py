@@ -1,14 +1,15 @@
-"""Run the side-by-side peer benchmarks and regenerate the README's performance section.
+"""Run the side-by-side peer benchmarks and regenerate docs/benchmarks.md's results section.
 
-    python -m benchmarks                 every benchmark script present, then the README section
+    python -m benchmarks                 every benchmark script present, then docs/benchmarks.md
     python -m benchmarks --quick         each script's quick mode (skips the long accuracy runs)
     python -m benchmarks --only dp       one benchmark (repeatable)
-    python -m benchmarks --render-only   only rewrite the README section from benchmarks/results/
+    python -m benchmarks --render-only   only rewrite docs/benchmarks.md from benchmarks/results/
 
 Each script ``benchmarks/<name>.py`` has ``main(argv) -> dict`` and writes
-``benchmarks/results/<name>.json``. Scripts not written yet are skipped. The README section between
-``<!-- bench:start -->`` and ``<!-- bench:end -->`` is rendered from all the JSON files present
-(see benchmarks/readme.py). ``make bench`` runs this.
+``benchmarks/results/<name>.json``. Scripts not written yet are skipped. The section of
+docs/benchmarks.md between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` is rendered from all
+the JSON files present (see benchmarks/readme.py); the README links to that page. ``make bench``
+runs this.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from pathlib import Path
 from benchmarks import readme
 from benchmarks.common import RESULTS
 
-#: The benchmark scripts, in README order.
+#: The benchmark scripts, in the order of docs/benchmarks.md.
 KNOWN = ["lora_vs_peft", "methods_table", "dp", "memory", "slim", "sparse_adapter", "dsee", "vision"]
 ROOT = Path(__file__).resolve().parent.parent
+#: The page whose marked section is rendered from the results (the README links to it).
+PAGE = ROOT / "docs" / "benchmarks.md"
 
 
 def available() -> list[str]:
@@ -37,9 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", action="append", metavar="NAME", help=f"run only this benchmark (repeatable); known: {', '.join(KNOWN)}")
     parser.add_argument("--quick", action="store_true", help="pass --quick to every script (shorter, no accuracy runs)")
-    parser.add_argument("--render-only", action="store_true", help="run nothing; rewrite the README section from the JSON results")
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md", help="the README to update (default: %(default)s)")
-    parser.add_argument("--no-readme", action="store_true", help="do not touch the README; print the section instead")
+    parser.add_argument("--render-only", action="store_true", help="run nothing; rewrite the results page's section from the JSON results")
+    parser.add_argument("--page", type=Path, default=PAGE, help="the page to update (default: %(default)s)")
+    parser.add_argument("--print", dest="print_only", action="store_true", help="do not touch the page; print the section instead")
     args = parser.parse_args(argv)
 
     present = available()
@@ -68,14 +71,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name}: {'FAILED' if name in failed else 'done'} in {time.perf_counter() - started:.0f} s", flush=True)
 
     section = readme.render_section(readme.load_results(RESULTS, KNOWN))
-    if args.no_readme:
+    if args.print_only:
         print(section)
-    elif not args.readme.is_file():
-        print(f"{args.readme}: not found; section not written", file=sys.stderr)
-    elif readme.update_readme(args.readme, section):
-        print(f"updated the performance section of {args.readme}")
+    elif not args.page.is_file():
+        print(f"{args.page}: not found; section not written", file=sys.stderr)
+    elif readme.update_page(args.page, section):
+        print(f"updated the results section of {args.page}")
     else:
-        print(f"{args.readme}: no {readme.START} ... {readme.END} markers; add them where the section belongs", file=sys.stderr)
+        print(f"{args.page}: no {readme.START} ... {readme.END} markers; add them where the section belongs", file=sys.stderr)
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -430,7 +430,7 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def render_markdown(result: dict) -> str:
-    """The README part: step-time ratios, accuracy at ε=3/8 vs non-private, the causal LM, settings."""
+    """The docs/benchmarks.md part: step-time ratios, accuracy at ε=3/8 vs non-private, the causal LM, settings."""
     parts: list[str] = []
     speed_parts = [part for part in (result.get("speed"), result.get("speed_full")) if part]
     if speed_parts:

@@ -1,9 +1,11 @@
-"""Render the README's performance section from benchmarks/results/*.json.
+"""Render the benchmark results page, docs/benchmarks.md, from benchmarks/results/*.json.
 
-The section lives between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` in README.md and is
-rewritten whole; everything outside the markers is left as it is. A benchmark script can own its
-rendering by defining ``render_markdown(result: dict) -> str`` in its module; otherwise a renderer
-here is used (``RENDERERS``), or, failing that, a generic table of the result's scalar values.
+The results live between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` in docs/benchmarks.md
+and are rewritten whole; everything outside the markers (the page's title, summary and notes on how
+the figures were measured) is left as it is. The README only links to that page. A benchmark script
+can own its rendering by defining ``render_markdown(result: dict) -> str`` in its module; otherwise a
+renderer here is used (``RENDERERS``), or, failing that, a generic table of the result's scalar
+values. (The module keeps its historical name, ``readme``.)
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
     if isinstance(data, list):
         if all(not isinstance(v, (dict, list)) for v in data):
             return [(prefix, ", ".join(_num(v) for v in data))]
-        return []  # long structured lists (histories) are for the JSON, not the README
+        return []  # long structured lists (histories) are for the JSON, not the page
     return [(prefix, data)]
 
 
@@ -157,13 +159,14 @@ def replace_section(text: str, section: str) -> str:
     return text[: start + len(START)] + "\n" + section.strip() + "\n" + text[end:]
 
 
-def update_readme(readme: Path, section: str) -> bool:
-    """Rewrite the marked section of README; False (and nothing written) without the markers."""
-    text = readme.read_text(encoding="utf-8")
+def update_page(page: Path, section: str) -> bool:
+    """Rewrite the marked section of ``page`` (docs/benchmarks.md); False (and nothing written)
+    without the markers."""
+    text = page.read_text(encoding="utf-8")
     try:
         new = replace_section(text, section)
     except ValueError:
         return False
     if new != text:
-        readme.write_text(new, encoding="utf-8")
+        page.write_text(new, encoding="utf-8")
     return True

@@ -1,5 +1,6 @@
-"""`python -m benchmarks`: discovery of the scripts present, and the README section rendered
-from benchmarks/results/*.json between the markers (nothing else in the README changes)."""
+"""`python -m benchmarks`: discovery of the scripts present, and the results section of
+docs/benchmarks.md rendered from benchmarks/results/*.json between the markers (nothing else on the
+page changes; the README only links to it)."""
 
 import json
 
@@ -25,22 +26,46 @@ def test_render_known_and_generic_results():
     assert "2 CPUs" in section
 
 
-def test_readme_section_is_replaced_between_markers_only(tmp_path, monkeypatch):
+def test_page_section_is_replaced_between_markers_only(tmp_path, monkeypatch):
     results = tmp_path / "results"
     results.mkdir()
     (results / "lora_vs_peft.json").write_text(json.dumps(LORA))
     monkeypatch.setattr(entry, "RESULTS", results)
-    page = tmp_path / "README.md"
+    page = tmp_path / "benchmarks.md"
     page.write_text(f"# title\n\nintro\n\n{readme.START}\nold table\n{readme.END}\n\nafter\n")
-    assert entry.main(["--render-only", "--readme", str(page)]) == 0
+    assert entry.main(["--render-only", "--page", str(page)]) == 0
     text = page.read_text()
     assert text.startswith("# title\n\nintro\n\n") and text.endswith(f"{readme.END}\n\nafter\n")
     assert "old table" not in text and "0.91" in text
-    # Idempotent, and a README without markers is left alone.
-    assert entry.main(["--render-only", "--readme", str(page)]) == 0 and page.read_text() == text
+    # Idempotent, and a page without markers is left alone.
+    assert entry.main(["--render-only", "--page", str(page)]) == 0 and page.read_text() == text
     plain = tmp_path / "PLAIN.md"
     plain.write_text("no markers\n")
-    assert entry.main(["--render-only", "--readme", str(plain)]) == 0 and plain.read_text() == "no markers\n"
+    assert entry.main(["--render-only", "--page", str(plain)]) == 0 and plain.read_text() == "no markers\n"
+
+
+def test_default_page_is_docs_benchmarks_not_the_readme(tmp_path, monkeypatch, capsys):
+    """The renderer writes docs/benchmarks.md; the README has no markers (only a headline table)."""
+    assert entry.PAGE == entry.ROOT / "docs" / "benchmarks.md"
+    page = entry.PAGE.read_text(encoding="utf-8")
+    assert page.count(readme.START) == 1 and page.count(readme.END) == 1
+    assert readme.START not in (entry.ROOT / "README.md").read_text(encoding="utf-8")
+    # --print leaves every file alone and prints the section.
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "lora_vs_peft.json").write_text(json.dumps(LORA))
+    monkeypatch.setattr(entry, "RESULTS", results)
+    assert entry.main(["--render-only", "--print"]) == 0
+    assert "### slimtune LoRA vs peft LoRA" in capsys.readouterr().out
+    assert entry.PAGE.read_text(encoding="utf-8") == page
+
+
+def test_committed_page_is_rendered_from_the_committed_results():
+    """docs/benchmarks.md holds exactly what `python -m benchmarks --render-only` would write from
+    benchmarks/results/*.json (a result committed without re-rendering fails here)."""
+    section = readme.render_section(readme.load_results(entry.RESULTS, entry.KNOWN))
+    text = entry.PAGE.read_text(encoding="utf-8")
+    assert readme.replace_section(text, section) == text
 
 
 def test_discovery_and_only():

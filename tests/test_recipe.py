@@ -84,7 +84,7 @@ def test_recipe_file_errors(tmp_path):
 
 
 def test_every_shipped_recipe_validates():
-    from slimtune.cli import find_recipes
+    from slimtune.listing import find_recipes
 
     paths = find_recipes()
     assert len(paths) >= 4

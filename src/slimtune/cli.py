@@ -320,19 +320,6 @@ def cmd_list(args) -> int:
     return 0
 
 
-def find_recipes() -> list[Path]:
-    """Recipes in ./recipes and in the source checkout's recipes/ (editable installs)."""
-    roots = [Path("recipes"), Path(__file__).resolve().parents[2] / "recipes"]
-    seen, found = set(), []
-    for root in roots:
-        if root.is_dir():
-            for path in sorted(root.glob("*.yaml")):
-                if path.resolve() not in seen:
-                    seen.add(path.resolve())
-                    found.append(path)
-    return found
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -9,6 +9,7 @@ and tasks are described from their registries (no weights, no data), so task siz
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import re
 import sys
 from typing import IO, Any
@@ -90,7 +91,6 @@ def type_name(annotation: Any) -> str:
 
 
 def recipe_rows() -> list[dict[str, Any]]:
-    from slimtune.cli import find_recipes
     from slimtune.recipe import read_yaml
 
     out = []
@@ -189,3 +189,15 @@ def _is_terminal(stream: IO[str]) -> bool:
     except (AttributeError, ValueError):
         return False
 
+
+def find_recipes() -> list[Path]:
+    """Recipes in ./recipes and in the source checkout's recipes/ (editable installs)."""
+    roots = [Path("recipes"), Path(__file__).resolve().parents[2] / "recipes"]
+    seen, found = set(), []
+    for root in roots:
+        if root.is_dir():
+            for path in sorted(root.glob("*.yaml")):
+                if path.resolve() not in seen:
+                    seen.add(path.resolve())
+                    found.append(path)
+    return found
