@@ -166,7 +166,8 @@ def speed(args, full_fine_tuning: bool) -> dict:
 def clipper_rules(base) -> dict:
     """How our engine takes per-sample gradients in full fine-tuning at this sequence length:
     rules per parameter, and the linear layers that use ghost norms vs instantiated gradients."""
-    from slimtune.privacy.per_sample import LinearRule, PerSampleClipper
+    from slimtune.privacy.per_sample import PerSampleClipper
+    from slimtune.privacy.rules import LinearRule
 
     model = full(base)
     clipper = PerSampleClipper(model, {n: p for n, p in model.named_parameters() if p.requires_grad}, check=False)

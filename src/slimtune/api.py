@@ -49,21 +49,13 @@ def attach(model: nn.Module, method: str | dict[str, Any] | list[Any], *, object
 def load_recipe(source: str | Path | dict[str, Any] | Recipe | None = None, overrides: list[str] | None = None) -> Recipe:
     """A validated recipe from a YAML path, a dict (the YAML's structure), a Recipe, or None (the
     default main job); ``overrides`` are ``--set`` assignments (``"train.lr=1e-4"``)."""
-    import copy
-
-    from slimtune.recipe import Recipe, apply_override, validate_recipe
+    from slimtune.recipe import Recipe, recipe_from_data
     from slimtune.recipe import load_recipe as load_recipe_file
 
     if isinstance(source, Recipe):
         source = source.to_dict()
     if isinstance(source, dict):
-        data = copy.deepcopy(source)
-        for key in ("model", "task"):
-            if isinstance(data.get(key), str):
-                data[key] = {"name": data[key]}
-        for assignment in overrides or []:
-            apply_override(data, assignment)
-        return validate_recipe(data, source="recipe dict")
+        return recipe_from_data(source, overrides, source="recipe dict")
     return load_recipe_file(source, overrides)
 
 

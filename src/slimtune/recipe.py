@@ -341,11 +341,18 @@ def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe file (or the default main-job recipe), apply ``--set`` overrides, validate."""
     data = read_yaml(path) if path is not None else copy.deepcopy(DEFAULT_RECIPE)
+    return recipe_from_data(data, overrides, source=str(path) if path is not None else "default recipe")
+
+
+def recipe_from_data(data: dict[str, Any], overrides: list[str] | None = None, source: str = "recipe") -> Recipe:
+    """A recipe mapping (the YAML's structure; ``model: NAME`` / ``task: NAME`` shorthands), with
+    ``--set`` overrides applied, validated. ``data`` is not changed."""
+    data = copy.deepcopy(data)
     if isinstance(data.get("task"), str):
         data["task"] = {"name": data["task"]}
     if isinstance(data.get("model"), str):
         data["model"] = {"name": data["model"]}
     for assignment in overrides or []:
         apply_override(data, assignment)
-    return validate_recipe(data, source=str(path) if path is not None else "default recipe")
+    return validate_recipe(data, source=source)
 

@@ -59,16 +59,12 @@ class RunFiles:
     state: dict[str, torch.Tensor]  # delta.safetensors
 
 
-def resolve_objective(recipe: Recipe) -> str:
-    return recipe.objective
-
-
 def build(recipe: Recipe, task_override: str | None = None) -> Built:
     """Load data and model, attach the delta (seeded, so the same recipe builds the same delta)."""
     set_seed(recipe.train.seed)
     spec = task_override or recipe.task.loader_spec()
     task = load_task(spec, split_seed=recipe.task.split_seed, train_size=recipe.task.train_size, eval_size=recipe.task.eval_size, seed=recipe.task.split_seed)
-    objective = resolve_objective(recipe)
+    objective = recipe.objective
     model = load_model(recipe.model.name, objective=objective, num_labels=len(task.label_names))
     # An image task is fed by the model's image processor where a text task has its tokenizer.
     tokenizer = load_image_processor(recipe.model.name) if is_image_task(task) else load_tokenizer(recipe.model.name)
@@ -205,7 +201,6 @@ def export_run(run_dir: str | Path, out: str | Path, *, force: bool = False, **o
     from slimtune.compress.export import check_export_request, export_model
 
     options = check_export_request(Path(out), **options)
-    read_run(run_dir)  # one-line errors before the model loads
     return export_model(load_run(run_dir, force=force), Path(out), **options)
 
 
@@ -215,7 +210,6 @@ def export_lora_rank(run_dir: str | Path, out: str | Path, rank: int | float, *,
     from slimtune.compress.lora_rank import truncate_run_lora
 
     check_out(Path(out))
-    read_run(run_dir)
     return truncate_run_lora(load_run(run_dir, force=force), Path(out), rank, measure=measure)
 
 

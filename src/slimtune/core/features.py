@@ -6,11 +6,12 @@ order and names no feature:
 
 1. ``adjust_methods(specs, model)``: rewrite the method specs before the delta is built
    (e.g. Large-Sparse widens an adapter); default: unchanged.
-2. ``build_hook(recipe=, model=, delta=, task=)``: the trainer hook that does the work, or None.
-   Refusals of incompatible combinations happen here, as one-line ``SlimtuneError``s.
-   ``refuses_restructuring`` (a reason, or None) refuses every method that restructures the
-   model mid-run (``Method.restructuring_reason``), with one shared message.
-3. The hook's ``report()`` becomes the report section of the same name, and the hook class's
+2. ``check_methods(delta)``: refuse methods the feature cannot work with; by default those that
+   restructure the model mid-run (``Method.restructuring_reason``) when the feature sets
+   ``refuses_restructuring`` (its reason), with one shared message.
+3. ``build_hook(recipe=, model=, delta=, task=)``: the trainer hook that does the work, or None;
+   other refusals of incompatible combinations happen here, as one-line ``SlimtuneError``s.
+4. The hook's ``report()`` becomes the report section of the same name, and the hook class's
    ``report_rows`` its lines on the report card (:mod:`slimtune.core.hooks`).
 
 Registration is one decorator line, ``@register_feature`` on the class (whose ``section`` is
@@ -72,15 +73,21 @@ class Feature(Section):
 FEATURES: dict[str, type[Feature]] = {}
 
 
-def register_feature(cls: type[Feature]) -> type[Feature]:
-    """Class decorator: make ``cls.section`` a valid recipe section validated by ``cls``."""
-    if cls.section in FEATURES and FEATURES[cls.section] is not cls:
-        raise ValueError(f"recipe section '{cls.section}' registered twice")
-    FEATURES[cls.section] = cls
+def add_to_registry(registry: dict[str, Any], key: str, cls: Any, what: str) -> Any:
+    """``registry[key] = cls``; a second, different class under the same key is a bug."""
+    if key in registry and registry[key] is not cls:
+        raise ValueError(f"{what} '{key}' registered twice")
+    registry[key] = cls
     return cls
 
 
-def _import_all(package_name: str) -> None:
+def register_feature(cls: type[Feature]) -> type[Feature]:
+    """Class decorator: make ``cls.section`` a valid recipe section validated by ``cls``."""
+    return add_to_registry(FEATURES, cls.section, cls, "recipe section")
+
+
+def import_all(package_name: str) -> None:
+    """Import every module of a package once (each registers what it defines)."""
     package = importlib.import_module(package_name)
     for info in pkgutil.iter_modules(package.__path__):
         if not info.name.startswith("_"):
@@ -89,11 +96,11 @@ def _import_all(package_name: str) -> None:
 
 def all_features() -> dict[str, type[Feature]]:
     """Every feature, after importing each module of :mod:`slimtune.features` once."""
-    _import_all("slimtune.features")
+    import_all("slimtune.features")
     return dict(FEATURES)
 
 
 def load_plugins() -> None:
     """Import every method and feature module (each registers itself and its hooks)."""
-    _import_all("slimtune.methods")
-    _import_all("slimtune.features")
+    import_all("slimtune.methods")
+    import_all("slimtune.features")

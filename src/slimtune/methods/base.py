@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from slimtune.core.arch import Arch
+from slimtune.core.features import add_to_registry, import_all
 from slimtune.errors import SlimtuneError, did_you_mean
 
 # --------------------------------------------------------------------------------------------
@@ -145,10 +146,7 @@ METHODS: dict[str, type[Method]] = {}
 
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make a method available to recipes under ``cls.name``."""
-    if cls.name in METHODS and METHODS[cls.name] is not cls:
-        raise ValueError(f"method name '{cls.name}' registered twice")
-    METHODS[cls.name] = cls
-    return cls
+    return add_to_registry(METHODS, cls.name, cls, "method name")
 
 
 def get_method_class(name: str) -> type[Method]:
@@ -165,11 +163,4 @@ def all_methods() -> dict[str, type[Method]]:
 
 def _load_all() -> None:
     """Import every module of ``slimtune.methods`` once, so that each registers itself."""
-    import importlib
-    import pkgutil
-
-    import slimtune.methods as package
-
-    for info in pkgutil.iter_modules(package.__path__):
-        if info.name != "base" and not info.name.startswith("_"):
-            importlib.import_module(f"{package.__name__}.{info.name}")
+    import_all("slimtune.methods")

@@ -1,0 +1,338 @@
+"""Per-sample gradient rules (see :mod:`slimtune.privacy.per_sample` for how the clipper uses
+them): each rebuilds the per-sample gradients of one module's parameters from its captured calls
+and output gradients, dense or as a ghost (norms without per-sample weights).
+
+Rules are a registry keyed by exact module type, as Opacus' ``register_grad_sampler``:
+``@register_rule(ModuleType)`` on a :class:`Rule` subclass; a type without one gets the generic
+:class:`ModuleVmapRule`. A method's own layer gets an exact rule by one registration here (LoRA's
+below); methods never import this package.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from slimtune.methods.lora import LoRALinear
+
+# Instantiating per-sample weight gradients writes and reads B*out*in floats; on CPU that memory
+# traffic costs about as much as this many multiply-adds per element (measured on the dev box).
+GHOST_MEMORY_FACTOR = 16.0
+
+
+# --------------------------------------------------------------------------------------------
+# Contributions: one rule's per-sample gradient of one parameter, dense or as a ghost.
+# --------------------------------------------------------------------------------------------
+
+
+class Dense:
+    """Instantiated per-sample gradients ``(B, *param.shape)``."""
+
+    def __init__(self, grads: torch.Tensor):
+        self.grads = grads
+
+    def dense(self) -> torch.Tensor:
+        return self.grads
+
+    def sq_norms(self) -> torch.Tensor:
+        return torch.linalg.vector_norm(self.grads.flatten(1), dim=1).square()
+
+    def weighted_sum(self, weights: torch.Tensor) -> torch.Tensor:
+        return torch.tensordot(weights.to(self.grads.dtype), self.grads, dims=1)
+
+
+class GhostLinear:
+    """Per-sample ``Σ_t b_t a_tᵀ`` kept as its factors ``a (B,T,in)``, ``b (B,T,out)``."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor):
+        self.a, self.b = a, b
+
+    def dense(self) -> torch.Tensor:
+        return torch.bmm(self.b.transpose(1, 2), self.a)
+
+    def sq_norms(self) -> torch.Tensor:
+        if self.a.shape[1] == 1:
+            return self.a.pow(2).sum((1, 2)) * self.b.pow(2).sum((1, 2))
+        return (torch.bmm(self.a, self.a.transpose(1, 2)) * torch.bmm(self.b, self.b.transpose(1, 2))).sum((1, 2))
+
+    def weighted_sum(self, weights: torch.Tensor) -> torch.Tensor:
+        scaled = self.b * weights.to(self.b.dtype)[:, None, None]
+        return scaled.flatten(0, 1).t() @ self.a.flatten(0, 1)
+
+
+class GhostEmbedding:
+    """Per-sample embedding gradients: rows ``ids`` receive ``b``; never a (B, vocab, dim) tensor."""
+
+    def __init__(self, ids: torch.Tensor, b: torch.Tensor, num_embeddings: int, padding_idx: int | None):
+        if padding_idx is not None:  # PyTorch gives the padding row no gradient
+            b = b * (ids != padding_idx).unsqueeze(-1).to(b.dtype)
+        self.ids, self.b, self.num_embeddings = ids, b, num_embeddings
+
+    def dense(self) -> torch.Tensor:
+        batch, dim = self.b.shape[0], self.b.shape[-1]
+        out = self.b.new_zeros(batch, self.num_embeddings, dim)
+        return out.scatter_add_(1, self.ids.unsqueeze(-1).expand(-1, -1, dim), self.b)
+
+    def sq_norms(self) -> torch.Tensor:
+        same = (self.ids.unsqueeze(2) == self.ids.unsqueeze(1)).to(self.b.dtype)
+        return (same * torch.bmm(self.b, self.b.transpose(1, 2))).sum((1, 2))
+
+    def weighted_sum(self, weights: torch.Tensor) -> torch.Tensor:
+        scaled = self.b * weights.to(self.b.dtype)[:, None, None]
+        out = self.b.new_zeros(self.num_embeddings, self.b.shape[-1])
+        return out.index_add_(0, self.ids.reshape(-1), scaled.reshape(-1, self.b.shape[-1]))
+
+
+def _as_sequence(t: torch.Tensor) -> torch.Tensor:
+    """(B, ..., d) -> (B, T, d), T = the product of the middle dims (1 for (B, d))."""
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# Rules: which module, what it captures, what it contributes.
+# --------------------------------------------------------------------------------------------
+
+
+class NotPerSample(Exception):
+    """A module's output gradient is not one row per sample."""
+
+
+class Call:
+    """One call of a module in the forward pass: its inputs, its output, and later the output's gradient."""
+
+    __slots__ = ("args", "kwargs", "output", "extra", "grad")
+
+    def __init__(self, args, kwargs, output):
+        self.args, self.kwargs, self.output, self.extra, self.grad = args, kwargs, output, None, None
+
+
+#: Module type -> the rule that computes per-sample gradients of the parameters it owns directly.
+RULES: dict[type[nn.Module], type[Rule]] = {}
+
+
+def register_rule(*module_types: type[nn.Module]):
+    """Class decorator: ``cls`` computes per-sample gradients for modules of these exact types."""
+
+    def decorate(cls: type[Rule]) -> type[Rule]:
+        for module_type in module_types:
+            RULES[module_type] = cls
+        return cls
+
+    return decorate
+
+
+def rule_for(module: nn.Module) -> type[Rule]:
+    """The rule registered for ``module``'s exact type (a subclass may change the forward), if it
+    accepts this module, else the generic vmap rule."""
+    rule = RULES.get(type(module))
+    return rule if rule is not None and rule.accepts(module) else ModuleVmapRule
+
+
+class Rule(ABC):
+    """How per-sample gradients of one module's parameters are rebuilt from its captured calls."""
+
+    kind = "rule"
+
+    def __init__(self, module: nn.Module, params: dict[str, nn.Parameter], **options: Any):
+        self.module = module
+        self.params = params  # name -> parameter, the ones this rule covers
+        self.calls: list[Call] = []
+
+    @classmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        """Whether this rule is exact for this instance of its module type."""
+        return True
+
+    def extra_hooks(self, capturing: Callable[[], bool]) -> list[Any]:
+        """Hook handles capturing more than the module's own call (removed with the clipper)."""
+        return []
+
+    def reset(self) -> None:
+        """Forget the captured calls (before each physical batch)."""
+        self.calls = []
+
+    def output_tensors(self, call: Call) -> list[torch.Tensor]:
+        out = call.output
+        return [out] if isinstance(out, torch.Tensor) and out.requires_grad else []
+
+    @abstractmethod
+    def contributions(self, dtype: torch.dtype) -> dict[str, Any]:
+        """Per parameter name, this rule's per-sample gradient contributions (dense or ghost)."""
+
+    def _backprop(self, call: Call, dtype: torch.dtype) -> torch.Tensor | None:
+        return None if call.grad is None or call.grad[0] is None else call.grad[0].to(dtype)
+
+
+@register_rule(nn.Linear)
+class LinearRule(Rule):
+    kind = "linear"
+
+    def __init__(self, module, params, ghost: str = "auto", **options):
+        super().__init__(module, params)
+        self.ghost = ghost
+
+    def use_ghost(self, seq_len: int) -> bool:
+        if self.ghost != "auto":
+            return self.ghost == "always"
+        d_in, d_out = self.module.in_features, self.module.out_features
+        return seq_len * seq_len * (d_in + d_out) < GHOST_MEMORY_FACTOR * d_in * d_out
+
+    def contributions(self, dtype):
+        out: dict[str, list] = {}
+        weight_name = next((n for n, p in self.params.items() if p is self.module.weight), None)
+        bias_name = next((n for n, p in self.params.items() if self.module.bias is not None and p is self.module.bias), None)
+        for call in self.calls:
+            b = self._backprop(call, dtype)
+            if b is None:
+                continue
+            b = _as_sequence(b)
+            if weight_name is not None:
+                a = _as_sequence(call.args[0].detach().to(dtype))
+                ghost = GhostLinear(a, b)
+                out.setdefault(weight_name, []).append(ghost if self.use_ghost(a.shape[1]) and len(self.calls) == 1 else Dense(ghost.dense()))
+            if bias_name is not None:
+                out.setdefault(bias_name, []).append(Dense(b.sum(1)))
+        return out
+
+
+@register_rule(LoRALinear)
+class LoRARule(Rule):
+    """``y = base(x) + (d(x) Aᵀ)(s B)ᵀ``: capture ``d(x)`` at the dropout module, ``b`` at the layer."""
+
+    kind = "lora"
+
+    def __init__(self, module, params, **options):
+        super().__init__(module, params)
+        self.branch_inputs: list[torch.Tensor] = []
+
+    def extra_hooks(self, capturing):
+        def hook(module, args, output):
+            if capturing():
+                self.branch_inputs.append(output)
+
+        return [self.module.dropout.register_forward_hook(hook)]
+
+    def reset(self) -> None:
+        super().reset()
+        self.branch_inputs = []
+
+    def contributions(self, dtype):
+        layer = self.module
+        out: dict[str, list] = {}
+        names = {id(p): n for n, p in self.params.items()}
+        if len(self.branch_inputs) != len(self.calls):
+            raise RuntimeError("LoRA layer: branch inputs and calls do not pair up")
+        for call, x in zip(self.calls, self.branch_inputs):
+            b = self._backprop(call, dtype)
+            if b is None:
+                continue
+            b = _as_sequence(b)
+            x = _as_sequence(x.detach().to(dtype))
+            a_weight, b_weight = layer.lora_A.detach().to(dtype), layer.lora_B.detach().to(dtype)
+            if id(layer.lora_B) in names:
+                u = x @ a_weight.t()  # (B, T, r)
+                out.setdefault(names[id(layer.lora_B)], []).append(Dense(torch.bmm(b.transpose(1, 2), u) * layer.scaling))
+            if id(layer.lora_A) in names:
+                h = b @ (b_weight * layer.scaling)  # (B, T, r)
+                out.setdefault(names[id(layer.lora_A)], []).append(Dense(torch.bmm(h.transpose(1, 2), x)))
+        return out
+
+
+@register_rule(nn.Embedding)
+class EmbeddingRule(Rule):
+    kind = "embedding"
+
+    @classmethod
+    def accepts(cls, module) -> bool:
+        return not module.sparse and module.max_norm is None
+
+    def contributions(self, dtype):
+        (name,) = self.params
+        out = []
+        for call in self.calls:
+            b = self._backprop(call, dtype)
+            if b is None:
+                continue
+            ids = call.args[0]
+            if ids.shape[0] != b.shape[0]:  # e.g. position ids (1, T) shared by the batch
+                ids = ids.expand(b.shape[0], *ids.shape[1:])
+            ids = ids.reshape(b.shape[0], -1)
+            out.append(GhostEmbedding(ids, _as_sequence(b), self.module.num_embeddings, self.module.padding_idx))
+        return {name: out}
+
+
+@register_rule(nn.LayerNorm)
+class LayerNormRule(Rule):
+    kind = "layernorm"
+
+    def contributions(self, dtype):
+        ln = self.module
+        out: dict[str, list] = {}
+        dims = len(ln.normalized_shape)
+        for call in self.calls:
+            b = self._backprop(call, dtype)
+            if b is None:
+                continue
+            reduce = tuple(range(1, b.dim() - dims))
+            for name, param in self.params.items():
+                if param is ln.weight:
+                    x = call.args[0].detach().to(dtype)
+                    normed = F.layer_norm(x, ln.normalized_shape, None, None, ln.eps)
+                    grad = (b * normed).sum(reduce) if reduce else b * normed
+                else:
+                    grad = b.sum(reduce) if reduce else b
+                out.setdefault(name, []).append(Dense(grad))
+        return out
+
+
+def _local_name(module: nn.Module, param: nn.Parameter) -> str:
+    return next(n for n, p in module.named_parameters(recurse=False) if p is param)
+
+
+class ModuleVmapRule(Rule):
+    """Any module: re-run its forward per sample under vmap and pull its backprop through it."""
+
+    kind = "module-vmap"
+
+    def output_tensors(self, call):
+        leaves, _ = tree_flatten(call.output)
+        call.extra = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
+        return [leaves[i] for i in call.extra]
+
+    def contributions(self, dtype):
+        from torch.func import functional_call, grad, vmap
+
+        module = self.module
+        local = {_local_name(module, p): n for n, p in self.params.items()}
+        out: dict[str, list] = {}
+        for call in self.calls:
+            grads_out = [g for g in call.grad if g is not None] if call.grad else []
+            if not grads_out:
+                continue
+            batch = grads_out[0].shape[0]
+            leaves, spec = tree_flatten((call.args, call.kwargs))
+            mapped = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch for t in leaves]
+            mapped_leaves = [t.detach() for t, m in zip(leaves, mapped) if m]
+            fixed = {i: t for i, (t, m) in enumerate(zip(leaves, mapped)) if not m}
+            used = [(position, g) for position, g in zip(call.extra, call.grad) if g is not None]
+            positions = [position for position, _ in used]
+            weights = {k: self.params[v].detach() for k, v in local.items()}
+
+            def sample_objective(params, sample_leaves, sample_grads):
+                it = iter(sample_leaves)
+                full = [fixed[i] if i in fixed else next(it).unsqueeze(0) for i in range(len(leaves))]
+                args, kwargs = tree_unflatten(full, spec)
+                result = functional_call(module, params, tuple(args), kwargs)
+                outputs = tree_flatten(result)[0]
+                return sum((outputs[i] * g.unsqueeze(0)).sum() for i, g in zip(positions, sample_grads))
+
+            grads = vmap(grad(sample_objective), in_dims=(None, 0, 0), randomness="same")(weights, mapped_leaves, [g for _, g in used])
+            for key, name in local.items():
+                out.setdefault(name, []).append(Dense(grads[key].to(dtype)))
+        return out
