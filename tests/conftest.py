@@ -1,4 +1,8 @@
-"""Shared fixtures. Tests run offline and single-threaded per worker (pytest -n 2 uses both cores)."""
+"""Shared pytest fixtures (helpers they build on: ``tests/fixtures.py``). Tests run offline and
+single-threaded per worker (pytest -n 2 uses both cores).
+
+A tiny local model directory (random BERT with MiniLM's real tokenizer) and a tiny user data
+file, so the whole pipeline (recipe -> run dir -> eval) runs in seconds."""
 
 import os
 
@@ -6,13 +10,17 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import random
+
 import pytest
 import torch
 
-from tests.conftest_tiny import tiny_data_file, tiny_model_dir, tiny_recipe  # noqa: F401 (fixtures)
-from tests.tiny import tiny_bert, tiny_llama, tiny_vit
+from tests.fixtures import tiny_bert, tiny_llama, tiny_vit
 
 torch.set_num_threads(1)
+
+POSITIVE = ["good", "great", "lovely", "superb", "wonderful", "fine"]
+NEGATIVE = ["bad", "awful", "dull", "poor", "terrible", "boring"]
 
 
 @pytest.fixture
@@ -30,3 +38,52 @@ def vit():
     return tiny_vit()
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from slimtune.zoo.models import load_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = load_tokenizer("minilm-l6")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data_file(tmp_path_factory):
+    rng = random.Random(0)
+    rows = ["text,label"]
+    for i in range(160):
+        label = i % 2
+        word = rng.choice(POSITIVE if label else NEGATIVE)
+        rows.append(f"the film was {word} and {rng.choice(['long', 'short', 'new', 'old'])},{'pos' if label else 'neg'}")
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture
+def tiny_recipe(tiny_model_dir, tiny_data_file):
+    """A recipe dict for the tiny model and data: LoRA, 8 steps, no latency timing."""
+    return {
+        "model": {"name": str(tiny_model_dir)},
+        "task": {"file": str(tiny_data_file), "text": "text", "label": "label"},
+        "method": {"name": "lora", "r": 4},
+        "train": {"max_steps": 8, "batch_size": 16, "lr": 5e-3, "max_length": 16, "warmup_ratio": 0.0},
+        "measure": {"latency": False},
+    }
+
+
+@pytest.fixture
+def trained_run(tiny_recipe, tmp_path):
+    """A finished tiny run (2 steps, a checkpoint after each): its directory."""
+    from slimtune.recipe import validate_recipe
+    from slimtune.runner import train_run
+
+    tiny_recipe["train"].update(max_steps=2, checkpoint_every=1)
+    train_run(validate_recipe(tiny_recipe), tmp_path / "run", progress=False)
+    return tmp_path / "run"

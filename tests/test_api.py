@@ -10,7 +10,7 @@ import torch
 
 import slimtune
 from slimtune.errors import SlimtuneError
-from tests.tiny import tiny_bert
+from tests.fixtures import tiny_bert
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 

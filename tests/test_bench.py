@@ -10,8 +10,6 @@ import yaml
 from slimtune import runner
 from slimtune.bench import load_suite, run_suite
 from slimtune.errors import SlimtuneError
-from slimtune.measure.compare import Summary, fmt_score, summarize
-from slimtune.measure.plots import pareto_front
 
 
 class CountingTrain:
@@ -162,29 +160,6 @@ def test_overrides_order_and_per_method(tmp_path, tiny_recipe):
     assert full.method_label == "full" and full.train.lr == 5.0e-5 and full.train.seed == 3
     assert lora.train.batch_size == full.train.batch_size == 8
     assert [c.group for c in suite.cells] == ["lora", "full"]
-
-
-def test_pareto_front_and_score_format():
-    # cost, metric: (1, .5) (2, .7) (2, .6) dominated, (3, .65) dominated, (4, .9)
-    points = [(2, 0.6), (1, 0.5), (2, 0.7), (3, 0.65), (4, 0.9)]
-    assert pareto_front(points) == [1, 2, 4]
-    assert pareto_front([(1, 10.0), (2, 5.0), (3, 7.0)], higher_is_better=False) == [0, 1]
-    s = Summary(task="t", label="lora", method="lora", metric="accuracy", scores=[0.80, 0.82])
-    assert fmt_score(s) == "81.0 ± 1.4"
-    assert fmt_score(Summary(task="t", label="x", method="x", metric="accuracy", scores=[0.8])) == "80.0"
-
-
-def test_summaries_group_seeds_by_task_and_variant():
-    def row(group, task, acc, seed):
-        report = {"task": {"name": task, "primary_metric": "accuracy"}, "method": {"name": group}, "metrics": {"accuracy": acc},
-                  "params": {"trainable": 10, "trainable_pct": 1.0, "stored_bytes": 40}, "train": {}, "inference": {}}
-        return {"cell": f"{group}__{task}__seed{seed}", "group": group, "status": "ok", "overrides": {"train.seed": seed}, "report": report}
-
-    out = summarize([row("lora", "a", 0.8, 0), row("lora", "a", 0.9, 1), row("lora", "b", 0.5, 0), row("bitfit", "a", 0.7, 0),
-                     {"cell": "x", "status": "failed", "error": "e"}])
-    assert list(out) == ["a", "b"]
-    assert [(s.label, s.n) for s in out["a"]] == [("lora", 2), ("bitfit", 1)]
-    assert out["a"][0].score_mean == pytest.approx(0.85) and out["a"][0].cost("stored_bytes") == 40
 
 
 def test_cli_bench_help_dry_run_and_errors(tmp_path, tiny_recipe, capsys):

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from slimtune.cli import build_parser, main
+from tests.fixtures import one_line_error
 
 
 def run_cli(*args, timeout=300):
@@ -139,3 +140,39 @@ def test_train_and_eval_from_the_command_line(tiny_recipe, tmp_path):
     assert again.returncode == 2 and "not empty" in again.stderr
     evaluated = run_cli("eval", str(tmp_path / "run"))
     assert evaluated.returncode == 0 and "accuracy" in evaluated.stdout
+
+
+def test_corrupt_delta_delta_json_and_recipe_are_one_line_errors_naming_the_file(trained_run, capsys):
+    delta = trained_run / "delta.safetensors"
+    good = delta.read_bytes()
+    delta.write_bytes(good[: len(good) // 2])
+    assert "delta.safetensors: corrupt or truncated safetensors file" in one_line_error(["eval", str(trained_run)], capsys)
+    delta.write_bytes(good)
+    meta = trained_run / "delta.json"
+    text = meta.read_text()
+    meta.write_text(text[: len(text) // 2])
+    assert "delta.json: corrupt JSON" in one_line_error(["eval", str(trained_run)], capsys)
+    meta.write_text(text)
+    recipe = trained_run / "recipe.yaml"
+    recipe.write_text(recipe.read_text()[:-40] + "\n  lr: [unclosed\n")
+    assert "recipe.yaml: invalid YAML (line" in one_line_error(["eval", str(trained_run)], capsys)
+
+
+def test_wrong_base_delta_is_refused_by_the_cli_unless_forced(trained_run, capsys):
+    meta_path = trained_run / "delta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["base"]["weights_sha256"] = "0" * 16
+    meta_path.write_text(json.dumps(meta))
+    err = one_line_error(["eval", str(trained_run)], capsys)
+    assert "delta.json: this delta was made for base" in err and "use --force" in err
+    assert main(["eval", str(trained_run), "--force", "--json"]) == 0
+    assert "accuracy" in json.loads(capsys.readouterr().out)["metrics"]
+
+
+def test_cli_arguments_are_validated_into_one_line_errors(trained_run, tmp_path, capsys):
+    recipe = str(trained_run / "recipe.yaml")
+    assert "drop --out" in one_line_error(["train", recipe, "--resume", str(trained_run), "--out", str(tmp_path / "x")], capsys)
+    assert "--set 'train.lr'" in one_line_error(["train", recipe, "--set", "train.lr"], capsys)
+    assert "train.seed" in one_line_error(["train", recipe, "--set", "train.seed=-1"], capsys)
+    assert "train.epochs" in one_line_error(["train", recipe, "--set", "train.epochs=.inf"], capsys)
+    assert "does not exist" in one_line_error(["train", recipe, "--resume", str(tmp_path / "nope")], capsys)

@@ -1,5 +1,7 @@
 """Recipe validation: every mistake is one line naming the field, the value and what is valid."""
 
+import re
+
 import pytest
 
 from slimtune.errors import SlimtuneError
@@ -128,3 +130,24 @@ def test_model_and_task_overrides_take_a_name_like_the_yaml_shorthand(tmp_path):
 def test_model_and_task_overrides_refuse_what_is_not_a_name(bad):
     with pytest.raises(SlimtuneError, match=r"--set .*is a name or a YAML mapping"):
         load_recipe(None, [bad])
+
+
+def test_on_nonfinite_is_validated():
+    with pytest.raises(SlimtuneError, match="train.on_nonfinite: Input should be 'stop' or 'skip'"):
+        validate_recipe({"task": {"name": "trec-6"}, "method": "lora", "train": {"on_nonfinite": "ignore"}})
+
+
+def test_a_recipe_cannot_construct_python_objects(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.yaml"
+    path.write_text(f"model: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(SlimtuneError, match=r"evil.yaml: invalid YAML"):
+        load_recipe(path)
+    assert not marker.exists()
+
+
+def test_pathologically_nested_yaml_is_a_one_line_error(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("a: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(SlimtuneError, match=re.escape("invalid YAML: nested too deeply")):
+        load_recipe(path)

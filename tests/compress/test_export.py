@@ -98,14 +98,13 @@ def test_causal_lm_lora_exports_as_causal_lm_without_head(tmp_path):
     from transformers import LlamaForCausalLM
 
     from slimtune.core.arch import Arch
-    from tests.methods.checks import attach, randomize
-    from tests.tiny import tiny_llama, token_batch
+    from tests.fixtures import attach, randomize, tiny_llama, token_batch
 
     base_dir = tmp_path / "tiny-llama"
     tiny_llama(lm=True).save_pretrained(base_dir)
     model = LlamaForCausalLM.from_pretrained(base_dir).eval()
-    delta = attach(model, "lora", r=2, alpha=6, targets=["q_proj", "v_proj", "down_proj"])
-    randomize(model, delta)
+    delta = attach(model, ("lora", dict(r=2, alpha=6, targets=["q_proj", "v_proj", "down_proj"])))
+    randomize(delta, model, scale=0.2, replace=True)
     assert Arch.of(model).family == "llama"
     run = tmp_path / "run"
     run.mkdir()

@@ -16,7 +16,7 @@ from slimtune.compress.quantize import (
 from slimtune.errors import SlimtuneError
 from slimtune.recipe import validate_recipe
 from slimtune.runner import train_run
-from tests.tiny import tiny_bert, token_batch
+from tests.fixtures import tiny_bert, token_batch
 
 
 def test_fake_quant_weight_is_what_int8_conversion_stores():

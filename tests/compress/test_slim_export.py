@@ -19,6 +19,7 @@ from slimtune.methods.delta import read_delta
 from slimtune.recipe import load_recipe, validate_recipe
 from slimtune.runner import build, export_run, train_run
 from slimtune.sparsity.structured import remove_ffn_neurons, remove_heads
+from slimtune.zoo.heads import configure_pooling
 
 TEXTS = ["the film was great and new", "the film was awful", "dull and long, very long indeed"]
 
@@ -84,7 +85,14 @@ def test_merged_and_ffn_only_exports_are_plain_hugging_face(run_dir, tmp_path):
     export_run(run_dir, ffn, slim="ffn=0.25,scope=local,multiple=1,criterion=magnitude", measure=False)
     assert read_json(ffn / "slimtune_export.json")["layout"] == "hf"
     assert json.loads((ffn / "config.json").read_text())["intermediate_size"] == 48
-    AutoModelForSequenceClassification.from_pretrained(ffn)  # loads with no shape errors
+    plain = AutoModelForSequenceClassification.from_pretrained(ffn).eval()  # plain transformers, no slimtune
+    assert plain.bert.encoder.layer[0].intermediate.dense.out_features == 48
+    loaded = slimtune.load_exported(ffn)
+    theirs = plain.state_dict()
+    assert all(torch.equal(theirs[k], v) for k, v in loaded.state_dict().items())  # the same tensors ...
+    # ... and, with the pooling the export records put back (see compress/loader.py), the same model
+    configure_pooling(plain, read_json(ffn / "slimtune_export.json")["pooling"], "classification")
+    assert torch.equal(logits(plain, built), logits(loaded, built))
 
 
 def test_int8_export_loads_and_evaluates(run_dir, tmp_path):
@@ -159,7 +167,7 @@ def test_cli_export_prints_the_report(run_dir, tmp_path, capsys):
 ])
 def test_llama_gqa_slimmed_round_trip(tmp_path, heads, layout):
     from slimtune.compress.export import save_exported
-    from tests.tiny import tiny_llama, token_batch
+    from tests.fixtures import tiny_llama, token_batch
 
     model = tiny_llama()
     remove_heads(model, heads)

@@ -9,8 +9,8 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from slimtune.errors import SlimtuneError
 from slimtune.methods.compacter import PHMLinear
-from tests.methods.helpers import attach, randomize, round_trip
-from tests.tiny import tiny_bert, tiny_llama, tiny_vit, token_batch
+from tests.fixtures import attach, randomize, round_trip
+from tests.fixtures import tiny_bert, tiny_llama, tiny_vit, token_batch
 
 ALL = ["houlsby", "pfeiffer", "compacter", "compacter++"]
 # Tiny models have hidden 32: Compacter's default reduction 32 gives width 1, not divisible by n=4.
@@ -222,7 +222,7 @@ def test_conflicting_compositions_fail_clearly(methods, message):
 
 @pytest.mark.parametrize("name", ALL)
 def test_mpnet_sites(name):
-    from tests.methods.helpers import tiny_mpnet
+    from tests.fixtures import tiny_mpnet
 
     model = tiny_mpnet()
     method = attach(model, (name, TINY_FIELDS[name])).methods[0]
@@ -230,7 +230,8 @@ def test_mpnet_sites(name):
     if name in ("houlsby", "compacter"):
         expected |= {"layer.0.attention.attn.o", "layer.1.attention.attn.o"}
     assert {s.split("encoder.")[-1] for s in method.sites_found} == expected
-    model(**token_batch())
+    batch = token_batch()  # near-identity at init, as on BERT and Llama (test_near_identity_at_init)
+    torch.testing.assert_close(model(**batch).logits, tiny_mpnet()(**batch).logits, atol=2e-3, rtol=0)
 
 
 ADAPTERHUB_FIXTURE = __import__("pathlib").Path(__file__).parent / "data" / "adapterhub_minilm_l6.safetensors"

@@ -12,7 +12,7 @@ from slimtune.core.arch import Arch
 from slimtune.methods.dsee import DSEE, DSEELinear, godec, sparse_support
 from slimtune.recipe import validate_recipe
 from slimtune.runner import evaluate_run, train_run
-from tests.tiny import tiny_bert, token_batch
+from tests.fixtures import tiny_bert, token_batch
 
 
 def synthetic(seed=0, rows=64, cols=48, rank=3, nnz=40):

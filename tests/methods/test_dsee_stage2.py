@@ -16,7 +16,7 @@ from slimtune.recipe import validate_recipe
 from slimtune.runner import build, evaluate_run, train_run
 from slimtune.sparsity.structured import head_dim_of, layer_parts
 from slimtune.sparsity.importance import unit_importance
-from tests.tiny import tiny_bert, token_batch
+from tests.fixtures import tiny_bert, token_batch
 
 
 def attached(**fields):
@@ -139,7 +139,7 @@ def test_heads_plus_ffn_run_saves_more_flops_and_the_delta_replays(tmp_path, tin
 
 
 def test_resume_around_the_prune_step_gives_the_same_delta(tmp_path, tiny_recipe):
-    from tests.conftest_tiny import crash_run
+    from tests.fixtures import crash_run
 
     recipe = stage2_recipe(tiny_recipe)
     recipe["train"].update(max_steps=12, checkpoint_every=3)
@@ -175,7 +175,7 @@ def test_stage2_misfits_are_refused_when_the_run_is_built(tiny_recipe):
 
 
 def test_llama_grouped_query_heads_are_removed_by_whole_groups():
-    from tests.tiny import tiny_llama
+    from tests.fixtures import tiny_llama
 
     model = tiny_llama()
     n_heads, n_kv = model.config.num_attention_heads, model.config.num_key_value_heads
@@ -183,7 +183,14 @@ def test_llama_grouped_query_heads_are_removed_by_whole_groups():
     group = n_heads // n_kv
     method = DSEE({"r": 2, "num_sparse": 4, "decomposition_rank": 2, "prune": "heads", "heads_per_layer": group, "head_score": "magnitude"})
     method.attach(model, Arch.of(model))
+    dense = copy.deepcopy(model)
     info = run_stage2(method, model)
     for heads in info["removed_heads"].values():
         assert len(heads) == group and heads == list(range(heads[0], heads[0] + group)) and heads[0] % group == 0
-    model(input_ids=torch.tensor([[1, 2, 3, 4]]))
+    # the slimmed model computes the merged dense one with those heads' contexts zeroed
+    removed = {int(layer): heads for layer, heads in info["removed_heads"].items()}
+    assert removed
+    reference = masked_reference(dense, removed, {})
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5, rtol=1e-5)

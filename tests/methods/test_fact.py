@@ -7,8 +7,8 @@ from transformers import ViTConfig, ViTForImageClassification
 
 from slimtune.core.arch import Arch
 from slimtune.methods.fact import FacTLinear, FacTShared
-from tests.methods.checks import attach, check_merge_and_unmerge, check_round_trip, check_trains
-from tests.tiny import tiny_bert, tiny_llama, tiny_vit
+from tests.fixtures import attach, check_merge_and_unmerge, check_round_trip, check_trains
+from tests.fixtures import tiny_bert, tiny_llama, tiny_vit
 
 
 def reference_delta(shared, layer, out_features, in_features):
@@ -51,7 +51,7 @@ def test_layer_output_equals_the_formula(kind, out_features, in_features):
 def test_ffn_cores_are_the_official_r_by_4r_shapes():
     # a 4d FFN, as ViT-B
     model = ViTForImageClassification(ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
-    attach(model, "fact-tt", rank=3)
+    attach(model, ("fact-tt", dict(rank=3)))
     layer = model.vit.layers[0]
     assert layer.mlp.fc1.fact_core.shape == (4 * 3, 3) and layer.mlp.fc2.fact_core.shape == (3, 4 * 3)
     assert layer.attention.q_proj.fact_core.shape == (3, 3)
@@ -63,7 +63,7 @@ def test_vit_b_trainable_counts_equal_the_paper(r):
     for name, expected in [("fact-tt", 1536 * r + 144 * r * r), ("fact-tk", 1536 * r + r**3 + 144 * r)]:
         with torch.device("meta"):
             model = ViTForImageClassification(config)
-        delta = attach(model, name, rank=r)
+        delta = attach(model, (name, dict(rank=r)))
         method = delta.methods[0]
         assert method.param_count(model) == method.expected_param_count(model) == expected, name
         assert method.num_slices(model) == 144
@@ -75,7 +75,7 @@ def test_vit_b_trainable_counts_equal_the_paper(r):
 def test_counts_on_tiny_models_and_llama_ffn_and_gqa_slicing(factory):
     # Tiny configs: hidden 32, FFN 64 = 2 slices per FFN matrix; Llama has 3 FFN matrices.
     model = factory()
-    delta = attach(model, "fact-tt", rank=2)
+    delta = attach(model, ("fact-tt", dict(rank=2)))
     method = delta.methods[0]
     expected_slices = {tiny_bert: 2 * (4 + 2 + 2), tiny_vit: 2 * (4 + 2 + 2), tiny_llama: 2 * (4 + 2 + 2 + 2)}[factory]
     assert method.num_slices(model) == expected_slices
@@ -88,10 +88,10 @@ def test_counts_on_tiny_models_and_llama_ffn_and_gqa_slicing(factory):
 @pytest.mark.parametrize("name", ["fact-tt", "fact-tk"])
 def test_starts_from_the_pretrained_function(name):
     model = tiny_bert()
-    from tests.tiny import token_batch
+    from tests.fixtures import token_batch
 
     before = model(**token_batch()).logits
-    attach(model, name, rank=2)
+    attach(model, (name, dict(rank=2)))
     model.eval()
     torch.testing.assert_close(model(**token_batch()).logits, before)
 
@@ -110,7 +110,7 @@ def test_trains_a_few_steps(name, factory):
 
 def test_shared_factors_are_registered_once_and_used_by_every_layer():
     model = tiny_bert()
-    delta = attach(model, "fact-tk", rank=2)
+    delta = attach(model, ("fact-tk", dict(rank=2)))
     names = list(delta.methods[0].trainable_parameters(model))
     assert sorted(n for n in names if "fact_shared" in n) == ["fact_shared.fact_C", "fact_shared.fact_P", "fact_shared.fact_U", "fact_shared.fact_V"]
     assert len(names) == 4  # TK has no per-layer parameters

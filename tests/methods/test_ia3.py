@@ -6,8 +6,8 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from slimtune.errors import SlimtuneError
-from tests.methods.helpers import attach, randomize, round_trip
-from tests.tiny import tiny_bert, tiny_llama, tiny_vit, token_batch
+from tests.fixtures import attach, randomize, round_trip
+from tests.fixtures import tiny_bert, tiny_llama, tiny_vit, token_batch
 
 
 def test_scaling_equals_the_formula():
@@ -91,11 +91,28 @@ def test_merge_equals_unmerged_and_unmerge_restores_exactly(factory):
     torch.testing.assert_close(model(**batch).logits, unmerged, atol=0, rtol=0)
 
 
+def check_scales_the_forward(factory, inputs):
+    """At init (vectors of ones) the adapted model is the base model; moved off one, the vectors
+    change the last hidden states, and merging them into the weights gives the same outputs."""
+    def last_hidden(model):
+        return model(**inputs, output_hidden_states=True).hidden_states[-1]
+
+    base = last_hidden(factory())
+    model = factory()
+    delta = attach(model, "ia3")
+    assert torch.equal(last_hidden(model), base)
+    randomize(delta, model)
+    scaled = last_hidden(model)
+    assert (scaled - base).abs().max() > 1e-3  # exactly 0 if the vectors were not applied
+    delta.merge(model)
+    torch.testing.assert_close(last_hidden(model), scaled, atol=1e-5, rtol=1e-5)
+
+
 def test_vit_defaults():
     model = tiny_vit()
     method = attach(model, "ia3").methods[0]
     assert method.param_count(model) == 2 * (32 + 32 + 64)
-    model(pixel_values=torch.randn(1, 1, 8, 8))
+    check_scales_the_forward(tiny_vit, {"pixel_values": torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))})
 
 
 @pytest.mark.parametrize("factory", [tiny_bert, tiny_llama])
@@ -122,9 +139,9 @@ def test_feedforward_must_be_a_target():
 
 
 def test_mpnet_defaults():
-    from tests.methods.helpers import tiny_mpnet
+    from tests.fixtures import tiny_mpnet
 
     model = tiny_mpnet()
     method = attach(model, "ia3").methods[0]
     assert method.param_count(model) == 2 * (32 + 32 + 64)
-    model(**token_batch())
+    check_scales_the_forward(tiny_mpnet, token_batch())

@@ -7,8 +7,8 @@ from transformers import ViTConfig, ViTForImageClassification
 
 from slimtune.errors import SlimtuneError
 from slimtune.methods.kadaptation import KAdaptSlow, KronLinear
-from tests.methods.checks import attach, check_merge_and_unmerge, check_round_trip, check_trains
-from tests.tiny import tiny_bert, tiny_llama, tiny_vit, token_batch
+from tests.fixtures import attach, check_merge_and_unmerge, check_round_trip, check_trains
+from tests.fixtures import tiny_bert, tiny_llama, tiny_vit, token_batch
 
 
 def kron(a, b):
@@ -45,7 +45,7 @@ def test_layer_output_equals_the_formula(slow_rank, out_features, in_features):
 
 def test_slow_weights_are_shared_by_layers_and_v_uses_its_own_fast_weights():
     model = tiny_bert()
-    delta = attach(model, "kadaptation", n=4)
+    delta = attach(model, ("kadaptation", dict(n=4)))
     layers = {n: m for n, m in model.named_modules() if isinstance(m, KronLinear)}
     assert len(layers) == 4 and all(m.slow is model.kadapt_slow for m in layers.values())
     kinds = {m.kind for m in layers.values()}
@@ -66,7 +66,7 @@ def test_slow_weights_are_shared_by_layers_and_v_uses_its_own_fast_weights():
 
 def test_parameter_count_equals_the_closed_form():
     model = tiny_bert()
-    delta = attach(model, "kadaptation", n=4, rank=2)
+    delta = attach(model, ("kadaptation", dict(n=4, rank=2)))
     method = delta.methods[0]
     # slow: 2 kinds x n * 2n; fast: 4 targets x r (32 + 32)
     assert method.param_count(model) == method.expected_param_count(model) == 2 * 4 * 8 + 4 * 2 * 64
@@ -85,14 +85,14 @@ def test_vit_b_count_with_official_defaults():
 def test_starts_from_the_pretrained_function():
     model = tiny_bert()
     before = model(**token_batch()).logits
-    attach(model, "kadaptation", n=4)
+    attach(model, ("kadaptation", dict(n=4)))
     model.eval()
     torch.testing.assert_close(model(**token_batch()).logits, before)
 
 
 def test_n_that_does_not_divide_a_target_is_one_clear_line():
     with pytest.raises(SlimtuneError, match=r"method.n: 5 does not divide the shape 32 x 32"):
-        attach(tiny_bert(), "kadaptation", n=5)
+        attach(tiny_bert(), ("kadaptation", dict(n=5)))
 
 
 @pytest.mark.parametrize("factory", [tiny_bert, tiny_llama, tiny_vit])
@@ -107,7 +107,7 @@ def test_trains_a_few_steps(factory):
 
 def test_targets_from_a_list(tiny_recipe):
     model = tiny_bert()
-    delta = attach(model, "kadaptation", n=4, targets=["bert.encoder.layer.1.attention.self.key", "intermediate.dense"])
+    delta = attach(model, ("kadaptation", dict(n=4, targets=["bert.encoder.layer.1.attention.self.key", "intermediate.dense"])))
     assert sorted(delta.methods[0].wrapped) == ["bert.encoder.layer.0.intermediate.dense", "bert.encoder.layer.1.attention.self.key", "bert.encoder.layer.1.intermediate.dense"]
 
 

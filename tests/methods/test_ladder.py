@@ -7,21 +7,16 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from slimtune.errors import SlimtuneError
 from slimtune.methods.base import get_method_class
-from slimtune.core.arch import Arch
-from slimtune.methods.delta import Delta
-from slimtune.recipe import MethodSpec, validate_recipe
+from slimtune.recipe import validate_recipe
 from slimtune.runner import evaluate_run, train_run
-from tests.tiny import tiny_bert, tiny_llama, token_batch
+from tests.fixtures import attach, disable_dropout, tiny_bert, tiny_llama, token_batch
 
 
 def lst_delta(model, objective="classification", **fields):
-    cls = get_method_class("lst")
-    delta = Delta.from_specs([MethodSpec(name="lst", config=cls.Config(**fields))])
-    delta.attach(model, Arch.of(model, objective))
+    delta = attach(model, ("lst", fields), objective=objective)
     return delta, delta.methods[0]
 
 
@@ -47,12 +42,6 @@ def with_labels(batch, objective):
     else:
         batch["labels"] = torch.tensor([0, 1, 1])
     return batch
-
-
-def no_dropout(model):
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
 
 
 def backbone_layers(model):
@@ -196,9 +185,7 @@ def test_lst_saves_far_fewer_activation_bytes_than_lora():
 
         config = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256, max_position_embeddings=64, attn_implementation="sdpa")
         model = BertForSequenceClassification(config)
-        cls = get_method_class(method)
-        delta = Delta.from_specs([MethodSpec(name=method, config=cls.Config(**fields))])
-        delta.attach(model, Arch.of(model))
+        attach(model, (method, fields))
         model.train()
         meter = TrainingMemoryMeter()
         batch = with_labels(token_batch(seq=48), "classification")
@@ -299,7 +286,14 @@ def test_layer_dropping_selects_the_ladders(fields, ladder):
     _, method = lst_delta(model, **fields)
     assert method.ladder == ladder
     assert len(model.lst.blocks) == len(model.lst.downs) == len(model.lst.gates) == len(ladder)
-    model(**token_batch()).logits.sum()  # runs
+    logits = model(**token_batch()).logits
+    assert logits.shape == (3, 2)
+    logits.sum().backward()
+    # every ladder feeds the output: each side block, down-projection and gate gets a gradient
+    for part in (model.lst.blocks, model.lst.downs, model.lst.gates):
+        for j, module in enumerate(part):
+            params = [module] if isinstance(module, torch.nn.Parameter) else list(module.parameters())
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params), (j, type(module).__name__)
 
 
 def test_bad_layer_choices_are_one_line_errors():
@@ -330,7 +324,7 @@ def test_trainable_count_equals_the_closed_form(factory, objective, fields):
 def test_cache_replays_hidden_states_and_skips_the_backbone():
     model = tiny_bert()
     _, method = lst_delta(model, cache_hidden_states={"max_bytes": 10**7})
-    no_dropout(model)
+    disable_dropout(model)
     calls = []
     model.bert.encoder.layer[0].attention.register_forward_hook(lambda *a: calls.append(1))
     batch = token_batch()

@@ -4,27 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from slimtune.methods.base import get_method_class
-from slimtune.core.arch import Arch
-from slimtune.methods.delta import Delta
 from slimtune.methods.lora import LoRALinear
-from slimtune.recipe import MethodSpec
-from tests.tiny import tiny_bert, tiny_llama, token_batch
-
-
-def lora_delta(model, **fields):
-    cls = get_method_class("lora")
-    delta = Delta.from_specs([MethodSpec(name="lora", config=cls.Config(**fields))])
-    delta.attach(model, Arch.of(model))
-    return delta
-
-
-def randomize(model):
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, LoRALinear):
-                layer.lora_B.normal_()
+from tests.fixtures import attach, randomize_lora_b, tiny_bert, tiny_llama, token_batch
 
 
 def test_layer_output_equals_the_formula():
@@ -56,7 +37,7 @@ def test_starts_from_the_pretrained_function_and_b_is_zero():
     model = tiny_bert()
     batch = token_batch()
     before = model(**batch).logits
-    lora_delta(model)
+    attach(model, "lora")
     torch.testing.assert_close(model(**batch).logits, before)
 
 
@@ -64,8 +45,8 @@ def test_starts_from_the_pretrained_function_and_b_is_zero():
 def test_merge_equals_unmerged_and_unmerge_restores_base_exactly(factory):
     model = factory()
     base_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    delta = lora_delta(model, r=4)
-    randomize(model)
+    delta = attach(model, ("lora", dict(r=4)))
+    randomize_lora_b(model)
     batch = token_batch()
     unmerged = model(**batch).logits
     delta.merge(model)
@@ -81,7 +62,7 @@ def test_merge_equals_unmerged_and_unmerge_restores_base_exactly(factory):
 
 def test_parameter_count_equals_r_times_in_plus_out():
     model = tiny_bert()
-    delta = lora_delta(model, r=4)
+    delta = attach(model, ("lora", dict(r=4)))
     method = delta.methods[0]
     # 2 layers x (query + value), each 32 -> 32: r (in + out) = 4 * 64
     assert method.param_count(model) == method.expected_param_count(model) == 2 * 2 * 4 * 64
@@ -89,14 +70,14 @@ def test_parameter_count_equals_r_times_in_plus_out():
 
 def test_targets_by_pattern_and_regex():
     model = tiny_bert()
-    delta = lora_delta(model, targets=["re:.*layer\\.1\\.attention\\.self\\.(key|value)"])
+    delta = attach(model, ("lora", dict(targets=["re:.*layer\\.1\\.attention\\.self\\.(key|value)"])))
     wrapped = sorted(delta.methods[0].wrapped)
     assert wrapped == ["bert.encoder.layer.1.attention.self.key", "bert.encoder.layer.1.attention.self.value"]
 
 
 def test_delta_state_holds_only_lora_and_head():
     model = tiny_bert()
-    delta = lora_delta(model)
+    delta = attach(model, "lora")
     state = delta.state_dict(model)
     assert all(".lora_" in k or k.startswith(("classifier", "bert.pooler")) for k in state)
     assert sum(v.numel() for v in state.values()) == sum(p.numel() for p in delta.trainable_parameters(model).values())
@@ -106,7 +87,7 @@ def test_frozen_a_trains_only_b_but_saves_and_restores_a():
     """FFA-LoRA (train_a: false): B alone is trainable (r * out per layer), A stays at its init
     through a training step, and the delta still carries A so that a fresh model replays it."""
     model = tiny_bert()
-    delta = lora_delta(model, r=4, train_a=False)
+    delta = attach(model, ("lora", dict(r=4, train_a=False)))
     method = delta.methods[0]
     trainable = delta.trainable_parameters(model)
     assert not any(".lora_A" in n for n in trainable)
@@ -125,7 +106,7 @@ def test_frozen_a_trains_only_b_but_saves_and_restores_a():
     assert set(a_before) <= set(state)
     fresh = tiny_bert()
     torch.manual_seed(123)  # another A init: loading must overwrite it
-    fresh_delta = lora_delta(fresh, r=4, train_a=False)
+    fresh_delta = attach(fresh, ("lora", dict(r=4, train_a=False)))
     assert not all(torch.equal(p, a_before[n]) for n, p in fresh.named_parameters() if n in a_before)
     fresh_delta.load_state_dict(fresh, state)
     batch = token_batch()

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from slimtune.errors import SlimtuneError
-from tests.methods.helpers import attach, randomize, round_trip
-from tests.tiny import tiny_bert, tiny_llama, tiny_vit, token_batch
+from tests.fixtures import attach, randomize, round_trip
+from tests.fixtures import tiny_bert, tiny_llama, tiny_vit, token_batch
 
 N = 5
 
@@ -61,7 +61,7 @@ def test_llama_lm_loss_is_computed_on_the_text_only():
 
 def test_vit_prompts_follow_the_cls_token():
     model = tiny_vit()
-    delta = attach(model, ("prompt", {"num_tokens": N}))
+    attach(model, ("prompt", {"num_tokens": N}))
     pixels = torch.randn(2, 1, 8, 8)
     seen = {}
     model.vit.layers[0].register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
@@ -130,7 +130,7 @@ def test_needs_input_ids():
 
 
 def test_mpnet_inserts_after_the_first_token():
-    from tests.methods.helpers import tiny_mpnet
+    from tests.fixtures import tiny_mpnet
 
     model = tiny_mpnet()
     delta = attach(model, ("prompt", {"num_tokens": N}))

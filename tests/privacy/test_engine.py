@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
-from tests.conftest_tiny import crash_run
+from tests.fixtures import crash_run, make_trainer
 from slimtune.errors import SlimtuneError
 from slimtune.io import read_safetensors
 from slimtune.privacy import accounting
@@ -16,7 +15,6 @@ from slimtune.privacy.engine import PrivacyHook
 from slimtune.recipe import validate_recipe
 from slimtune.runner import build, evaluate_run, train_run
 from slimtune.core.hooks import Hook
-from slimtune.train.trainer import Trainer
 
 
 # -- accounting ---------------------------------------------------------------------------------
@@ -53,26 +51,19 @@ class GradRecorder(Hook):
         self.grads.append({n: p.grad.detach().clone() for n, p in trainer.trainable.items()})
 
 
-def make_trainer(recipe_dict, extra_hooks=(), no_dropout=True):
-    recipe = validate_recipe(recipe_dict)
-    built = build(recipe)
-    if no_dropout:
-        for module in built.model.modules():
-            if isinstance(module, nn.Dropout):
-                module.p = 0.0
-    trainer = Trainer(model=built.model, tokenizer=built.tokenizer, task=built.task, delta=built.delta, recipe=recipe,
-                      objective="classification", hooks=[*built.hooks, *extra_hooks], progress=False)
-    return trainer
+def dp_trainer(recipe_dict, hooks=()):
+    """A trainer on the recipe with its sections' hooks (the privacy hook) and ``hooks``, dropout off."""
+    return make_trainer(recipe_dict, hooks=hooks, recipe_hooks=True, no_dropout=True)
 
 
 def test_noise_zero_and_huge_clip_is_the_non_private_step(tiny_recipe):
     tiny_recipe["train"].update(max_steps=2, batch_size=16, max_grad_norm=None)
     tiny_recipe["measure"]["memory"] = False
     plain = GradRecorder()
-    make_trainer(tiny_recipe, [plain]).fit()
+    dp_trainer(tiny_recipe, [plain]).fit()
     private = GradRecorder()
     dp = dict(tiny_recipe, privacy={"epsilon": None, "noise_multiplier": 0.0, "max_grad_norm": 1e6, "poisson": False, "physical_batch_size": 5})
-    trainer = make_trainer(dp, [private])
+    trainer = dp_trainer(dp, [private])
     trainer.fit()
     assert len(plain.grads) == len(private.grads) == 2
     for step in range(2):
@@ -86,7 +77,7 @@ def test_noise_has_the_expected_scale_when_gradients_are_zero(tiny_recipe):
     tiny_recipe["measure"]["memory"] = False
     tiny_recipe["privacy"] = {"epsilon": None, "noise_multiplier": sigma, "max_grad_norm": clip, "seed": 3}
     recorder = GradRecorder()
-    trainer = make_trainer(tiny_recipe, [recorder])
+    trainer = dp_trainer(tiny_recipe, [recorder])
     hook = next(h for h in trainer.hooks if isinstance(h, PrivacyHook))
     hook.on_train_begin(trainer)
     hook.clipper.clipped_sum = lambda forward, n, c, into: (torch.zeros(n), torch.zeros(n))  # every gradient is 0
@@ -121,7 +112,7 @@ def test_training_stops_rather_than_exceed_the_budget(tiny_recipe):
     tiny_recipe["train"].update(max_steps=50, batch_size=16)
     tiny_recipe["measure"]["memory"] = False
     tiny_recipe["privacy"] = {"epsilon": 2.0, "noise_multiplier": 0.8, "accountant": "rdp"}
-    trainer = make_trainer(tiny_recipe)
+    trainer = dp_trainer(tiny_recipe)
     result = trainer.fit()
     hook = next(h for h in trainer.hooks if isinstance(h, PrivacyHook))
     assert result.steps < 50 and "privacy budget" in result.stop_reason
@@ -161,7 +152,7 @@ def test_bf16_autocast_keeps_the_fast_rules(tiny_recipe):
     tiny_recipe["train"].update(max_steps=1, batch_size=16, precision="bf16")
     tiny_recipe["measure"]["memory"] = False
     tiny_recipe["privacy"] = {"epsilon": None, "noise_multiplier": 1.0}
-    trainer = make_trainer(tiny_recipe)
+    trainer = dp_trainer(tiny_recipe)
     import warnings
 
     with warnings.catch_warnings():

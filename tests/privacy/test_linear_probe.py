@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.conftest_tiny import crash_run
-from tests.privacy.test_engine import make_trainer
+from tests.fixtures import crash_run, make_trainer
 from slimtune.errors import SlimtuneError
 from slimtune.io import read_safetensors
 from slimtune.privacy import accounting, engine, linear_probe
@@ -49,7 +48,7 @@ def test_clipped_gradient_sum_equals_a_one_example_loop(n, features, classes, cl
 
 def probe_trainer(tiny_recipe):
     tiny_recipe["measure"]["memory"] = False
-    return make_trainer(tiny_recipe)
+    return make_trainer(tiny_recipe, recipe_hooks=True, no_dropout=True)
 
 
 def test_noiseless_probe_is_full_batch_gradient_descent_from_zero(tiny_recipe):

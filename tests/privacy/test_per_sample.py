@@ -8,77 +8,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from slimtune.methods.base import get_method_class
-from slimtune.core.arch import Arch
-from slimtune.methods.delta import Delta
-from slimtune.methods.lora import LoRALinear
 from slimtune.privacy.losses import per_sample_losses
 from slimtune.privacy.per_sample import PerSampleClipper
-from slimtune.recipe import MethodSpec
-from tests.tiny import tiny_bert, tiny_llama
-
-
-def attach(model, *methods, objective="classification"):
-    specs = [MethodSpec(name=name, config=get_method_class(name).Config(**fields)) for name, fields in methods]
-    delta = Delta.from_specs(specs)
-    delta.attach(model, Arch.of(model, objective))
-    return delta
-
-
-def make_batch(batch, seq, seed=0, vocab=100, objective="classification"):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, vocab, (batch, seq), generator=g)
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    lengths = torch.randint(max(1, seq // 2), seq + 1, (batch,), generator=g)
-    for i, n in enumerate(lengths.tolist()):  # ragged rows, right-padded
-        mask[i, n:] = 0
-        ids[i, n:] = 0
-    out = {"input_ids": ids, "attention_mask": mask}
-    if objective == "classification":
-        out["labels"] = torch.randint(0, 2, (batch,), generator=g)
-    else:
-        labels = ids.clone()
-        labels[mask == 0] = -100
-        out["labels"] = labels
-    return out
-
-
-def randomize(model):
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, LoRALinear):
-                layer.lora_B.normal_(std=0.5)
-
-
-def loop_reference(model, params, batch, objective):
-    """Per-sample gradients by one backward pass per example (the obvious way)."""
-    out = {n: [] for n in params}
-    for i in range(batch["input_ids"].shape[0]):
-        one = {k: v[i : i + 1] for k, v in batch.items()}
-        inputs = {k: v for k, v in one.items() if k != "labels"}
-        loss = per_sample_losses(model(**inputs), one, objective).sum()
-        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        for (name, p), g in zip(params.items(), grads):
-            out[name].append(torch.zeros_like(p) if g is None else g)
-    return {n: torch.stack(v) for n, v in out.items()}
-
-
-def engine_per_sample(model, params, batch, objective, **kwargs):
-    clipper = PerSampleClipper(model, params, **kwargs)
-
-    def forward():
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return per_sample_losses(model(**inputs), batch, objective)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no rule may be demoted in these tests
-        _, contributions = clipper.per_sample(forward, batch["input_ids"].shape[0])
-    clipper.remove()
-    dense = {}
-    for name, items in contributions.items():
-        dense[name] = sum(item.dense() for item in items).reshape(-1, *params[name].shape)
-    return dense, clipper
+from tests.fixtures import attach, engine_per_sample, loop_reference, make_batch, randomize_lora_b, tiny_bert, tiny_llama
 
 
 def check(model, delta, batch, objective="classification", expect_rules=None, **kwargs):
@@ -103,14 +35,14 @@ def test_lora_and_head(ghost):
         if isinstance(m, nn.Dropout):
             m.p = 0.0
     delta = attach(model, ("lora", {"r": 3}))
-    randomize(model)
+    randomize_lora_b(model, std=0.5)
     check(model, delta, make_batch(4, 9), ghost=ghost, expect_rules={"lora_A": "lora", "lora_B": "lora", "classifier.weight": "linear"})
 
 
 def test_lora_with_a_frozen_a_takes_per_sample_gradients_of_b_only():
     model = tiny_bert().eval()
     delta = attach(model, ("lora", {"r": 3, "train_a": False}))
-    randomize(model)
+    randomize_lora_b(model, std=0.5)
     clipper = check(model, delta, make_batch(4, 9), expect_rules={"lora_B": "lora", "classifier.weight": "linear"})
     assert not any("lora_A" in n for n in clipper.describe())
 
@@ -118,7 +50,7 @@ def test_lora_with_a_frozen_a_takes_per_sample_gradients_of_b_only():
 def test_bitfit_with_lora_on_the_same_layers():
     model = tiny_bert().eval()
     delta = attach(model, ("lora", {"r": 2}), ("bitfit", {}))
-    randomize(model)
+    randomize_lora_b(model, std=0.5)
     check(model, delta, make_batch(3, 7), expect_rules={"lora_A": "lora", "LayerNorm.bias": "layernorm"})
 
 
@@ -143,7 +75,7 @@ def test_llama_lm_lora_q_v_uses_the_lora_rule(batch):
     # The causal-LM DP-LoRA path (smollm2-135m): LoRA on q_proj/v_proj, per-row mean token loss.
     model = tiny_llama(lm=True).eval()
     delta = attach(model, ("lora", {"r": 2}), objective="lm")
-    randomize(model)
+    randomize_lora_b(model, std=0.5)
     clipper = check(model, delta, make_batch(batch, 7, objective="lm"), objective="lm", expect_rules={"q_proj.lora_A": "lora", "v_proj.lora_B": "lora"})
     assert set(clipper.describe().values()) == {"lora"}
 
@@ -211,14 +143,14 @@ def test_parameter_read_by_another_module_falls_back_to_the_exact_batched_backwa
 def test_random_shapes_lora_head_bitfit(batch, seq, r, seed, ghost):
     model = tiny_bert().eval()
     delta = attach(model, ("lora", {"r": r}), ("bitfit", {}))
-    randomize(model)
+    randomize_lora_b(model, std=0.5)
     check(model, delta, make_batch(batch, seq, seed=seed), ghost=ghost)
 
 
 def test_clipping_bounds_every_sample_and_sums():
     model = tiny_bert().eval()
     delta = attach(model, ("lora", {"r": 2}))
-    randomize(model)
+    randomize_lora_b(model, std=0.5)
     model.double()
     params = delta.trainable_parameters(model)
     batch = make_batch(5, 6)
@@ -243,7 +175,7 @@ def test_lora_dropout_branch_passes_the_first_batch_check():
     their sum equals autograd's batch gradient on the same graph (no rule is demoted)."""
     model = tiny_bert().train()
     delta = attach(model, ("lora", {"r": 2, "dropout": 0.3}))
-    randomize(model)
+    randomize_lora_b(model, std=0.5)
     model.double()
     params = delta.trainable_parameters(model)
     batch = make_batch(4, 6)

@@ -18,8 +18,8 @@ from slimtune.search.intrinsic_dim import (
     measure_intrinsic_dims,
     main,
 )
-from tests.methods.checks import attach
-from tests.tiny import tiny_bert
+from tests.fixtures import attach
+from tests.fixtures import tiny_bert
 
 
 def sylvester(n):
@@ -120,9 +120,9 @@ def test_search_on_the_tiny_pipeline_emits_targets_kadaptation_and_lora_take(tin
     kinds = result.targets(granularity="kind", reached_only=False)
     assert len(targets) == 2 and len(kinds) == 3
     for method, fields in [("kadaptation", {"n": 4}), ("lora", {"r": 2})]:
-        delta = attach(tiny_bert(), method, targets=targets, **fields)
+        delta = attach(tiny_bert(), (method, dict(targets=targets, **fields)))
         assert sorted(delta.methods[0].wrapped) == sorted(targets)
-        delta = attach(tiny_bert(), method, targets=kinds[:1], **fields)
+        delta = attach(tiny_bert(), (method, dict(targets=kinds[:1], **fields)))
         assert len(delta.methods[0].wrapped) == 2  # one kind = that submodule in both layers
     data = result.to_dict()
     assert data["ranking"][0]["name"] == ranked[0].name and len(data["kinds"]) == 3

@@ -83,7 +83,7 @@ def test_data_criterion_without_data_is_one_line_error(tiny_recipe):
 
 
 def test_pruned_run_resumes_to_the_same_delta(tmp_path, tiny_recipe):
-    from tests.conftest_tiny import crash_run
+    from tests.fixtures import crash_run
 
     recipe = sparse_adapter_recipe(tiny_recipe, schedule="iterative", rounds=2, criterion="magnitude")
     recipe["train"].update(max_steps=8, checkpoint_every=3, batch_size=32)

@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-from transformers import MPNetConfig, MPNetForSequenceClassification
 
 from slimtune.errors import SlimtuneError
 from slimtune.sparsity.structured import (
@@ -16,14 +15,12 @@ from slimtune.sparsity.structured import (
     remove_heads,
     shape_record,
 )
-from tests.tiny import tiny_bert, tiny_llama, token_batch
+from tests.fixtures import tiny_bert, tiny_llama, token_batch
+from tests.fixtures import tiny_mpnet as _tiny_mpnet
 
 
 def tiny_mpnet():
-    torch.manual_seed(0)
-    config = MPNetConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64, max_position_embeddings=64, num_labels=2)
-    return MPNetForSequenceClassification(config).eval()
+    return _tiny_mpnet(max_position_embeddings=64)
 
 
 def masked_dense(model, heads, neurons):
@@ -206,7 +203,11 @@ def test_gqa_selection_removes_whole_kv_groups():
     scores = {0: {0: 9.0, 1: 9.0, 2: 0.1, 3: 0.2}, 1: {0: 0.1, 1: 9.0, 2: 5.0, 3: 5.0}}
     chosen = select_heads(model, scores, 0.5, "global")
     assert chosen == {0: [2, 3], 1: [0, 1]}  # group sums: (18, 0.3), (9.1, 10): the two lowest go
-    remove_heads(model, chosen)  # consistent by construction
+    batch = token_batch()
+    expected = outputs(masked_dense(model, chosen, {}), batch)
+    remove_heads(model, chosen)
+    assert [model.get_submodule(p.o).in_features for p in layer_parts(model)] == [16, 16]  # 2 of 4 heads of dim 8 left
+    torch.testing.assert_close(outputs(model, batch), expected, atol=1e-5, rtol=1e-5)
 
 
 def tiny_lora_model(r=4):

@@ -10,7 +10,7 @@ from slimtune.compress.export import SLIM_DEFAULTS, parse_slim_spec
 from slimtune.errors import SlimtuneError
 from slimtune.sparsity.structured import remove_ffn_neurons
 from slimtune.sparsity.importance import select_lowest, unit_importance
-from tests.tiny import tiny_bert
+from tests.fixtures import tiny_bert
 
 
 def ramp(layers: int, width: int) -> dict[int, dict[int, float]]:

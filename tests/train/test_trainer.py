@@ -6,13 +6,15 @@ import json
 import pytest
 import torch
 
-from tests.conftest_tiny import CrashAt
+from slimtune import runner
 from slimtune.errors import SlimtuneError
 from slimtune.io import read_safetensors
 from slimtune.recipe import validate_recipe
 from slimtune.runner import build, evaluate_run, train_run
+from slimtune.train.checkpoint import list_checkpoints, read_checkpoint
 from slimtune.core.hooks import Hook
 from slimtune.train.trainer import Trainer
+from tests.fixtures import CrashAt, make_trainer
 
 REPORT_KEYS = {
     "model": ["name", "params_total"],
@@ -216,3 +218,73 @@ def test_init_from_names_a_head_of_another_label_count(tiny_recipe, tmp_path):
     tiny_recipe["train"]["init_from"] = str(run)
     with pytest.raises(SlimtuneError, match=r"'classifier.weight' has shape \(3, 32\) there, this recipe needs \(2, 32\)"):
         train_run(validate_recipe(tiny_recipe), tmp_path / "private", progress=False)
+
+
+class PoisonGradient(Hook):
+    """Sets one trainable gradient to NaN (or inf) at the given steps (1-based)."""
+
+    name = "poison"
+
+    def __init__(self, steps, value=float("nan")):
+        self.steps, self.value = set(steps), value
+        self.weights_before = {}
+
+    def on_after_backward(self, trainer):
+        if trainer.step + 1 in self.steps:
+            self.weights_before = {n: p.detach().clone() for n, p in trainer.trainable.items()}
+            next(iter(trainer.trainable.values())).grad.view(-1)[0] = self.value
+
+    def on_step_end(self, trainer):
+        if trainer.step in self.steps:  # the skipped step did not move any weight
+            assert trainer.step_skipped
+            assert all(torch.equal(p, self.weights_before[n]) for n, p in trainer.trainable.items())
+
+
+def test_a_nan_gradient_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_recipe, tmp_path):
+    tiny_recipe["train"].update(checkpoint_every=2)
+    trainer = make_trainer(validate_recipe(tiny_recipe), tmp_path, [PoisonGradient([5])])
+    with pytest.raises(SlimtuneError, match=r"train step 5: gradient of '.+' is not finite \(nan\); stopping \(the last good checkpoint .*step-00000004"):
+        trainer.fit()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002", "step-00000004"]
+    state, tensors = read_checkpoint(list_checkpoints(tmp_path)[-1])  # intact: the hash matches
+    assert state["step"] == 4 and all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+
+
+def test_an_inf_loss_stops_even_before_any_checkpoint(tiny_recipe):
+    class InfLoss(Hook):
+        name = "inf"
+
+        def backward(self, trainer, batch):
+            return torch.tensor(float("inf")) if trainer.step == 1 else None
+
+    trainer = make_trainer(validate_recipe(tiny_recipe), None, [InfLoss()])
+    with pytest.raises(SlimtuneError, match="train step 2: loss is inf; stopping \\(no checkpoint was written yet"):
+        trainer.fit()
+
+
+def test_skip_mode_drops_faulty_steps_and_counts_them_in_the_report(tiny_recipe, tmp_path, monkeypatch):
+    tiny_recipe["train"]["on_nonfinite"] = "skip"
+    real_build = runner.build
+
+    def build_with_poison(*args, **kwargs):
+        built = real_build(*args, **kwargs)
+        built.hooks.append(PoisonGradient([3, 6], value=float("inf")))
+        return built
+
+    monkeypatch.setattr(runner, "build", build_with_poison)
+    report = train_run(validate_recipe(tiny_recipe), tmp_path / "run", progress=False)
+    assert report["train"]["steps"] == 8
+    assert report["train"]["skipped_nonfinite_steps"] == 2 and report["train"]["skipped_steps"] == [3, 6]
+    assert all(torch.isfinite(t).all() for t in read_safetensors(tmp_path / "run/delta.safetensors").values())
+
+
+def test_resume_onto_another_base_model_is_refused(tiny_recipe, tmp_path):
+    tiny_recipe["train"].update(max_steps=3, checkpoint_every=2)
+    recipe = validate_recipe(tiny_recipe)
+    train_run(recipe, tmp_path / "run", progress=False)
+    state_path = list_checkpoints(tmp_path / "run")[-1] / "state.json"
+    state = json.loads(state_path.read_text())
+    state["trainer"]["base"]["weights_sha256"] = "0" * 16
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(SlimtuneError, match="this run was trained on another base model .*resume refused"):
+        train_run(recipe, tmp_path / "run", resume=True, progress=False)

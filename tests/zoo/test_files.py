@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -225,3 +226,37 @@ def test_empty_and_malformed_files(tmp_path):
     (tmp_path / "fake.parquet").write_text("not parquet")
     assert "fake.parquet: cannot read as parquet" in _error({"file": tmp_path / "fake.parquet"})
     assert "unknown metric 'f1'" in _error({"file": tmp_path / "header.csv", "metric": "f1"})
+
+
+@pytest.mark.parametrize(
+    "content,spec,message",
+    [
+        (b"text,label\na,pos\nb,neg\n", {"label": "stars"}, r"no column 'stars' for label; columns present: text, label"),
+        (b"text,label\na,pos\n  ,neg\n", {}, r"data row 2 .*column 'text' \(text\) is missing or empty"),
+        (b"text,label\na,pos\ncaf\xe9,neg\n", {}, r"line 3 .*not UTF-8 \(0xe9\)"),
+        (b"text,label,split\na,pos,train\nb,neg,train\nc,pos,test\nd,meh,validation\n", {"split": "split"},
+         r"data row 4 .*label 'meh' \(validation split\) never occurs in the train split"),
+        (b'{"text": "a", "label": "pos"}\n{"text": ["x"], "label": "neg"}\n', {}, r"line 2: column 'text' \(text\) holds a list"),
+    ],
+)
+def test_bad_data_files_name_the_file_and_the_row(tmp_path, content, spec, message):
+    suffix = ".jsonl" if content.startswith(b"{") else ".csv"
+    path = tmp_path / f"data{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(SlimtuneError, match=message) as info:
+        load_task({"file": str(path), **spec})
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("deep.jsonl", '{"text": ' + "[" * 100_000 + "]" * 100_000 + ', "label": 1}\n', "line 1 is not usable JSON: nested too deeply"),
+        ("big.jsonl", '{"text": 1' + "0" * 5000 + ', "label": 1}\n', "line 1 is not usable JSON: Exceeds the limit"),
+    ],
+)
+def test_pathological_nesting_and_numbers_are_one_line_errors(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(SlimtuneError, match=re.escape(message)):
+        load_task({"file": str(path)})

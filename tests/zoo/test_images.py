@@ -11,23 +11,9 @@ from slimtune.recipe import load_recipe
 from slimtune.zoo.images import IMAGE_TASKS, ImageProcessor, ImageSplit, _per_class_sample, load_image_task
 from slimtune.zoo.images import list_image_tasks
 from slimtune.zoo.tasks import load_task
+from tests.fixtures import write_folder
 
 DIGITS = [str(d) for d in range(10)]
-
-
-def write_folder(root, classes=("cat", "dog", "owl"), per_class=10, size=12):
-    from PIL import Image
-
-    rng = np.random.RandomState(0)
-    for c, name in enumerate(classes):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = (rng.rand(size, size) * 60 + 60 * c).astype(np.uint8)
-            mode_image = Image.fromarray(pixels, "L")
-            if i == 0:  # one colour image per class: converted to the model's channels
-                mode_image = mode_image.convert("RGB")
-            mode_image.save(root / name / f"{i}.png")
-    return root
 
 
 @pytest.mark.parametrize(

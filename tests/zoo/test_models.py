@@ -24,6 +24,7 @@ from slimtune.zoo.models import (
     load_tokenizer,
     model_dir,
 )
+from tests.fixtures import Trap
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -248,3 +249,14 @@ def test_smollm2_converts_once_then_reuses_the_cache(temp_cache):
     with torch.no_grad():
         generated = lm.generate(**prompt, max_new_tokens=3, do_sample=False)
     assert "Paris" in tokenizer.decode(generated[0])
+
+
+def test_a_model_directory_with_only_pickle_weights_is_refused(tiny_model_dir, tmp_path):
+    marker = tmp_path / "pwned"
+    model = tmp_path / "pickled-model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "model.safetensors").unlink()
+    torch.save({"bert.embeddings.word_embeddings.weight": Trap(marker)}, model / "pytorch_model.bin")
+    with pytest.raises(SlimtuneError, match=r"pickled-model: its weights are pickle files \(pytorch_model.bin\)"):
+        load_model(str(model))
+    assert not marker.exists()

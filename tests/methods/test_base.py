@@ -8,7 +8,7 @@ from slimtune.core.arch import Arch, find_targets, pattern_matches
 from slimtune.methods.delta import Delta
 from slimtune.recipe import MethodSpec
 
-from tests.tiny import tiny_bert, tiny_llama, tiny_vit
+from tests.fixtures import tiny_bert, tiny_llama, tiny_vit
 
 FIRST_METHODS = {"lora", "full", "linear-probe", "bitfit"}
 
@@ -104,12 +104,16 @@ def test_bitfit_on_a_model_without_biases_is_a_clear_error():
 
 
 def test_selectors_train_what_they_say():
-    for name, check in [
-        ("full", lambda n: True),
-        ("linear-probe", lambda n: "classifier" in n or "pooler" in n),
-        ("bitfit", lambda n: n.endswith("bias") or "classifier" in n or "pooler" in n),
-    ]:
+    """Exactly the selected parameters train: all of them (full), the head and pooler (linear
+    probe), every bias plus the head and pooler (BitFit); each set written out independently."""
+    names = [n for n, _ in tiny_bert().named_parameters()]
+    head = {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight", "bert.pooler.dense.bias"}
+    biases = {n for n in names if n.rsplit(".", 1)[-1] == "bias"}
+    # tiny BERT, 2 layers: embeddings LN + 8 per layer (q, k, v, attention output, its LN, FFN in,
+    # FFN out, its LN) + pooler + classifier
+    assert len(names) == 41 and len(biases) == 1 + 2 * 8 + 2
+    for name, expected in [("full", set(names)), ("linear-probe", head), ("bitfit", biases | head)]:
         model = tiny_bert()
         Delta.from_specs([MethodSpec(name=name, config=get_method_class(name).Config())]).attach(model, Arch.of(model))
-        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-        assert trainable and all(check(n) for n in trainable), name
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable == expected, (name, sorted(trainable ^ expected)[:5])

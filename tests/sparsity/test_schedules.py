@@ -1,15 +1,21 @@
-"""Large-Sparse as a recipe switch (``sparsity.large_sparse: true``): the method is widened so that
-its non-zeros at the density equal the dense method's parameters; a one-line error where it
-cannot apply. Also: a sparsity section composed with DSEE's stage 2."""
+"""The sparsity section (slimtune.sparsity.schedules): the cubic and iterative schedules, target
+selection, and Large-Sparse as a recipe switch (``sparsity.large_sparse: true``): the method is
+widened so that its non-zeros at the density equal the dense method's parameters; a one-line
+error where it cannot apply. Also: a sparsity section composed with DSEE's stage 2."""
 
 import copy
 
 import pytest
 
 from slimtune.errors import SlimtuneError
+from slimtune.core.arch import Arch
+from slimtune.methods.delta import Delta
+from slimtune.methods.lora import LoRA
 from slimtune.recipe import validate_recipe
 from slimtune.runner import build, evaluate_run, train_run
-from slimtune.sparsity.schedules import large_sparse_width
+from slimtune.features.sparsity import SparsitySection
+from slimtune.sparsity.schedules import SparsityHook, cubic_sparsity, iterative_densities, large_sparse_width, select_targets
+from tests.fixtures import tiny_bert
 
 
 def recipe_with(tiny_recipe, method, **sparsity):
@@ -29,9 +35,11 @@ def dense_count(model, delta):
     return sum(p.numel() for n, p in delta.trainable_parameters(model).items() if p.dim() >= 2 and n not in set(delta.head_names))
 
 
+# The widths by hand, d = 32, density 0.5: m' = round(m (2 d + 1) / (2 d density + 1)) = round(m 65 / 33):
+# m = 2 -> 130 / 33 = 3.94 -> 4; m = 4 -> 260 / 33 = 7.88 -> 8; LoRA: r / density = 4 / 0.5 = 8.
 @pytest.mark.parametrize("method,field,before,after", [
-    ({"name": "houlsby", "reduction_factor": 16}, "width", 2, large_sparse_width(32, 2, 0.5)),
-    ({"name": "pfeiffer", "reduction_factor": 8}, "width", 4, large_sparse_width(32, 4, 0.5)),
+    ({"name": "houlsby", "reduction_factor": 16}, "width", 2, 4),
+    ({"name": "pfeiffer", "reduction_factor": 8}, "width", 4, 8),
     ({"name": "lora", "r": 4}, "r", 4, 8),
 ])
 def test_large_sparse_widens_to_the_dense_budget(tmp_path, tiny_recipe, method, field, before, after):
@@ -52,7 +60,6 @@ def test_large_sparse_nonzeros_equal_the_dense_adapter():
     from slimtune.core.arch import Arch
     from slimtune.recipe import parse_methods
     from slimtune.sparsity.schedules import large_sparse_specs
-    from tests.tiny import tiny_bert
 
     hidden, density = 384, 0.6
     specs = parse_methods({"name": "houlsby", "reduction_factor": 16}, "test")
@@ -62,7 +69,8 @@ def test_large_sparse_nonzeros_equal_the_dense_adapter():
     model = tiny_bert()
     method = Houlsby(large_sparse_specs(parse_methods({"name": "houlsby", "reduction_factor": 4}, "t"), 32, 0.5)[0][0].config)
     method.attach(model, Arch.of(model))
-    assert method.bottleneck_width(32) == large_sparse_width(32, 8, 0.5)
+    assert method.bottleneck_width(32) == 16  # m = 32 // 4 = 8: round(8 * 65 / 33) = round(15.76)
+    assert {tuple(a.down_weight.shape) for a in method.adapters.values()} == {(16, 32)}  # the attached adapters are that wide
 
 
 @pytest.mark.parametrize("change,message", [
@@ -107,4 +115,55 @@ def test_dsee_stage2_with_another_method_is_one_line_error(tmp_path, tiny_recipe
     assert "\n" not in str(err.value)
     recipe["method"][0]["prune"] = "none"  # stage 1 composes like any update
     recipe["train"]["max_steps"] = 2
-    train_run(validate_recipe(recipe), tmp_path / "stage1", progress=False)
+    report = train_run(validate_recipe(recipe), tmp_path / "stage1", progress=False)
+    assert report["train"]["steps"] == 2 and "dsee" not in report  # no stage 2 ran
+    assert report["method"]["name"] == f"dsee+{other['name']}"
+
+
+def test_cubic_schedule_formula_at_sample_steps():
+    args = dict(initial=0.0, final=0.9, start=10, end=110, frequency=10)
+    assert cubic_sparsity(5, **args) == 0.0
+    assert cubic_sparsity(10, **args) == 0.0
+    assert cubic_sparsity(60, **args) == pytest.approx(0.9 - 0.9 * 0.5**3)
+    assert cubic_sparsity(65, **args) == cubic_sparsity(60, **args)  # held between pruning steps
+    assert cubic_sparsity(30, **args) == pytest.approx(0.9 * (1 - 0.8**3))
+    assert cubic_sparsity(110, **args) == pytest.approx(0.9) and cubic_sparsity(500, **args) == pytest.approx(0.9)
+    assert cubic_sparsity(60, initial=0.2, final=0.8, start=10, end=110, frequency=10) == pytest.approx(0.8 - 0.6 * 0.125)
+
+
+def test_schedule_steps_and_densities():
+    section = SparsitySection(density=0.4, schedule="gradual", start_step=0, end_step=20, frequency=5)
+    hook = SparsityHook(section, None, None, {})
+    hook.total_steps = 40
+    assert [s for s in range(41) if hook.density_at(s) is not None] == [0, 5, 10, 15, 20]
+    assert hook.density_at(20) == pytest.approx(0.4) and hook.density_at(0) == pytest.approx(1.0)
+    section = SparsitySection(density=0.125, schedule="iterative", rounds=3)
+    hook = SparsityHook(section, None, None, {})
+    hook.total_steps = 30
+    assert [hook.density_at(s) for s in (0, 10, 20)] == pytest.approx([0.5, 0.25, 0.125])
+    assert iterative_densities(0.125, 3)[-1] == pytest.approx(0.125)
+
+
+def test_large_sparse_width_matches_the_dense_budget():
+    for d, m, density in ((384, 24, 0.6), (768, 48, 0.4), (32, 2, 0.5)):
+        wide = large_sparse_width(d, m, density)
+        dense_budget = 2 * d * m + m + d
+        sparse_nonzeros = density * 2 * d * wide + wide + d
+        assert abs(sparse_nonzeros - dense_budget) <= (2 * d * density + 1) / 2 + 1e-9  # within half a width unit
+    assert large_sparse_width(384, 24, 0.6) == 40
+    assert large_sparse_width(384, 24, 0.5, bias=False) == 48
+
+
+def test_targets_and_bad_input():
+    model = tiny_bert()
+    delta = Delta([LoRA({"r": 2})])
+    delta.attach(model, Arch.of(model))
+    targets = select_targets(model, delta, "delta")
+    assert sorted(targets)[0].endswith("attention.self.query.lora_A") and len(targets) == 8
+    base = select_targets(model, delta, "base")
+    assert "bert.encoder.layer.0.attention.self.query.base.weight" in base and not any("classifier" in n for n in base)
+    with pytest.raises(SlimtuneError, match="frozen"):
+        select_targets(model, delta, "delta", include=["attention.self.key.weight"])
+    delta.merge(model)
+    with pytest.raises(SlimtuneError, match="merged"):
+        select_targets(model, delta, "base")

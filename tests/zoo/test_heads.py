@@ -5,7 +5,7 @@ import torch
 
 from slimtune.errors import SlimtuneError
 from slimtune.zoo.heads import MaskedMeanPooler, configure_pooling
-from tests.tiny import tiny_bert, tiny_llama, token_batch
+from tests.fixtures import tiny_bert, tiny_llama, token_batch
 
 
 def test_mean_pooling_feeds_the_classifier_the_masked_mean_of_the_last_states():

@@ -1,0 +1,24 @@
+"""Comparing runs (slimtune.measure.compare): scores over seeds, summaries per task and variant."""
+
+import pytest
+
+from slimtune.measure.compare import Summary, fmt_score, summarize
+
+
+def test_score_format():
+    s = Summary(task="t", label="lora", method="lora", metric="accuracy", scores=[0.80, 0.82])
+    assert fmt_score(s) == "81.0 ± 1.4"
+    assert fmt_score(Summary(task="t", label="x", method="x", metric="accuracy", scores=[0.8])) == "80.0"
+
+
+def test_summaries_group_seeds_by_task_and_variant():
+    def row(group, task, acc, seed):
+        report = {"task": {"name": task, "primary_metric": "accuracy"}, "method": {"name": group}, "metrics": {"accuracy": acc},
+                  "params": {"trainable": 10, "trainable_pct": 1.0, "stored_bytes": 40}, "train": {}, "inference": {}}
+        return {"cell": f"{group}__{task}__seed{seed}", "group": group, "status": "ok", "overrides": {"train.seed": seed}, "report": report}
+
+    out = summarize([row("lora", "a", 0.8, 0), row("lora", "a", 0.9, 1), row("lora", "b", 0.5, 0), row("bitfit", "a", 0.7, 0),
+                     {"cell": "x", "status": "failed", "error": "e"}])
+    assert list(out) == ["a", "b"]
+    assert [(s.label, s.n) for s in out["a"]] == [("lora", 2), ("bitfit", 1)]
+    assert out["a"][0].score_mean == pytest.approx(0.85) and out["a"][0].cost("stored_bytes") == 40
