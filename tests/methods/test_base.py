@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -117,3 +119,22 @@ def test_selectors_train_what_they_say():
         Delta.from_specs([MethodSpec(name=name, config=get_method_class(name).Config())]).attach(model, Arch.of(model))
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         assert trainable == expected, (name, sorted(trainable ^ expected)[:5])
+
+
+def _every_method_but_full():
+    from tests.methods.test_contract import TINY_FIELDS
+
+    return [(name, TINY_FIELDS.get(name, {})) for name in all_methods() if name != "full"]
+
+
+@pytest.mark.parametrize("first_full", [True, False], ids=["full-first", "full-last"])
+@pytest.mark.parametrize(("name", "fields"), _every_method_but_full(), ids=lambda v: v if isinstance(v, str) else "")
+def test_full_fine_tuning_composes_with_no_method_in_either_order(name, fields, first_full):
+    """`full` trains every tensor, the other method's too: refused whichever comes first (claims
+    alone, compared by name, missed wrapper methods and FacT/KAdaptation's shared factors)."""
+    from tests.fixtures import attach
+
+    specs = ["full", (name, fields)] if first_full else [(name, fields), "full"]
+    with pytest.raises(SlimtuneError, match=r"'(full|%s)' and '(full|%s)' both (change|train) |'linear-probe' cannot be combined with 'full'" % ((re.escape(name),) * 2)) as info:
+        attach(tiny_bert(), *specs)
+    assert "\n" not in str(info.value)

@@ -82,18 +82,7 @@ CANNOT_RUN = {
 
 #: Known contract violations in src (reported, not fixed here): (case, check, arch or None for
 #: every arch) -> why. Strict: the test fails as soon as src is fixed, so the entry must go then.
-_EVAL_MODE = "attach builds its modules in training mode inside a model in eval mode: their dropout stays on"
-KNOWN_VIOLATIONS = {
-    ("fact-tt", "claims", None): "the shared factors fact_shared.fact_U/fact_V train but are not in claims()",
-    ("fact-tk", "claims", None): "the shared factors fact_shared.fact_U/V/C/P train but are not in claims()",
-    ("kadaptation", "claims", None): "the shared slow weights kadapt_slow.* train but are not in claims()",
-    ("fact-tt", "eval_mode", None): _EVAL_MODE + " (dropout 0.1 by default)",
-    ("fact-tk", "eval_mode", None): _EVAL_MODE + " (dropout 0.1 by default)",
-    ("kadaptation", "eval_mode", None): _EVAL_MODE + " (dropout 0.5 by default)",
-    # (tiny ViT and Llama configs have no hidden dropout, so there the side network is exact)
-    ("lst", "eval_mode", "bert"): _EVAL_MODE + " (the side network's hidden dropout, from BERT's config)",
-    ("lora[dropout=0.1]", "eval_mode", None): _EVAL_MODE,
-}
+KNOWN_VIOLATIONS: dict[tuple[str, str, str | None], str] = {}
 CHECKS = {"trainable", "claims", "param_count", "round_trip", "merge", "eval_mode", "per_sample"}
 
 

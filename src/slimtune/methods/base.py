@@ -15,6 +15,7 @@ every one answers the same questions, so the trainer never needs to know a metho
 - ``claims(model)``: the module/parameter names it wraps or trains, so that two methods in one
   recipe can be checked for conflicts.
 - ``hooks()``: trainer hooks the method needs (e.g. a pruning phase), usually none.
+- ``alone_reason``: why the method means nothing beside another (the linear probe), or None.
 - ``restructuring_reason``: why the method changes the model's structure mid-training (DSEE's
   stage 2), or None; features that fix modules or gradients at the start refuse such a method.
 
@@ -58,6 +59,10 @@ class Method(ABC):
     mergeable: ClassVar[bool] = False
     #: Trains base parameters themselves (selectors such as BitFit): the model is "merged" already.
     in_place: ClassVar[bool] = False
+
+    #: Why the method means nothing beside another one (linear probe: every method trains the
+    #: head already), or None; composing it is refused with this reason.
+    alone_reason: ClassVar[str | None] = None
 
     #: Prefix of modules/parameters the method adds; its parameters are found by it.
     owned_marker: ClassVar[str] = ""

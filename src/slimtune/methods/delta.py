@@ -60,6 +60,8 @@ class Delta:
         for method in self.methods:
             reason = method.restructuring_reason
             others = [m.name for m in self.methods if m is not method]
+            if method.alone_reason and others:
+                raise SlimtuneError(f"method: '{method.name}' cannot be combined with '{others[0]}' ({method.alone_reason}); use '{others[0]}' alone")
             if reason and others:
                 # It merges, unwraps and slices (or masks) the backbone mid-run: another method's
                 # wrappers, inserted modules or selected parameters would be cut or left stale.
@@ -67,6 +69,7 @@ class Delta:
                     f"method: '{method.name}' restructures the model during training ({reason}), which '{others[0]}' "
                     "would not survive; run it alone or without that setting"
                 )
+        was_training = model.training
         owner: dict[str, str] = {}
         for method in self.methods:
             method.attach(model, arch)
@@ -77,6 +80,20 @@ class Delta:
                         "compose methods that touch different parameters"
                     )
                 owner[claimed] = method.name
+        # Claims name modules or parameters as each method sees them when it attaches; a method
+        # that trains everything (full) or that attaches after a wrapper sees the other's
+        # parameters only now. Two methods training one tensor is the same conflict.
+        trained_by: dict[str, str] = {}
+        for method in self.methods:
+            for name in method.trainable_parameters(model):
+                if name in trained_by and trained_by[name] != method.name:
+                    raise SlimtuneError(
+                        f"method: '{method.name}' and '{trained_by[name]}' both train '{name}'; "
+                        "compose methods that touch different parameters"
+                    )
+                trained_by[name] = method.name
+        if not was_training:
+            model.eval()  # modules the methods built start in training mode (dropout on)
         self.head_names = head_parameter_names(model) if arch.objective == "classification" else []
         if self.train_pooler and arch.objective == "classification":
             self.head_names += [n for n, _ in model.named_parameters() if ".pooler." in n]

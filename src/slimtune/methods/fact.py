@@ -158,7 +158,7 @@ class _FacT(LinearUpdateMethod):
             self.wrapped.append(name)
 
     def claims(self, model: nn.Module) -> set[str]:
-        return set(self.wrapped)
+        return set(self.wrapped) | {SHARED_NAME}  # the shared factors train too
 
     def num_slices(self, model: nn.Module) -> int:
         return sum(layer.num_slices for layer in self._layers(model))

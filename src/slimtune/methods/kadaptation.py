@@ -149,7 +149,7 @@ class KAdaptation(LinearUpdateMethod):
             self.wrapped.append(name)
 
     def claims(self, model: nn.Module) -> set[str]:
-        return set(self.wrapped)
+        return set(self.wrapped) | {SLOW_NAME}  # the shared slow weights train too
 
     def expected_param_count(self, model: nn.Module) -> int:
         """Slow: per kind n * 2 n * slow_rank (or n^3 when full); fast: r (in + out) per target."""

@@ -15,6 +15,7 @@ class LinearProbe(Method):
     paper = "Alain & Bengio 2016, linear classifier probes"
     Config = MethodConfig
     in_place = True
+    alone_reason = "it trains only the task head, which every method trains anyway"
 
     def attach(self, model: nn.Module, arch: Arch) -> None:
         if arch.objective != "classification":
