@@ -190,7 +190,8 @@ def render_markdown(result: dict) -> str:
             cells.append(f"{accuracy[label]:.3f}" if label in accuracy else "")
         lines.append("| " + " | ".join(cells) + " |")
     ratios = ", ".join(f"{k} {v:.2f}" for k, v in result.get("ratios", {}).items())
-    intro = f"{s.get('model')}, one training step on batch {s.get('batch_size')} x {s.get('seq_len')} tokens (peak by tensor accounting)."
+    intro = (f"{s.get('model')}, one training step on batch {s.get('batch_size')} x {s.get('seq_len')} tokens (peak by tensor accounting). "
+             "Trainable counts every tensor that trains, BERT's pooler and the task head included (as the report card does).")
     return intro + "\n\n" + "\n".join(lines) + (f"\n\nRatios: {ratios}." if ratios else "")
 
 
