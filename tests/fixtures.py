@@ -391,3 +391,29 @@ def one_line_error(argv, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     return err
+
+
+TEXTS = ["the film was great and new", "the film was awful", "dull and long, very long indeed"]
+
+
+def train_tiny_lora(run, model_dir, data_file, **method):
+    """A finished 8-step LoRA run on the tiny model and data (``method`` adds LoRA fields): ``run``."""
+    from slimtune.recipe import validate_recipe
+    from slimtune.runner import train_run
+
+    recipe = {
+        "model": {"name": str(model_dir)},
+        "task": {"file": str(data_file), "text": "text", "label": "label"},
+        "method": {"name": "lora", "r": 4, **method},
+        "train": {"max_steps": 8, "batch_size": 16, "lr": 5e-3, "max_length": 16, "warmup_ratio": 0.0},
+        "measure": {"latency": False},
+    }
+    train_run(validate_recipe(recipe), run, progress=False)
+    return run
+
+
+def text_logits(model, tokenizer, texts=TEXTS):
+    """The model's float logits on ``texts``, padded as one batch."""
+    encoded = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).logits.float()

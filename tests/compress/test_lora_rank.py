@@ -13,36 +13,19 @@ from slimtune.compress.lora_rank import LORA_RANK_REPORT, parse_lora_rank
 from slimtune.io import read_json
 from slimtune.methods.delta import read_delta
 from slimtune.methods.lora import LoRALinear
-from slimtune.recipe import load_recipe, validate_recipe
-from slimtune.runner import build, evaluate_run, export_run, train_run
+from slimtune.runner import evaluate_run, export_run, load_run
 
-TEXTS = ["the film was great and new", "the film was awful", "dull and long, very long indeed"]
+from tests.fixtures import text_logits, train_tiny_lora
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_model_dir, tiny_data_file):
-    run = tmp_path_factory.mktemp("lora-rank") / "run"
-    recipe = {
-        "model": {"name": str(tiny_model_dir)},
-        "task": {"file": str(tiny_data_file), "text": "text", "label": "label"},
-        "method": {"name": "lora", "r": 4, "alpha": 8},
-        "train": {"max_steps": 8, "batch_size": 16, "lr": 5e-3, "max_length": 16, "warmup_ratio": 0.0},
-        "measure": {"latency": False},
-    }
-    train_run(validate_recipe(recipe), run, progress=False)
-    return run
+    return train_tiny_lora(tmp_path_factory.mktemp("lora-rank") / "run", tiny_model_dir, tiny_data_file, alpha=8)
 
 
 def loaded_run(run):
-    built = build(load_recipe(run / "recipe.yaml"))
-    built.delta.load_state_dict(built.model, read_delta(run)[1])
+    built = load_run(run)
     return built.model.eval(), built
-
-
-def logits(model, built):
-    encoded = built.tokenizer(TEXTS, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        return model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).logits.float()
 
 
 def svd_truncated(run, k):
@@ -72,9 +55,9 @@ def test_rank_k_run_directory_equals_the_svd_truncation_and_evaluates(run_dir, t
 
     pruned, built = loaded_run(out)
     expected, _ = svd_truncated(run_dir, 2)
-    assert torch.allclose(logits(pruned, built), logits(expected, built), atol=1e-5)
+    assert torch.allclose(text_logits(pruned, built.tokenizer), text_logits(expected, built.tokenizer), atol=1e-5)
     original, _ = loaded_run(run_dir)
-    assert not torch.allclose(logits(pruned, built), logits(original, built), atol=1e-5)  # it did change
+    assert not torch.allclose(text_logits(pruned, built.tokenizer), text_logits(original, built.tokenizer), atol=1e-5)  # it did change
     assert evaluate_run(out)["metrics"]["accuracy"] == pytest.approx(report["metrics_after"]["accuracy"])
 
 
@@ -84,7 +67,7 @@ def test_fraction_and_merged_export(run_dir, tmp_path):
     record = read_json(out / "slimtune_export.json")
     assert record["lora_rank"]["kept_rank"] == 2 and record["layout"] == "hf"
     expected, built = svd_truncated(run_dir, 2)
-    assert torch.allclose(logits(slimtune.load_exported(out), built), logits(expected, built), atol=1e-5)
+    assert torch.allclose(text_logits(slimtune.load_exported(out), built.tokenizer), text_logits(expected, built.tokenizer), atol=1e-5)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -15,40 +15,22 @@ from slimtune.compress.quantize import is_int8_linear, quantize_int8
 from slimtune.compress.export import parse_slim_spec, plain_merged
 from slimtune.errors import SlimtuneError
 from slimtune.io import read_json
-from slimtune.methods.delta import read_delta
-from slimtune.recipe import load_recipe, validate_recipe
-from slimtune.runner import build, export_run, train_run
+from slimtune.runner import export_run, load_run
 from slimtune.sparsity.structured import remove_ffn_neurons, remove_heads
 from slimtune.zoo.heads import configure_pooling
 
-TEXTS = ["the film was great and new", "the film was awful", "dull and long, very long indeed"]
+from tests.fixtures import text_logits, train_tiny_lora
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_model_dir, tiny_data_file):
-    run = tmp_path_factory.mktemp("slim") / "run"
-    recipe = {
-        "model": {"name": str(tiny_model_dir)},
-        "task": {"file": str(tiny_data_file), "text": "text", "label": "label"},
-        "method": {"name": "lora", "r": 4},
-        "train": {"max_steps": 8, "batch_size": 16, "lr": 5e-3, "max_length": 16, "warmup_ratio": 0.0},
-        "measure": {"latency": False},
-    }
-    train_run(validate_recipe(recipe), run, progress=False)
-    return run
+    return train_tiny_lora(tmp_path_factory.mktemp("slim") / "run", tiny_model_dir, tiny_data_file)
 
 
 def merged_run_model(run):
-    built = build(load_recipe(run / "recipe.yaml"))
-    built.delta.load_state_dict(built.model, read_delta(run)[1])
+    built = load_run(run)
     plain_merged(built.model, built.delta)
     return built.model.eval(), built
-
-
-def logits(model, built):
-    encoded = built.tokenizer(TEXTS, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        return model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).logits.float()
 
 
 def test_slimmed_export_round_trips_with_identical_outputs(run_dir, tmp_path):
@@ -66,7 +48,7 @@ def test_slimmed_export_round_trips_with_identical_outputs(run_dir, tmp_path):
     remove_heads(expected_model, {i: [h for h in range(4) if h not in layer["heads"]] for i, layer in enumerate(shapes["layers"])})
     remove_ffn_neurons(expected_model, {i: [n for n in range(64) if n not in layer["neurons"]] for i, layer in enumerate(shapes["layers"])})
     loaded = slimtune.load_exported(out)
-    assert torch.equal(logits(loaded, built), logits(expected_model, built))
+    assert torch.equal(text_logits(loaded, built.tokenizer), text_logits(expected_model, built.tokenizer))
 
     assert report["exported"]["params"] < report["reference"]["params"]
     assert report["ratios"]["flops_per_example"] < 0.75
@@ -79,7 +61,7 @@ def test_merged_and_ffn_only_exports_are_plain_hugging_face(run_dir, tmp_path):
     out = tmp_path / "merged"
     export_run(run_dir, out, merge=True, measure=False)
     assert read_json(out / "slimtune_export.json")["layout"] == "hf"
-    assert torch.equal(logits(slimtune.load_exported(out), built), logits(model, built))
+    assert torch.equal(text_logits(slimtune.load_exported(out), built.tokenizer), text_logits(model, built.tokenizer))
     # Local scope keeps a uniform FFN width, which BERT's config can express.
     ffn = tmp_path / "ffn"
     export_run(run_dir, ffn, slim="ffn=0.25,scope=local,multiple=1,criterion=magnitude", measure=False)
@@ -92,7 +74,7 @@ def test_merged_and_ffn_only_exports_are_plain_hugging_face(run_dir, tmp_path):
     assert all(torch.equal(theirs[k], v) for k, v in loaded.state_dict().items())  # the same tensors ...
     # ... and, with the pooling the export records put back (see compress/loader.py), the same model
     configure_pooling(plain, read_json(ffn / "slimtune_export.json")["pooling"], "classification")
-    assert torch.equal(logits(plain, built), logits(loaded, built))
+    assert torch.equal(text_logits(plain, built.tokenizer), text_logits(loaded, built.tokenizer))
 
 
 def test_int8_export_loads_and_evaluates(run_dir, tmp_path):
@@ -104,7 +86,7 @@ def test_int8_export_loads_and_evaluates(run_dir, tmp_path):
     model, built = merged_run_model(run_dir)
     shapes = read_json(out / "shapes.json")
     remove_heads(model, {i: [h for h in range(4) if h not in layer["heads"]] for i, layer in enumerate(shapes["layers"])})
-    assert torch.equal(logits(loaded, built), logits(quantize_int8(model), built))
+    assert torch.equal(text_logits(loaded, built.tokenizer), text_logits(quantize_int8(model), built.tokenizer))
     # FLOPs of an int8 model are those of its float shapes, not 0
     assert report["exported"]["flops_per_example"] > 0.5 * report["reference"]["flops_per_example"]
     assert abs(report["exported"]["metrics"]["accuracy"] - report["reference"]["metrics"]["accuracy"]) <= 0.25
@@ -116,7 +98,7 @@ def test_bf16_export_loads(run_dir, tmp_path):
     loaded = slimtune.load_exported(out)
     assert next(loaded.parameters()).dtype == torch.bfloat16
     model, built = merged_run_model(run_dir)
-    assert torch.allclose(logits(loaded, built), logits(model, built), atol=0.1)
+    assert torch.allclose(text_logits(loaded, built.tokenizer), text_logits(model, built.tokenizer), atol=0.1)
 
 
 @pytest.mark.parametrize("spec, message", [
