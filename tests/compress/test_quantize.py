@@ -4,15 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slimtune.compress.quantize import (
-    disable_fake_quant,
-    enable_fake_quant,
-    fake_quant_activation,
-    fake_quant_weight,
-    int8_state,
-    load_int8_state,
-    quantize_int8,
-)
+from slimtune.compress.qat import disable_fake_quant, enable_fake_quant, fake_quant_activation, fake_quant_weight
+from slimtune.compress.quantize import int8_state, load_int8_state, quantize_int8
 from slimtune.errors import SlimtuneError
 from slimtune.recipe import validate_recipe
 from slimtune.runner import train_run

@@ -188,3 +188,87 @@ def test_lora_dropout_branch_passes_the_first_batch_check():
         warnings.simplefilter("error")
         clipper.per_sample(forward, 4)
     assert "batched-backward" not in clipper.describe().values()
+
+
+# -- masked tensors (sparsity masks as parametrisations) keep their layer's exact rule ---------
+
+
+def _mask_half(model, params, seed=0):
+    from slimtune.sparsity.masks import apply_mask
+
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in params.items():
+        if param.dim() == 2 and "classifier" not in name:
+            module_name, _, tensor = name.rpartition(".")
+            apply_mask(model.get_submodule(module_name), tensor, torch.rand(param.shape, generator=generator) > 0.5)
+
+
+def test_masked_lora_factors_keep_the_lora_rule():
+    model = tiny_bert().eval()
+    delta = attach(model, ("lora", {"r": 3}))
+    randomize_lora_b(model, std=0.5)
+    _mask_half(model, delta.trainable_parameters(model))
+    clipper = check(model, delta, make_batch(4, 7), expect_rules={"lora_A": "lora", "lora_B": "lora"})
+    assert not clipper.slow
+
+
+@pytest.mark.parametrize("ghost", ["always", "never"])
+def test_masked_full_fine_tuning_keeps_linear_embedding_and_ghost_rules(ghost):
+    model = tiny_bert().eval()
+    delta = attach(model, ("full", {}))
+    _mask_half(model, delta.trainable_parameters(model))
+    check(model, delta, make_batch(3, 6), ghost=ghost,
+          expect_rules={"word_embeddings": "embedding", "attention.self.query": "linear", "LayerNorm.weight": "layernorm"})
+
+
+def test_a_masked_tensor_under_the_vmap_rule_is_differentiated_through_its_mask():
+    model = tiny_bert().eval()
+    delta = attach(model, ("compacter", {"reduction_factor": 4}))
+    with torch.no_grad():
+        for p in delta.trainable_parameters(model).values():
+            p.add_(0.1 * torch.randn_like(p))
+    _mask_half(model, delta.trainable_parameters(model))
+    # The shared PHM rule is read by every layer (no module owns its calls): the exact slow path.
+    clipper = check(model, delta, make_batch(3, 6), expect_rules={"W_left": "module-vmap"}, demotions_fail=False)
+    assert set(clipper.slow) == {"compacter_shared.phm_rule"}
+
+
+def test_a_mask_added_after_the_first_batch_rebuilds_the_rules():
+    """A pruning schedule masks mid-training: the next batch must see the new mask (before, the
+    LoRA rule lost track of the factor and its gradient went missing)."""
+    model = tiny_bert().eval().double()
+    delta = attach(model, ("lora", {"r": 3}))
+    randomize_lora_b(model, std=0.5)
+    params = delta.trainable_parameters(model)
+    batch = make_batch(4, 7)
+    clipper = PerSampleClipper(model, params)
+
+    def forward():
+        return per_sample_losses(model(**{k: v for k, v in batch.items() if k != "labels"}), batch, "classification")
+
+    clipper.per_sample(forward, 4)
+    _mask_half(model, params)
+    expected = loop_reference(model, params, batch, "classification")
+    _, contributions = clipper.per_sample(forward, 4)
+    for name in params:
+        got = sum(item.dense() for item in contributions[name]).reshape(expected[name].shape)
+        torch.testing.assert_close(got, expected[name], rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
+    assert not clipper.slow and "batched-backward" not in clipper.describe().values()
+
+
+def test_the_slow_path_is_named_in_one_line():
+    model = tiny_bert().eval()
+    container = nn.Module()
+    container.gain = nn.Parameter(torch.ones(32))
+    model.shared = container
+    out = model.bert.encoder.layer[0].output
+    out.forward = lambda h, i: out.LayerNorm(out.dense(h) * container.gain + i)
+    model.requires_grad_(False)
+    container.gain.requires_grad_(True)
+    batch = make_batch(3, 5)
+    clipper = PerSampleClipper(model, {"shared.gain": container.gain})
+    assert clipper.slow_notice() is None
+    clipper.per_sample(lambda: per_sample_losses(model(**{k: v for k, v in batch.items() if k != "labels"}), batch, "classification"), 3)
+    assert list(clipper.slow) == ["shared.gain"]
+    notice = clipper.slow_notice()
+    assert notice.startswith("DP: 1 parameter(s) take the slow exact per-sample path") and "shared.gain" in notice and "\n" not in notice

@@ -1,5 +1,4 @@
-"""int8 for CPU inference: dynamic quantisation of Linear layers, its safetensors format, and
-quantisation-aware training (QAT).
+"""int8 for CPU inference: dynamic quantisation of Linear layers and its safetensors format.
 
 Which int8 path, and why (checked on this machine, torch 2.13, minilm-l6, batch 32 x 128 tokens,
 2 threads): ``torch.ao.quantization.quantize_dynamic`` runs the fbgemm/x86 int8 GEMM kernels and
@@ -15,28 +14,18 @@ Stored format (``model.safetensors`` of an int8 export): every quantised Linear 
 ``<name>.weight_zero_point`` (int64), ``<name>.bias`` (float32, if any); every other tensor as in
 the float state dict. ``load_int8_state`` rebuilds the quantised modules from it (no pickle).
 
-QAT: the recipe section ``compress: {qat: {...}}`` fake-quantises, while fine-tuning, every
-Linear that int8 export will quantise: the *effective* weight (base + a linear delta such as
-LoRA's s B A, so the delta learns to survive rounding) per output channel exactly as the export
-will, and the input activations per tensor (8 bits, range from each batch), with the
-straight-through estimator (torch's fake-quantise ops). It is switched off after training, so the
-run's own report is of the float model; ``slimtune export --int8`` then converts it.
+Quantisation-aware training for this export: :mod:`slimtune.compress.qat`.
 """
 
 from __future__ import annotations
 
-import types
 import warnings
 from contextlib import contextmanager
-from typing import Any
 
 import torch
-import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from slimtune.errors import SlimtuneError
-from slimtune.core.hooks import Hook
 
 INT8_FORMAT = "torch.ao-dynamic-int8-per-channel"
 WEIGHT_QMIN, WEIGHT_QMAX = -128, 127
@@ -133,102 +122,3 @@ def load_int8_state(model: nn.Module, state: dict[str, torch.Tensor], source: st
                 raise SlimtuneError(f"{source}: '{name}' has shape {tuple(tensor.shape)}, expected {tuple(targets[name].shape)}")
             targets[name].copy_(tensor)
     return model
-
-
-# --------------------------------------------------------------------------------------------
-# Quantisation-aware training.
-# --------------------------------------------------------------------------------------------
-
-
-def fake_quant_weight(weight: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel symmetric int8 fake quantisation, the scale torch's per-channel
-    symmetric observer picks (max |w| / 127.5), straight-through gradient."""
-    amax = weight.detach().abs().amax(dim=1).float()
-    scale = (amax / ((WEIGHT_QMAX - WEIGHT_QMIN) / 2)).clamp_min(torch.finfo(torch.float32).eps)
-    zero = torch.zeros_like(scale, dtype=torch.int32)
-    return torch.fake_quantize_per_channel_affine(weight, scale, zero, 0, WEIGHT_QMIN, WEIGHT_QMAX)
-
-
-def fake_quant_activation(x: torch.Tensor) -> torch.Tensor:
-    """Per-tensor asymmetric 8-bit fake quantisation with the batch's own range (as dynamic
-    quantisation does at inference), straight-through gradient."""
-    lo = x.detach().min().clamp(max=0.0).float()
-    hi = x.detach().max().clamp(min=0.0).float()
-    scale = ((hi - lo) / (ACT_QMAX - ACT_QMIN)).clamp_min(torch.finfo(torch.float32).eps)
-    zero = (ACT_QMIN - torch.round(lo / scale)).clamp(ACT_QMIN, ACT_QMAX).to(torch.int32)
-    return torch.fake_quantize_per_tensor_affine(x, scale, zero, ACT_QMIN, ACT_QMAX)
-
-
-def _effective_weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    from slimtune.methods.linear_update import LinearUpdate
-
-    if isinstance(module, LinearUpdate):
-        base = module.base
-        weight = base.weight if module.merged_from is not None else base.weight + module.delta_weight().to(base.weight.dtype)
-        return weight, base.bias
-    return module.weight, module.bias
-
-
-def _fake_quant_forward(self, x: torch.Tensor) -> torch.Tensor:
-    weight, bias = _effective_weight_and_bias(self)
-    if self.slimtune_qat_activations:
-        x = fake_quant_activation(x)
-    return F.linear(x, fake_quant_weight(weight), bias)
-
-
-def qat_targets(model: nn.Module) -> dict[str, nn.Module]:
-    """The Linears int8 export quantises (every ``nn.Linear``), with a linear delta wrapped around
-    them where a method added one (the wrapper is faked as a whole)."""
-    from slimtune.methods.linear_update import LinearUpdate
-
-    targets: dict[str, nn.Module] = {}
-    inside: set[str] = set()
-    for name, module in model.named_modules():
-        if isinstance(module, LinearUpdate):
-            targets[name] = module
-            inside.add(f"{name}.base")
-        elif type(module) is nn.Linear and name not in inside:
-            targets[name] = module
-    return targets
-
-
-def enable_fake_quant(model: nn.Module, activations: bool = True) -> int:
-    """Make every int8 target compute with fake-quantised weights (and inputs); returns the count.
-    Module names and parameters are untouched (only the instance's forward is swapped)."""
-    count = 0
-    for module in qat_targets(model).values():
-        if "forward" not in module.__dict__:
-            module.forward = types.MethodType(_fake_quant_forward, module)
-        module.slimtune_qat_activations = activations
-        count += 1
-    return count
-
-
-def disable_fake_quant(model: nn.Module) -> None:
-    for module in model.modules():
-        if "forward" in module.__dict__ and getattr(module.forward, "__func__", None) is _fake_quant_forward:
-            del module.forward
-            del module.slimtune_qat_activations
-
-
-class QATConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    activations: bool = Field(True, description="also fake-quantise each Linear's input per tensor (8 bits, as dynamic int8 does at inference)")
-
-
-class QATHook(Hook):
-    name = "qat"
-
-    def __init__(self, config: QATConfig):
-        self.config = config
-        self.layers = 0
-
-    def on_train_begin(self, trainer) -> None:
-        self.layers = enable_fake_quant(trainer.model, self.config.activations)
-
-    def on_train_end(self, trainer) -> None:
-        disable_fake_quant(trainer.model)
-
-    def report(self) -> dict[str, Any]:
-        return {"fake_quant_linears": self.layers, "weights": "int8 per-channel symmetric",
-                "activations": "8-bit per-tensor dynamic" if self.config.activations else "float"}

@@ -13,7 +13,10 @@ stop training by returning a reason from ``stop_reason``; its ``state_dict`` is 
 its ``report`` is merged into ``report.json`` under its ``name``.
 
 Optional capabilities are declared on the class, never sniffed: ``clips_gradients`` (the hook
-clips per-sample gradients itself, so the trainer's global-norm clipping is off) and
+clips per-sample gradients itself, so the trainer's global-norm clipping is off),
+``needs_independent_samples`` (each example's loss must not depend on the other examples of its
+batch, as DP's per-sample sensitivity requires: hooks that compute batch statistics, such as
+QAT's activation ranges, take them per example) and
 ``report_rows`` (its lines on the printed report card, read from its saved ``report.json``
 section, so a report prints the same from disk). Every subclass with its own ``name`` is listed
 in :data:`HOOK_CLASSES`, which the report card reads; it names no hook.
@@ -44,6 +47,8 @@ class Hook:
     name: ClassVar[str] = "hook"
     #: The hook clips (and noises) gradients itself: the trainer must not clip them again.
     clips_gradients: ClassVar[bool] = False
+    #: Each example's loss must depend on that example alone (no statistics over the batch).
+    needs_independent_samples: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from slimtune.compress.quantize import QATConfig, QATHook
+from slimtune.compress.qat import QATConfig, QATHook
 from slimtune.core.features import Feature, register_feature
 from slimtune.core.hooks import Hook
 

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from slimtune import progress
 from slimtune.errors import SlimtuneError
 from slimtune.privacy import accounting
 from slimtune.privacy.linear_probe import probe_target, run_probe
@@ -52,6 +53,7 @@ def _mix(*values: int) -> int:
 class PrivacyHook(Hook):
     name = "privacy"
     clips_gradients = True  # the trainer must not clip the noisy gradient again
+    needs_independent_samples = True  # a clipped per-sample gradient bounds one example's influence only then
 
     def __init__(self, config: PrivacySection):
         self.config = config
@@ -65,6 +67,7 @@ class PrivacyHook(Hook):
         self.clipper: PerSampleClipper | None = None
         self.last_batch_size = 0
         self.clipped_fraction = 0.0
+        self.slow_notice: str | None = None
 
     # -- setup --------------------------------------------------------------------------------
     def on_train_begin(self, trainer) -> None:
@@ -154,6 +157,7 @@ class PrivacyHook(Hook):
             losses, norms = self.clipper.clipped_sum(forward, len(chunk_indices), cfg.max_grad_norm, sums)
             loss_total += float(losses.sum())
             clipped += int((norms > cfg.max_grad_norm).sum())
+        self._tell_slow_path(trainer)
         if trainer.world_size > 1:
             flat = torch.cat([s.flatten() for s in sums.values()] + [torch.tensor([loss_total, clipped, count], dtype=next(iter(sums.values())).dtype)])
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
@@ -175,6 +179,14 @@ class PrivacyHook(Hook):
         self.last_batch_size = count
         self.clipped_fraction = clipped / count if count else 0.0
         return torch.tensor(loss_total / count if count else 0.0)
+
+    def _tell_slow_path(self, trainer) -> None:
+        """One line, once (again only if it changes, e.g. after a mask is added), when some
+        parameters take the slow exact per-sample path: which, and why."""
+        notice = self.clipper.slow_notice()
+        if notice and notice != self.slow_notice and trainer.rank == 0:
+            progress.write(notice)
+        self.slow_notice = notice
 
     def on_step_end(self, trainer) -> None:
         entry = [float(self.noise_multiplier), float(self.sample_rate if self.config.poisson else self.expected_batch / len(trainer.rows["train"]))]
@@ -228,6 +240,7 @@ class PrivacyHook(Hook):
             "poisson": self.config.poisson,
             "steps": self.steps_done(),
             "per_sample_rules": _count_rules(self.clipper.describe()) if self.clipper else {},
+            "slow_path": self.slow_notice,
             **({"linear_probe": {**self.probe_report, "epsilon_alone": accounting.epsilon_of(self.config.accountant, self.probe_history, self.config.delta)}} if self.probe_history else {}),
         }
 

@@ -23,10 +23,15 @@ and these output gradients ("backprops"), by the fastest exact rule for the laye
   one-hot output gradients (``is_grads_batched``), for parameters the rules above cannot see (e.g.
   a parameter of a container module that other modules read directly).
 
+A sparsity mask (a parametrisation ``original * kept``) keeps the layer's rule: the rule gives the
+gradient of the tensor the forward reads, times ``kept``. When masks are added or removed during
+training (a pruning schedule), the rules are rebuilt and checked again.
+
 On its first batch the engine checks each rule: the sum of its per-sample gradients must equal
 autograd's batch gradient; a rule that fails (a module whose parameter is used elsewhere, an
 in-place op on a captured output, ...) is demoted to the last resort, so no method has to know
-about DP for its gradients to be right.
+about DP for its gradients to be right. Each parameter sent to the last resort is named, with the
+reason, in :attr:`PerSampleClipper.slow` (the DP hook prints it once, in one line).
 
 The rules are a registry keyed by exact module type (:mod:`slimtune.privacy.rules`, as Opacus'
 ``register_grad_sampler``); this module is the clipper that applies them.
@@ -34,14 +39,15 @@ The rules are a registry keyed by exact module type (:mod:`slimtune.privacy.rule
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
-from slimtune.privacy.rules import Call, Dense, ModuleVmapRule, Rule, NotPerSample, rule_for
+from slimtune.privacy.rules import Call, Dense, Masked, ModuleVmapRule, NotPerSample, Rule, rule_for
+from slimtune.sparsity.masks import Mask
 
 
 # --------------------------------------------------------------------------------------------
@@ -55,24 +61,59 @@ class PerSampleClipper:
     def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], *, ghost: str = "auto", check: bool = True):
         self.model = model
         self.params = dict(params)
+        self.ghost = ghost
+        self.check = check
         self.capturing = False
         self.batch_size = 0
-        self.check_pending = check
         self.rules: list[Rule] = []
         self.fallback: dict[str, nn.Parameter] = {}
+        #: Parameter name -> why it takes the slow batched-backward path (empty when none does).
+        self.slow: dict[str, str] = {}
         self._handles: list[Any] = []
+        self._build()
+
+    def _structure(self) -> tuple:
+        """What the rules depend on beyond the parameters: which tensors are parametrised (masks
+        come and go during pruning schedules) and which forwards are swapped (QAT)."""
+        return tuple(
+            (id(m), tuple(m.parametrizations.keys()) if parametrize.is_parametrized(m) else (), "forward" in m.__dict__)
+            for m in self.model.modules() if parametrize.is_parametrized(m) or "forward" in m.__dict__
+        )
+
+    def _build(self) -> None:
+        self.remove()
+        self.rules, self.fallback, self.slow = [], {}, {}
+        self.masks: dict[str, Mask] = {}
+        self.check_pending = self.check
         by_id = {id(p): n for n, p in self.params.items()}
         covered: set[str] = set()
-        for module in model.modules():
+        for module in self.model.modules():
+            if isinstance(module, parametrize.ParametrizationList):
+                continue  # its ``original`` is read through the module that holds the list
             own = {by_id[id(p)]: p for p in module.parameters(recurse=False) if id(p) in by_id}
+            tensors = {n: _attr_name(module, p) for n, p in own.items()}
+            only_masks = True
+            if parametrize.is_parametrized(module):
+                for tensor, chain in module.parametrizations.items():
+                    name = by_id.get(id(chain.original))
+                    if name is None:
+                        continue
+                    own[name], tensors[name] = chain.original, tensor
+                    if len(chain) == 1 and isinstance(chain[0], Mask):
+                        self.masks[name] = chain[0]
+                    else:
+                        only_masks = False
             if not own:
                 continue
-            rule = rule_for(module)(module, own, ghost=ghost)
+            rule_class = rule_for(module) if only_masks else ModuleVmapRule  # vmap differentiates any parametrisation
+            rule = rule_class(module, own, tensors, ghost=self.ghost)
             self._add(rule)
             self._handles += rule.extra_hooks(lambda: self.capturing)
             covered |= set(own)
         # Tied parameters are found under every module that holds them; any left are the fallback's.
         self.fallback = {n: p for n, p in self.params.items() if n not in covered}
+        self.slow = {n: "no module owns it directly (read by another module)" for n in self.fallback}
+        self._built_for = self._structure()
 
     def _add(self, rule: Rule) -> None:
         self.rules.append(rule)
@@ -104,6 +145,19 @@ class PerSampleClipper:
             handle.remove()
         self._handles = []
 
+    def _demote(self, rule: Rule, names, reason: str) -> None:
+        for name in names:
+            self.fallback[name] = self.params[name]
+            self.slow[name] = f"{reason} ({rule.kind} rule, {type(rule.module).__name__})"
+
+    def slow_notice(self) -> str | None:
+        """One line naming the parameters on the slow exact path, and why (None when none is)."""
+        if not self.slow:
+            return None
+        names = list(self.slow)
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        return f"DP: {len(names)} parameter(s) take the slow exact per-sample path (one backward pass per sample): {shown}; why: {self.slow[names[0]]}"
+
     def describe(self) -> dict[str, str]:
         """Parameter name -> the rule computing its per-sample gradients."""
         out = {n: rule.kind for rule in self.rules for n in rule.params if n not in self.fallback}
@@ -115,6 +169,8 @@ class PerSampleClipper:
         """Run ``forward`` (-> per-sample losses, shape (B,)) and return the losses and, per
         parameter, its contributions (each with ``sq_norms``/``weighted_sum``/``dense``)."""
         self.batch_size = batch_size
+        if self._structure() != self._built_for:
+            self._build()  # a mask was added or removed, or QAT switched on: new rules, checked again
         for rule in self.rules:
             rule.reset()
         self.capturing = True
@@ -148,11 +204,15 @@ class PerSampleClipper:
             except Exception as exc:  # not batch-aligned, or data-dependent control flow under vmap
                 if not isinstance(rule, ModuleVmapRule) and not isinstance(exc, NotPerSample):
                     raise
-                self.fallback.update(rule.params)
+                why = "its output gradient is not one row per sample" if isinstance(exc, NotPerSample) else f"vmap failed: {type(exc).__name__}"
+                self._demote(rule, rule.params, why)
                 continue
             for name, items in found.items():
-                if name not in self.fallback:
-                    contributions[name].extend(items)
+                if name in self.fallback:
+                    continue
+                if name in self.masks and not rule.through_parametrizations:
+                    items = [Masked(item, self.masks[name].kept) for item in items]
+                contributions[name].extend(items)
         if self.check_pending:
             self.check_pending = False
             low_precision = any(t.dtype in (torch.bfloat16, torch.float16) for t in outputs)
@@ -167,8 +227,8 @@ class PerSampleClipper:
                 # a broken rule (zeros, wrong sample, in-place op) is off by O(1) either way.
                 rtol = 5e-2 if low_precision else 1e-3
                 if float((got - ref).abs().max()) > rtol * scale + (1e-5 if dtype == torch.float32 else 1e-10):
-                    warnings.warn(f"per-sample gradients of '{name}': the module rule disagrees with autograd; using the batched-backward fallback", stacklevel=2)
-                    self.fallback[name] = self.params[name]
+                    rule = next(r for r in self.rules if name in r.params)
+                    self._demote(rule, [name], "the rule's sum disagrees with autograd's batch gradient")
                     contributions[name] = []
         if self.fallback:
             names = list(self.fallback)
@@ -200,3 +260,7 @@ class PerSampleClipper:
             into[name].add_(item.weighted_sum(factors).reshape(into[name].shape).to(into[name].dtype))
         return losses, norms
 
+
+
+def _attr_name(module: nn.Module, param: nn.Parameter) -> str:
+    return next(n for n, p in module.named_parameters(recurse=False) if p is param)

@@ -5,7 +5,14 @@ and output gradients, dense or as a ghost (norms without per-sample weights).
 Rules are a registry keyed by exact module type, as Opacus' ``register_grad_sampler``:
 ``@register_rule(ModuleType)`` on a :class:`Rule` subclass; a type without one gets the generic
 :class:`ModuleVmapRule`. A method's own layer gets an exact rule by one registration here (LoRA's
-below); methods never import this package.
+below); methods never import this package. A layer whose forward is swapped for a while (QAT's
+fake quantisation) gets its rule from :func:`register_rule_override`, registered by the feature
+that swaps it.
+
+Masked tensors (``sparsity/masks.py``: a parametrisation ``original * kept``) keep their module's
+exact rule: the rule computes the gradient of the effective tensor as the forward reads it, and
+:class:`Masked` multiplies it by ``kept`` (the chain rule of an elementwise product), so a
+sparsity mask never sends a layer to the slow path.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from slimtune.methods.lora import LoRALinear
@@ -89,6 +97,57 @@ class GhostEmbedding:
         return out.index_add_(0, self.ids.reshape(-1), scaled.reshape(-1, self.b.shape[-1]))
 
 
+class Masked:
+    """``inner ⊙ kept`` per sample (``kept`` boolean, the parameter's shape): the per-sample
+    gradient of ``original`` when the forward reads ``original * kept`` (a sparsity mask) or
+    through a straight-through fake quantiser, whose gradient is the upstream one where the value
+    was not clipped. A ghost linear stays a ghost when few entries are dropped (QAT clips only
+    each row's extreme): ``‖G ⊙ M‖² = ‖G‖² − Σ_dropped G_oc²``, each dropped ``G_oc`` a dot
+    product over the sequence; otherwise the masked gradients are instantiated once."""
+
+    #: Drop at most this many entries per output row and a ghost is kept.
+    GHOST_DROPPED_PER_ROW = 4
+
+    def __init__(self, inner, kept: torch.Tensor):
+        self.inner, self.kept = inner, kept.to(torch.bool)
+        self._dense: torch.Tensor | None = None
+
+    def dense(self) -> torch.Tensor:
+        if self._dense is None:
+            self._dense = self.inner.dense() * self.kept.to(self._dtype())
+        return self._dense
+
+    def _dtype(self) -> torch.dtype:
+        inner = self.inner
+        return inner.grads.dtype if isinstance(inner, Dense) else inner.b.dtype if hasattr(inner, "b") else torch.float32
+
+    def _dropped(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not isinstance(self.inner, GhostLinear) or self._dense is not None:
+            return None
+        rows, cols = torch.nonzero(~self.kept, as_tuple=True)
+        return (rows, cols) if rows.numel() <= self.GHOST_DROPPED_PER_ROW * self.kept.shape[0] else None
+
+    def sq_norms(self) -> torch.Tensor:
+        dropped = self._dropped()
+        if dropped is not None:
+            rows, cols = dropped
+            g = self.inner
+            values = (g.b[:, :, rows] * g.a[:, :, cols]).sum(1)  # (B, dropped): G_oc per sample
+            return g.sq_norms() - values.square().sum(1)
+        if isinstance(self.inner, GhostEmbedding):
+            g = self.inner
+            same = (g.ids.unsqueeze(2) == g.ids.unsqueeze(1)).to(g.b.dtype)
+            masked_rows = g.b * self.kept[g.ids].to(g.b.dtype)  # a row's mask is the same wherever its id recurs
+            return (same * torch.bmm(masked_rows, g.b.transpose(1, 2))).sum((1, 2))
+        return torch.linalg.vector_norm(self.dense().flatten(1), dim=1).square()
+
+    def weighted_sum(self, weights: torch.Tensor) -> torch.Tensor:
+        if self._dense is not None:
+            return torch.tensordot(weights.to(self._dense.dtype), self._dense, dims=1)
+        total = self.inner.weighted_sum(weights)
+        return total * self.kept.to(total.dtype)
+
+
 def _as_sequence(t: torch.Tensor) -> torch.Tensor:
     """(B, ..., d) -> (B, T, d), T = the product of the middle dims (1 for (B, d))."""
     return t.reshape(t.shape[0], -1, t.shape[-1])
@@ -114,6 +173,8 @@ class Call:
 
 #: Module type -> the rule that computes per-sample gradients of the parameters it owns directly.
 RULES: dict[type[nn.Module], type[Rule]] = {}
+#: (predicate, rule), consulted first: rules for a module's state rather than its type.
+OVERRIDES: list[tuple[Callable[[nn.Module], bool], type[Rule]]] = []
 
 
 def register_rule(*module_types: type[nn.Module]):
@@ -127,22 +188,45 @@ def register_rule(*module_types: type[nn.Module]):
     return decorate
 
 
+def register_rule_override(predicate: Callable[[nn.Module], bool], rule: type[Rule]) -> None:
+    """``rule`` for every module ``predicate`` holds for, whatever its type (e.g. a layer whose
+    forward QAT has swapped for a fake-quantised one). Registering the same pair twice is a no-op."""
+    if (predicate, rule) not in OVERRIDES:
+        OVERRIDES.append((predicate, rule))
+
+
 def rule_for(module: nn.Module) -> type[Rule]:
-    """The rule registered for ``module``'s exact type (a subclass may change the forward), if it
+    """The rule for ``module``: an override whose predicate holds, else the one registered for its
+    exact type (a subclass may change the forward; a mask's parametrisation does not), if it
     accepts this module, else the generic vmap rule."""
-    rule = RULES.get(type(module))
+    for predicate, override in OVERRIDES:
+        if predicate(module) and override.accepts(module):
+            return override
+    rule = RULES.get(parametrize.type_before_parametrizations(module))
     return rule if rule is not None and rule.accepts(module) else ModuleVmapRule
 
 
 class Rule(ABC):
-    """How per-sample gradients of one module's parameters are rebuilt from its captured calls."""
+    """How per-sample gradients of one module's parameters are rebuilt from its captured calls.
+
+    ``params``: full name -> parameter, the ones this rule covers; ``tensors``: full name -> the
+    name under which the module's forward reads it (``weight``, ``lora_A``; for a masked tensor
+    the parameter is ``parametrizations.weight.original`` and the forward reads ``weight``)."""
 
     kind = "rule"
+    #: True: the contributions are gradients of the parameters themselves (through any mask);
+    #: False: of the tensors the forward reads, and the clipper applies masks (:class:`Masked`).
+    through_parametrizations = False
 
-    def __init__(self, module: nn.Module, params: dict[str, nn.Parameter], **options: Any):
+    def __init__(self, module: nn.Module, params: dict[str, nn.Parameter], tensors: dict[str, str] | None = None, **options: Any):
         self.module = module
-        self.params = params  # name -> parameter, the ones this rule covers
+        self.params = params
+        self.tensors = tensors if tensors is not None else {n: _local_name(module, p) for n, p in params.items()}
         self.calls: list[Call] = []
+
+    def name_of(self, tensor: str) -> str | None:
+        """The full name of the covered parameter the forward reads as ``tensor``, if covered."""
+        return next((n for n, t in self.tensors.items() if t == tensor), None)
 
     @classmethod
     def accepts(cls, module: nn.Module) -> bool:
@@ -169,13 +253,42 @@ class Rule(ABC):
         return None if call.grad is None or call.grad[0] is None else call.grad[0].to(dtype)
 
 
+def holds_only(module: nn.Module, tensors: set[str]) -> bool:
+    """Whether ``module``'s own parameters (masked or not) are among ``tensors`` (a method that
+    hangs its own vector on a Linear, as IA3 does, needs another rule)."""
+    own = {n for n, _ in module.named_parameters(recurse=False)}
+    if parametrize.is_parametrized(module):
+        own |= set(module.parametrizations.keys())
+    return own <= tensors
+
+
+def linear_contributions(rule: Rule, x: torch.Tensor, b: torch.Tensor, weight_kept: torch.Tensor | None = None) -> dict[str, list]:
+    """A linear layer's weight/bias contributions from its input ``x`` and backprop ``b``
+    (``weight_kept``: where a straight-through quantiser passes the weight's gradient)."""
+    out: dict[str, list] = {}
+    weight_name, bias_name = rule.name_of("weight"), rule.name_of("bias")
+    b = _as_sequence(b)
+    if weight_name is not None:
+        a = _as_sequence(x.detach().to(b.dtype))
+        ghost = GhostLinear(a, b)
+        item = ghost if rule.use_ghost(a.shape[1]) and len(rule.calls) == 1 else Dense(ghost.dense())
+        out[weight_name] = [item if weight_kept is None else Masked(item, weight_kept)]
+    if bias_name is not None:
+        out[bias_name] = [Dense(b.sum(1))]
+    return out
+
+
 @register_rule(nn.Linear)
 class LinearRule(Rule):
     kind = "linear"
 
-    def __init__(self, module, params, ghost: str = "auto", **options):
-        super().__init__(module, params)
+    def __init__(self, module, params, tensors=None, ghost: str = "auto", **options):
+        super().__init__(module, params, tensors)
         self.ghost = ghost
+
+    @classmethod
+    def accepts(cls, module) -> bool:
+        return holds_only(module, {"weight", "bias"})
 
     def use_ghost(self, seq_len: int) -> bool:
         if self.ghost != "auto":
@@ -185,19 +298,12 @@ class LinearRule(Rule):
 
     def contributions(self, dtype):
         out: dict[str, list] = {}
-        weight_name = next((n for n, p in self.params.items() if p is self.module.weight), None)
-        bias_name = next((n for n, p in self.params.items() if self.module.bias is not None and p is self.module.bias), None)
         for call in self.calls:
             b = self._backprop(call, dtype)
             if b is None:
                 continue
-            b = _as_sequence(b)
-            if weight_name is not None:
-                a = _as_sequence(call.args[0].detach().to(dtype))
-                ghost = GhostLinear(a, b)
-                out.setdefault(weight_name, []).append(ghost if self.use_ghost(a.shape[1]) and len(self.calls) == 1 else Dense(ghost.dense()))
-            if bias_name is not None:
-                out.setdefault(bias_name, []).append(Dense(b.sum(1)))
+            for name, items in linear_contributions(self, call.args[0], b).items():
+                out.setdefault(name, []).extend(items)
         return out
 
 
@@ -207,8 +313,8 @@ class LoRARule(Rule):
 
     kind = "lora"
 
-    def __init__(self, module, params, **options):
-        super().__init__(module, params)
+    def __init__(self, module, params, tensors=None, **options):
+        super().__init__(module, params, tensors)
         self.branch_inputs: list[torch.Tensor] = []
 
     def extra_hooks(self, capturing):
@@ -225,7 +331,7 @@ class LoRARule(Rule):
     def contributions(self, dtype):
         layer = self.module
         out: dict[str, list] = {}
-        names = {id(p): n for n, p in self.params.items()}
+        a_name, b_name = self.name_of("lora_A"), self.name_of("lora_B")
         if len(self.branch_inputs) != len(self.calls):
             raise RuntimeError("LoRA layer: branch inputs and calls do not pair up")
         for call, x in zip(self.calls, self.branch_inputs):
@@ -234,13 +340,14 @@ class LoRARule(Rule):
                 continue
             b = _as_sequence(b)
             x = _as_sequence(x.detach().to(dtype))
+            # The factors as the forward read them (masked, if a sparsity mask is on).
             a_weight, b_weight = layer.lora_A.detach().to(dtype), layer.lora_B.detach().to(dtype)
-            if id(layer.lora_B) in names:
+            if b_name is not None:
                 u = x @ a_weight.t()  # (B, T, r)
-                out.setdefault(names[id(layer.lora_B)], []).append(Dense(torch.bmm(b.transpose(1, 2), u) * layer.scaling))
-            if id(layer.lora_A) in names:
+                out.setdefault(b_name, []).append(Dense(torch.bmm(b.transpose(1, 2), u) * layer.scaling))
+            if a_name is not None:
                 h = b @ (b_weight * layer.scaling)  # (B, T, r)
-                out.setdefault(names[id(layer.lora_A)], []).append(Dense(torch.bmm(h.transpose(1, 2), x)))
+                out.setdefault(a_name, []).append(Dense(torch.bmm(h.transpose(1, 2), x)))
         return out
 
 
@@ -280,8 +387,8 @@ class LayerNormRule(Rule):
             if b is None:
                 continue
             reduce = tuple(range(1, b.dim() - dims))
-            for name, param in self.params.items():
-                if param is ln.weight:
+            for name in self.params:
+                if self.tensors[name] == "weight":
                     x = call.args[0].detach().to(dtype)
                     normed = F.layer_norm(x, ln.normalized_shape, None, None, ln.eps)
                     grad = (b * normed).sum(reduce) if reduce else b * normed
@@ -292,13 +399,23 @@ class LayerNormRule(Rule):
 
 
 def _local_name(module: nn.Module, param: nn.Parameter) -> str:
-    return next(n for n, p in module.named_parameters(recurse=False) if p is param)
+    """The name under which ``module``'s forward reads ``param`` (a masked tensor's clean name)."""
+    name = next(n for n, p in module.named_parameters() if p is param)
+    if name.startswith("parametrizations.") and name.endswith(".original"):
+        return name[len("parametrizations."): -len(".original")]
+    return name
+
+
+def _functional_key(module: nn.Module, tensor: str) -> str:
+    """The key ``torch.func.functional_call`` replaces to substitute the parameter behind ``tensor``."""
+    return f"parametrizations.{tensor}.original" if parametrize.is_parametrized(module, tensor) else tensor
 
 
 class ModuleVmapRule(Rule):
     """Any module: re-run its forward per sample under vmap and pull its backprop through it."""
 
     kind = "module-vmap"
+    through_parametrizations = True
 
     def output_tensors(self, call):
         leaves, _ = tree_flatten(call.output)
@@ -309,7 +426,7 @@ class ModuleVmapRule(Rule):
         from torch.func import functional_call, grad, vmap
 
         module = self.module
-        local = {_local_name(module, p): n for n, p in self.params.items()}
+        local = {_functional_key(module, self.tensors[n]): n for n in self.params}
         out: dict[str, list] = {}
         for call in self.calls:
             grads_out = [g for g in call.grad if g is not None] if call.grad else []
@@ -334,5 +451,5 @@ class ModuleVmapRule(Rule):
 
             grads = vmap(grad(sample_objective), in_dims=(None, 0, 0), randomness="same")(weights, mapped_leaves, [g for _, g in used])
             for key, name in local.items():
-                out.setdefault(name, []).append(Dense(grads[key].to(dtype)))
+                out.setdefault(name, []).append(Dense(grads[key].detach().to(dtype)))
         return out
