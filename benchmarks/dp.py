@@ -10,6 +10,11 @@ hits every contender alike.
                                                        ours / Opacus (peft LoRA + make_private, hooks mode)  goal <= 0.95
   DP full fine-tuning (every parameter private):       ours / Opacus hooks mode   goal <= 0.6
 
+Composed (part ``composed``, the same batch and step): DP-LoRA with a 50% SNIP mask on its
+factors (scored after 3 non-private steps, so that B is not zero) and DP-LoRA under QAT
+(int8 fake quantisation of every Linear, per-example activation ranges), each / plain DP-LoRA,
+interleaved in one run                                                        goal <= 1.15
+
 Accuracy (part ``accuracy``): `recipes/dp-lora.yaml` at ε=8 and at ε=3, and non-private LoRA
 (`recipes/lora.yaml` on the same full training split, 2 epochs, max_length 64), and the DP recipe
 with its fine-tuning noise switched off (σ=0: what its clipping and schedule alone cost), each
@@ -26,7 +31,7 @@ Schedule (part ``schedule``, no training): for logical batches x epochs on the f
 σ the accountant calibrates for ε=8 and the scale sqrt(steps) x batch / σ of the accumulated
 signal-to-noise, i.e. what a batch/epoch choice can buy at fixed ε and N.
 
-    python -m benchmarks.dp [--quick] [--parts speed,accuracy,probe,lm,schedule] [--repeats 5] [--threads 2] [--runs runs/bench-dp]
+    python -m benchmarks.dp [--quick] [--parts speed,composed,accuracy,probe,lm,schedule] [--repeats 5] [--threads 2] [--runs runs/bench-dp]
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from benchmarks.common import RESULTS, interleaved_medians, print_rows, write_re
 
 BATCH, SEQ, SIGMA, CLIP = 32, 64, 1.0, 1.0
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("speed", "speed-full", "accuracy", "probe", "lm", "schedule")
+PARTS = ("speed", "speed-full", "composed", "accuracy", "probe", "lm", "schedule")
 #: Part "schedule": logical batches x epochs whose noise the accountant calibrates for ε=8.
 SCHEDULE_BATCHES, SCHEDULE_EPOCHS = (256, 1024, 4226), (2, 6, 8, 32)
 
@@ -71,7 +76,7 @@ LM_RUN = ("lm-dp-eps8", "recipes/dp-lora-lm.yaml", [])
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only the speed part, 3 repeats, DP-LoRA only")
-    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated parts to run: speed (DP-LoRA), speed-full (DP full fine-tuning), accuracy, probe (the recipe's DP linear probe alone, 3 noise seeds), lm, schedule (σ and signal-to-noise scale per batch x epochs; no training) (default: all)")
+    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated parts to run: speed (DP-LoRA), speed-full (DP full fine-tuning), composed (DP-LoRA with a SNIP mask, with QAT), accuracy, probe (the recipe's DP linear probe alone, 3 noise seeds), lm, schedule (σ and signal-to-noise scale per batch x epochs; no training) (default: all)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--opacus-ghost", action="store_true", help="speed: also time Opacus' ghost-clipping mode on DP-LoRA")
@@ -94,6 +99,8 @@ def main(argv=None) -> dict:
         result["speed"] = speed(args, full_fine_tuning=False)
     if "speed-full" in parts:
         result["speed_full"] = speed(args, full_fine_tuning=True)
+    if "composed" in parts:
+        result["composed"] = composed(args)
     if "accuracy" in parts:
         result["accuracy"] = accuracy(args.runs, args.threads, tuple(args.partial))
     if "probe" in parts:
@@ -113,23 +120,9 @@ def speed(args, full_fine_tuning: bool) -> dict:
     the three contenders interleaved in one run."""
     import torch
 
-    from slimtune.zoo.models import load_model, load_tokenizer
-    from slimtune.zoo.tasks import load_task
-
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
-    tokenizer = load_tokenizer("minilm-l6")
-    task = load_task("movie-sentiment", split_seed=0, train_size=BATCH, eval_size=10, seed=0)
-    rows = task.splits["train"]
-    batch = dict(tokenizer(list(rows["text"]), padding="max_length", max_length=SEQ, truncation=True, return_tensors="pt"))
-    # Explicit per-row position ids: Opacus cannot take per-sample gradients of an embedding whose
-    # input (1, T) is shared by the batch (ours can); the same inputs for every contender.
-    batch["position_ids"] = torch.arange(SEQ).expand(BATCH, SEQ).contiguous()
-    labels = torch.tensor(list(rows["label"]))
-    torch.manual_seed(0)
-    base = load_model("minilm-l6", num_labels=2)
-    base.train()
-
+    batch, labels, base = _speed_inputs()
     contenders = {}
     if not full_fine_tuning:
         contenders["lora non-private"] = plain_step(ours_lora(base), batch, labels)
@@ -161,6 +154,72 @@ def speed(args, full_fine_tuning: bool) -> dict:
         out["opacus_full_vs_non_private"] = times["full DP opacus"] / times["full non-private"]
         out["per_sample_rules"] = clipper_rules(base)
     return out
+
+
+def _speed_inputs():
+    """The speed parts' batch (32 real sentences padded to 64 tokens), labels and base model."""
+    import torch
+
+    from slimtune.zoo.models import load_model, load_tokenizer
+    from slimtune.zoo.tasks import load_task
+
+    tokenizer = load_tokenizer("minilm-l6")
+    task = load_task("movie-sentiment", split_seed=0, train_size=BATCH, eval_size=10, seed=0)
+    rows = task.splits["train"]
+    batch = dict(tokenizer(list(rows["text"]), padding="max_length", max_length=SEQ, truncation=True, return_tensors="pt"))
+    # Explicit per-row position ids: Opacus cannot take per-sample gradients of an embedding whose
+    # input (1, T) is shared by the batch (ours can); the same inputs for every contender.
+    batch["position_ids"] = torch.arange(SEQ).expand(BATCH, SEQ).contiguous()
+    labels = torch.tensor(list(rows["label"]))
+    torch.manual_seed(0)
+    base = load_model("minilm-l6", num_labels=2)
+    base.train()
+    return batch, labels, base
+
+
+def composed(args) -> dict:
+    """DP-LoRA alone, with a 50% SNIP mask on its factors, and under QAT: step times interleaved."""
+    import torch
+
+    from slimtune.compress.qat import enable_fake_quant
+    from slimtune.sparsity.masks import density_report
+    from slimtune.sparsity.schedules import prune, select_targets
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    batch, labels, base = _speed_inputs()
+    masked, delta = ours_lora(base, with_delta=True)
+    warm = plain_step(masked, batch, labels)
+    for _ in range(3):  # B leaves zero, so SNIP has something to rank
+        warm()
+
+    def loss_fn(model, b):
+        return model(**b).loss
+
+    prune(masked, select_targets(masked, delta, "delta"), criterion="snip", density=0.5, batches=[{**batch, "labels": labels}], loss_fn=loss_fn)
+    quantised = ours_lora(base)
+    enable_fake_quant(quantised, activations=True, per_sample=True)
+    contenders = {
+        "lora DP": ours_dp_step(ours_lora(base), batch, labels),
+        "lora DP + SNIP mask 50%": ours_dp_step(masked, batch, labels),
+        "lora DP + QAT": ours_dp_step(quantised, batch, labels),
+    }
+    times = interleaved_medians(contenders, repeats=args.repeats, warmup=1)
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "settings": {"model": "minilm-l6", "physical_batch": BATCH, "seq_len": SEQ, "lora": {"r": 8, "alpha": 16, "targets": ["query", "value"]},
+                     "mask": {"criterion": "snip", "density": density_report(masked)["density"], "on": "LoRA factors"},
+                     "qat": {"weights": "int8 per channel", "activations": "8-bit per example"},
+                     "threads": args.threads, "repeats": args.repeats, "load_average": _load_average()},
+        "step_seconds": times,
+        "rules": {name: sorted(set(_rules_of(step).values())) for name, step in contenders.items()},
+        "mask_vs_dp_lora": times["lora DP + SNIP mask 50%"] / times["lora DP"],
+        "qat_vs_dp_lora": times["lora DP + QAT"] / times["lora DP"],
+    }
+
+
+def _rules_of(step) -> dict:
+    return step.clipper.describe()
 
 
 def clipper_rules(base) -> dict:
@@ -413,6 +472,10 @@ def summary_rows(result: dict) -> list[tuple[str, object]]:
         if key in s:
             rows.append((label, s[key]))
     rows += [(f"step seconds: {k}", v) for k, v in (s.get("step_seconds") or {}).items()]
+    c = result.get("composed") or {}
+    for key, label in (("mask_vs_dp_lora", "DP-LoRA + 50% SNIP mask / DP-LoRA (goal <= 1.15)"), ("qat_vs_dp_lora", "DP-LoRA + QAT / DP-LoRA (goal <= 1.15)")):
+        if key in c:
+            rows.append((label, c[key]))
     for label, run in ((result.get("accuracy") or {}).get("runs") or {}).items():
         eps = (run.get("privacy") or {}).get("epsilon")
         rows.append((f"test accuracy {label}" + (f" (ε spent {eps:.2f})" if eps else ""), run["metrics"]["accuracy"]))
@@ -464,6 +527,17 @@ def render_markdown(result: dict) -> str:
             "each comparison is one run with the contenders interleaved (A/B/C/A/B/C...), medians of the repeats, on the shared 2-core machine "
             "(the 1-minute load average at the start is given)." + rules + "\n\n"
             "| measure | ratio | goal | measured |\n|---|---|---|---|\n" + "\n".join(rows) + (f"\n\nMedian step seconds: {seconds}." if seconds else "")
+        )
+    c = result.get("composed")
+    if c:
+        st = c.get("settings", {})
+        load = f", load {st['load_average']}" if st.get("load_average") is not None else ""
+        rows = [f"| {label} | {c[key]:.2f}x | <= 1.15 | {c.get('date', '?')}, {st.get('threads')} threads, {st.get('repeats')} repeats{load} |"
+                for key, label in (("mask_vs_dp_lora", "DP-LoRA with a 50% SNIP mask on its factors / DP-LoRA"), ("qat_vs_dp_lora", "DP-LoRA under QAT (int8 fake quantisation) / DP-LoRA"))]
+        rules = "; ".join(f"{k}: {', '.join(v)}" for k, v in (c.get("rules") or {}).items())
+        parts.append(
+            "DP-LoRA composed with a sparsity mask and with QAT, the same batch and step, the three interleaved in one run "
+            f"(per-sample rules used: {rules}):\n\n| measure | ratio | goal | measured |\n|---|---|---|---|\n" + "\n".join(rows)
         )
     a = result.get("accuracy")
     if a:
@@ -548,7 +622,7 @@ def _probe_text(planned: dict, spent: dict) -> str:
 
 
 # -- models ---------------------------------------------------------------------------------------
-def ours_lora(base):
+def ours_lora(base, with_delta: bool = False):
     from slimtune.methods.base import get_method_class
     from slimtune.core.arch import Arch
     from slimtune.methods.delta import Delta
@@ -556,8 +630,9 @@ def ours_lora(base):
 
     model = copy.deepcopy(base)
     spec = MethodSpec(name="lora", config=get_method_class("lora").Config(r=8, alpha=16))
-    Delta.from_specs([spec], train_pooler=False).attach(model, Arch.of(model))
-    return model
+    delta = Delta.from_specs([spec], train_pooler=False)
+    delta.attach(model, Arch.of(model))
+    return (model, delta) if with_delta else model
 
 
 def peft_lora(base):
@@ -594,8 +669,11 @@ def ours_dp_step(model, batch, labels):
     from slimtune.privacy.losses import per_sample_losses
     from slimtune.privacy.per_sample import PerSampleClipper
 
+    from slimtune.sparsity.masks import pin_to_optimizer
+
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(params.values(), lr=1e-4)
+    pin_to_optimizer(model, optimizer)  # as a run with masks does (a no-op without them)
     clipper = PerSampleClipper(model, params)
     target = {**batch, "labels": labels}
     generator = torch.Generator().manual_seed(0)
@@ -611,6 +689,7 @@ def ours_dp_step(model, batch, labels):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    step.clipper = clipper
     return step
 
 

@@ -10,17 +10,12 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import random
-
 import pytest
 import torch
 
-from tests.fixtures import tiny_bert, tiny_llama, tiny_vit
+from tests.fixtures import tiny_bert, tiny_llama, tiny_vit, write_tiny_bert_dir, write_tiny_reviews
 
 torch.set_num_threads(1)
-
-POSITIVE = ["good", "great", "lovely", "superb", "wonderful", "fine"]
-NEGATIVE = ["bad", "awful", "dull", "poor", "terrible", "boring"]
 
 
 @pytest.fixture
@@ -40,30 +35,12 @@ def vit():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from slimtune.zoo.models import load_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = load_tokenizer("minilm-l6")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
-    BertForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return write_tiny_bert_dir(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")
 def tiny_data_file(tmp_path_factory):
-    rng = random.Random(0)
-    rows = ["text,label"]
-    for i in range(160):
-        label = i % 2
-        word = rng.choice(POSITIVE if label else NEGATIVE)
-        rows.append(f"the film was {word} and {rng.choice(['long', 'short', 'new', 'old'])},{'pos' if label else 'neg'}")
-    path = tmp_path_factory.mktemp("data") / "reviews.csv"
-    path.write_text("\n".join(rows) + "\n")
-    return path
+    return write_tiny_reviews(tmp_path_factory.mktemp("data") / "reviews.csv")
 
 
 @pytest.fixture

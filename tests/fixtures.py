@@ -67,6 +67,36 @@ def tiny_mpnet(num_labels: int = 2, max_position_embeddings: int = 80):
     return MPNetForSequenceClassification(config).eval()
 
 
+POSITIVE = ["good", "great", "lovely", "superb", "wonderful", "fine"]
+NEGATIVE = ["bad", "awful", "dull", "poor", "terrible", "boring"]
+
+
+def write_tiny_bert_dir(path):
+    """A tiny random BERT (hidden 32, 2 layers) with MiniLM's real tokenizer, saved at ``path``."""
+    from slimtune.zoo.models import load_tokenizer
+
+    tokenizer = load_tokenizer("minilm-l6")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_tiny_reviews(path):
+    """160 two-class review sentences as a csv (text,label with labels neg/pos)."""
+    import random
+
+    rng = random.Random(0)
+    rows = ["text,label"]
+    for i in range(160):
+        label = i % 2
+        word = rng.choice(POSITIVE if label else NEGATIVE)
+        rows.append(f"the film was {word} and {rng.choice(['long', 'short', 'new', 'old'])},{'pos' if label else 'neg'}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
 # --------------------------------------------------------------------------------------------
 # Batches
 # --------------------------------------------------------------------------------------------

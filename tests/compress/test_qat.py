@@ -88,3 +88,15 @@ def test_dp_lora_with_qat_trains_and_reports_both(tiny_recipe, tmp_path, capsys)
     rows = dict(report_rows(report))
     assert rows["QAT"].startswith("int8 fake quantisation on") and "privacy" in rows
     assert "slow exact" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", [{"name": "houlsby"}, {"name": "prompt", "num_tokens": 2}])
+def test_qat_with_a_method_int8_export_cannot_merge_is_refused_before_training(tiny_recipe, tmp_path, method):
+    from slimtune.errors import SlimtuneError
+    from slimtune.runner import build
+
+    tiny_recipe["method"] = method
+    tiny_recipe["compress"] = {"qat": {}}
+    with pytest.raises(SlimtuneError, match=rf"compress.qat: method '{method['name']}' cannot be merged into plain Linears") as caught:
+        build(validate_recipe(tiny_recipe))
+    assert "lora" in str(caught.value) and "\n" not in str(caught.value)

@@ -10,7 +10,7 @@ from torch import nn
 
 from slimtune.privacy.losses import per_sample_losses
 from slimtune.privacy.per_sample import PerSampleClipper
-from tests.fixtures import attach, engine_per_sample, loop_reference, make_batch, randomize_lora_b, tiny_bert, tiny_llama
+from tests.fixtures import attach, engine_per_sample, loop_reference, make_batch, randomize, randomize_lora_b, tiny_bert, tiny_llama
 
 
 def check(model, delta, batch, objective="classification", expect_rules=None, **kwargs):
@@ -227,10 +227,19 @@ def test_a_masked_tensor_under_the_vmap_rule_is_differentiated_through_its_mask(
     with torch.no_grad():
         for p in delta.trainable_parameters(model).values():
             p.add_(0.1 * torch.randn_like(p))
-    _mask_half(model, delta.trainable_parameters(model))
-    # The shared PHM rule is read by every layer (no module owns its calls): the exact slow path.
-    clipper = check(model, delta, make_batch(3, 6), expect_rules={"W_left": "module-vmap"}, demotions_fail=False)
-    assert set(clipper.slow) == {"compacter_shared.phm_rule"}
+    _mask_half(model, delta.trainable_parameters(model))  # the shared PHM rule (3-D) too
+    check(model, delta, make_batch(3, 6), expect_rules={"W_left": "module-vmap", "phm_rule": "module-vmap"})
+
+
+@pytest.mark.parametrize("method", [("compacter", {"reduction_factor": 4}), ("fact-tt", {}), ("fact-tk", {}), ("kadaptation", {})])
+def test_factors_shared_by_every_layer_are_differentiated_by_their_readers(method):
+    """Compacter's rules, FacT's U/V, KAdaptation's slow weights: owned once by the model, read
+    by every layer (``shared_modules()``); each reader adds its share (before: the slow path)."""
+    model = tiny_bert().eval()
+    delta = attach(model, method)
+    randomize(delta, model, replace=True)
+    clipper = check(model, delta, make_batch(3, 6))
+    assert not clipper.slow
 
 
 def test_a_mask_added_after_the_first_batch_rebuilds_the_rules():

@@ -204,6 +204,7 @@ class FakeQuantLinearUpdateRule(_FakeQuantRule):
 
     kind = "qat-linear-update"
     through_parametrizations = True
+    reads_shared = True  # autograd reaches the shared factors through delta_weight()
 
     @classmethod
     def accepts(cls, module):

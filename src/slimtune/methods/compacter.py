@@ -78,6 +78,10 @@ class PHMLinear(nn.Module):
             self.phm_rule = nn.Parameter(torch.empty(n, n, n, dtype=dtype))
             nn.init.normal_(self.phm_rule, std=0.01)  # AdapterHub's per-layer rule init
 
+    def shared_modules(self) -> list[nn.Module]:
+        """The shared rule container, read here, owned by the model (for DP's per-sample rules)."""
+        return list(self._shared)
+
     def rules(self) -> torch.Tensor:
         return self._shared[0].phm_rule if self._shared else self.phm_rule
 

@@ -86,6 +86,9 @@ class FacTLinear(LinearUpdate):
             self.fact_core = nn.Parameter(core)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    def shared_modules(self) -> list[nn.Module]:
+        return [self.shared]
+
     @property
     def num_slices(self) -> int:
         return self.blocks_out * self.blocks_in

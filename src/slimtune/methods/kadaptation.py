@@ -88,6 +88,9 @@ class KronLinear(LinearUpdate):
             nn.init.kaiming_uniform_(self.kadapt_v[i], a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    def shared_modules(self) -> list[nn.Module]:
+        return [self.slow]
+
     def delta_weight(self) -> torch.Tensor:
         """``s * sum_i kron(A_i, u_i v_i)``: (out x in)."""
         rules = self.slow.rules(self.kind)  # (n, n, n)

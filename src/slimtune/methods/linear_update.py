@@ -33,6 +33,11 @@ class LinearUpdate(nn.Module, metaclass=ABCMeta):
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
 
+    def shared_modules(self) -> list[nn.Module]:
+        """Modules whose parameters this layer reads without owning them (factors shared by every
+        layer, registered once on the model): DP's per-sample rules differentiate them here."""
+        return []
+
     @abstractmethod
     def update(self, x: torch.Tensor) -> torch.Tensor:
         """What the method adds to the frozen layer's output for input ``x``."""

@@ -23,6 +23,11 @@ and these output gradients ("backprops"), by the fastest exact rule for the laye
   one-hot output gradients (``is_grads_batched``), for parameters the rules above cannot see (e.g.
   a parameter of a container module that other modules read directly).
 
+A layer that reads parameters it does not own (factors shared by every layer: Compacter's rules,
+FacT's U/V, KAdaptation's slow weights) declares them by ``shared_modules()``; its rule then
+differentiates them too, and the per-sample gradient of a shared tensor is the sum of every
+reader's share.
+
 A sparsity mask (a parametrisation ``original * kept``) keeps the layer's rule: the rule gives the
 gradient of the tensor the forward reads, times ``kept``. When masks are added or removed during
 training (a pruning schedule), the rules are rebuilt and checked again.
@@ -46,7 +51,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from slimtune.privacy.rules import Call, Dense, Masked, ModuleVmapRule, NotPerSample, Rule, rule_for
+from slimtune.privacy.rules import SHARED_PREFIX, Call, Dense, Masked, ModuleVmapRule, NotPerSample, Rule, rule_for
 from slimtune.sparsity.masks import Mask
 
 
@@ -86,11 +91,13 @@ class PerSampleClipper:
         self.masks: dict[str, Mask] = {}
         self.check_pending = self.check
         by_id = {id(p): n for n, p in self.params.items()}
+        # Shared containers' parameters belong to the layers that read them, not to the container.
+        read_by_layers = {id(p) for m in self.model.modules() for c in getattr(m, "shared_modules", lambda: [])() for p in c.parameters()}
         covered: set[str] = set()
         for module in self.model.modules():
             if isinstance(module, parametrize.ParametrizationList):
                 continue  # its ``original`` is read through the module that holds the list
-            own = {by_id[id(p)]: p for p in module.parameters(recurse=False) if id(p) in by_id}
+            own = {by_id[id(p)]: p for p in module.parameters(recurse=False) if id(p) in by_id and id(p) not in read_by_layers}
             tensors = {n: _attr_name(module, p) for n, p in own.items()}
             only_masks = True
             if parametrize.is_parametrized(module):
@@ -103,9 +110,17 @@ class PerSampleClipper:
                         self.masks[name] = chain[0]
                     else:
                         only_masks = False
+            # Parameters of shared containers this layer reads (each reader adds its share).
+            shared = getattr(module, "shared_modules", lambda: [])()
+            for index, container in enumerate(shared):
+                for local, p in container.named_parameters():
+                    if id(p) in by_id:
+                        own[by_id[id(p)]], tensors[by_id[id(p)]] = p, f"{SHARED_PREFIX}{index}.{local}"
             if not own:
                 continue
             rule_class = rule_for(module) if only_masks else ModuleVmapRule  # vmap differentiates any parametrisation
+            if shared and not rule_class.reads_shared:
+                rule_class = ModuleVmapRule
             rule = rule_class(module, own, tensors, ghost=self.ghost)
             self._add(rule)
             self._handles += rule.extra_hooks(lambda: self.capturing)

@@ -214,6 +214,9 @@ class Rule(ABC):
     the parameter is ``parametrizations.weight.original`` and the forward reads ``weight``)."""
 
     kind = "rule"
+    #: Whether the rule handles parameters of the module's ``shared_modules()`` (named
+    #: ``SHARED_PREFIX<i>.<name>`` in ``tensors``); if not, such a module takes the vmap rule.
+    reads_shared = False
     #: True: the contributions are gradients of the parameters themselves (through any mask);
     #: False: of the tensors the forward reads, and the clipper applies masks (:class:`Masked`).
     through_parametrizations = False
@@ -406,6 +409,24 @@ def _local_name(module: nn.Module, param: nn.Parameter) -> str:
     return name
 
 
+#: ``tensors`` names of a shared container's parameters: ``SHARED_PREFIX<i>.<name>``.
+SHARED_PREFIX = "shared:"
+
+
+class _Reader(nn.Module):
+    """A layer and the shared containers it reads as one module, so that ``functional_call`` can
+    substitute both (registration here does not change the layer or the containers)."""
+
+    def __init__(self, layer: nn.Module, shared: list[nn.Module]):
+        super().__init__()
+        self.layer = layer
+        for index, container in enumerate(shared):
+            self.add_module(f"shared{index}", container)
+
+    def forward(self, *args, **kwargs):
+        return self.layer(*args, **kwargs)
+
+
 def _functional_key(module: nn.Module, tensor: str) -> str:
     """The key ``torch.func.functional_call`` replaces to substitute the parameter behind ``tensor``."""
     return f"parametrizations.{tensor}.original" if parametrize.is_parametrized(module, tensor) else tensor
@@ -416,6 +437,7 @@ class ModuleVmapRule(Rule):
 
     kind = "module-vmap"
     through_parametrizations = True
+    reads_shared = True
 
     def output_tensors(self, call):
         leaves, _ = tree_flatten(call.output)
@@ -426,7 +448,20 @@ class ModuleVmapRule(Rule):
         from torch.func import functional_call, grad, vmap
 
         module = self.module
-        local = {_functional_key(module, self.tensors[n]): n for n in self.params}
+        shared = [t for t in self.tensors.values() if t.startswith(SHARED_PREFIX)]
+        if shared:
+            containers = module.shared_modules()
+            local = {}
+            for name in self.params:
+                tensor = self.tensors[name]
+                if tensor.startswith(SHARED_PREFIX):
+                    index, _, rest = tensor[len(SHARED_PREFIX):].partition(".")
+                    local[f"shared{index}.{rest}"] = name
+                else:
+                    local[f"layer.{_functional_key(module, tensor)}"] = name
+            module = _Reader(module, containers)
+        else:
+            local = {_functional_key(module, self.tensors[n]): n for n in self.params}
         out: dict[str, list] = {}
         for call in self.calls:
             grads_out = [g for g in call.grad if g is not None] if call.grad else []
