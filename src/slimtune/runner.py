@@ -123,7 +123,7 @@ def load_delta_into(built: Built, files: RunFiles, *, force: bool = False, where
     built.delta.load_state_dict(built.model, files.state)
 
 
-def _run_labels(files: RunFiles) -> list[str] | None:
+def _run_labels(files: RunFiles) -> list[str]:
     """The label names the run was trained on: report.json's, else its recipe's task reloaded."""
     report_path = files.dir / "report.json"
     labels = (read_json(report_path).get("task") or {}).get("labels") if report_path.is_file() else None
