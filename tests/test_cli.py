@@ -176,3 +176,26 @@ def test_cli_arguments_are_validated_into_one_line_errors(trained_run, tmp_path,
     assert "train.seed" in one_line_error(["train", recipe, "--set", "train.seed=-1"], capsys)
     assert "train.epochs" in one_line_error(["train", recipe, "--set", "train.epochs=.inf"], capsys)
     assert "does not exist" in one_line_error(["train", recipe, "--resume", str(tmp_path / "nope")], capsys)
+
+
+def test_eval_on_a_task_with_another_label_count_is_refused(trained_run, capsys):
+    # The tiny run was trained on neg/pos; trec-6 has 6 labels (it ended in a size-mismatch traceback).
+    err = one_line_error(["eval", str(trained_run), "--task", "trec-6"], capsys)
+    assert "--task trec-6 has 6 labels (ABBR, DESC, ENTY, HUM, LOC, NUM)" in err and "trained on 2 (neg, pos)" in err
+
+
+def test_eval_on_a_task_with_other_label_names_is_refused_unless_mapped(trained_run, capsys):
+    # sms-spam's ham/spam were scored as if they were neg/pos.
+    err = one_line_error(["eval", str(trained_run), "--task", "sms-spam"], capsys)
+    assert "labels ham, spam" in err and "trained on neg, pos" in err and "--label-map ham=RUN_LABEL,spam=RUN_LABEL" in err
+    assert "'x' is not a label of --task sms-spam" in one_line_error(["eval", str(trained_run), "--task", "sms-spam", "--label-map", "x=neg"], capsys)
+    assert "all map to the run's 'neg'" in one_line_error(["eval", str(trained_run), "--task", "sms-spam", "--label-map", "ham=neg,spam=neg"], capsys)
+    assert "is not TASK_LABEL=RUN_LABEL" in one_line_error(["eval", str(trained_run), "--label-map", "ham"], capsys)
+    accuracy = {}
+    for mapping in ("ham=neg,spam=pos", "ham=pos,spam=neg"):
+        assert main(["eval", str(trained_run), "--task", "sms-spam", "--label-map", mapping, "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["task"] == "sms-spam" and result["label_map"] == dict(pair.split("=") for pair in mapping.split(","))
+        accuracy[mapping] = result["metrics"]["accuracy"]
+    # Two labels: swapping the map swaps which predictions count as right.
+    assert abs(accuracy["ham=neg,spam=pos"] + accuracy["ham=pos,spam=neg"] - 1) < 1e-9

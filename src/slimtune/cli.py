@@ -122,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate on the test split and print the metrics next to the run's report card.",
     )
     ev.add_argument("run_dir", type=Path, help="a run directory written by `slimtune train`/`run`")
-    ev.add_argument("--task", help="evaluate on another zoo task with the same labels")
+    ev.add_argument("--task", help="evaluate on another zoo task; refused unless it has the run's labels (same count and names)")
+    ev.add_argument("--label-map", metavar="TASK=RUN,...", help="with --task: which of its labels is which of the run's, "
+                    "e.g. --label-map ham=negative,spam=positive; labels with the same name need no entry")
     ev.add_argument("--force", action="store_true", help="load the delta even if its base fingerprint differs")
     ev.add_argument("--json", action="store_true", help="print JSON")
 
@@ -242,16 +244,30 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _parse_label_map(text: str) -> dict[str, str]:
+    """``ham=negative,spam=positive`` -> {"ham": "negative", "spam": "positive"}."""
+    mapping: dict[str, str] = {}
+    for pair in text.split(","):
+        name, sep, target = (part.strip() for part in pair.partition("="))
+        if not sep or not name or not target:
+            raise SlimtuneError(f"--label-map: '{pair.strip()}' is not TASK_LABEL=RUN_LABEL; give e.g. --label-map ham=negative,spam=positive")
+        if name in mapping:
+            raise SlimtuneError(f"--label-map: '{name}' is mapped twice")
+        mapping[name] = target
+    return mapping
+
+
 def cmd_eval(args) -> int:
     import json
 
     from rich.console import Console
     from rich.table import Table
 
+    label_map = _parse_label_map(args.label_map) if args.label_map is not None else None
     _require_run_dir(args.run_dir)
     from slimtune.runner import evaluate_run
 
-    result = evaluate_run(args.run_dir, task=args.task, force=args.force)
+    result = evaluate_run(args.run_dir, task=args.task, force=args.force, label_map=label_map)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -30,7 +30,7 @@ from slimtune.train.trainer import Trainer, TrainResult
 from slimtune.zoo.heads import configure_pooling
 from slimtune.zoo.images import is_image_task, load_image_processor
 from slimtune.zoo.models import load_model, load_tokenizer
-from slimtune.zoo.tasks import TaskData, load_task
+from slimtune.zoo.tasks import TaskData, load_task, relabel_task
 
 
 @dataclass
@@ -59,11 +59,17 @@ class RunFiles:
     state: dict[str, torch.Tensor]  # delta.safetensors
 
 
-def build(recipe: Recipe, task_override: str | None = None) -> Built:
-    """Load data and model, attach the delta (seeded, so the same recipe builds the same delta)."""
-    set_seed(recipe.train.seed)
+def recipe_task(recipe: Recipe, task_override: str | None = None) -> TaskData:
+    """The recipe's task (or the zoo task ``task_override``) with the recipe's split and sizes."""
     spec = task_override or recipe.task.loader_spec()
-    task = load_task(spec, split_seed=recipe.task.split_seed, train_size=recipe.task.train_size, eval_size=recipe.task.eval_size, seed=recipe.task.split_seed)
+    return load_task(spec, split_seed=recipe.task.split_seed, train_size=recipe.task.train_size, eval_size=recipe.task.eval_size, seed=recipe.task.split_seed)
+
+
+def build(recipe: Recipe, task_override: str | None = None, *, task: TaskData | None = None) -> Built:
+    """Load data and model, attach the delta (seeded, so the same recipe builds the same delta);
+    ``task``: already loaded data to use instead."""
+    set_seed(recipe.train.seed)
+    task = task if task is not None else recipe_task(recipe, task_override)
     objective = recipe.objective
     model = load_model(recipe.model.name, objective=objective, num_labels=len(task.label_names))
     # An image task is fed by the model's image processor where a text task has its tokenizer.
@@ -117,12 +123,68 @@ def load_delta_into(built: Built, files: RunFiles, *, force: bool = False, where
     built.delta.load_state_dict(built.model, files.state)
 
 
-def load_run(run_dir: str | Path, *, task: str | None = None, force: bool = False) -> Built:
+def _run_labels(files: RunFiles) -> list[str]:
+    """The label names the run was trained on: report.json's, else its recipe's task reloaded."""
+    report_path = files.dir / "report.json"
+    labels = (read_json(report_path).get("task") or {}).get("labels") if report_path.is_file() else None
+    if isinstance(labels, list):
+        return [str(label) for label in labels]
+    recipe = files.recipe
+    return list(load_task(recipe.task.loader_spec(), split_seed=recipe.task.split_seed).label_names)
+
+
+def _shown(labels: list[str], limit: int = 10) -> str:
+    return ", ".join(labels[:limit]) + (f", ... ({len(labels)} in all)" if len(labels) > limit else "")
+
+
+def match_labels(data: TaskData, files: RunFiles, task: str | None, label_map: dict[str, str] | None) -> TaskData:
+    """``data`` in the run's label ids, or refused (one line) when its labels are not the run's:
+    another count, or other names unless ``label_map`` (task label -> run label) says which is
+    which; the same names in another order are renumbered to the run's order."""
+    if files.recipe.objective != "classification":
+        return data  # a causal LM is scored by next-token loss; labels play no part
+    run_labels, labels = _run_labels(files), list(data.label_names)
+    which = f"--task {task}" if task else f"the run's task ({data.name})"
+    if len(labels) != len(run_labels):
+        raise SlimtuneError(
+            f"{which} has {len(labels)} labels ({_shown(labels)}), the run {files.dir} was trained on "
+            f"{len(run_labels)} ({_shown(run_labels)}); evaluate on a task with the same labels"
+        )
+    mapping = {name: name for name in labels if name in run_labels}
+    for name, target in (label_map or {}).items():
+        if name not in labels:
+            raise SlimtuneError(f"--label-map {name}={target}: '{name}' is not a label of {which}; its labels: {_shown(labels)}")
+        if target not in run_labels:
+            raise SlimtuneError(f"--label-map {name}={target}: '{target}' is not a label of the run; its labels: {_shown(run_labels)}")
+        mapping[name] = target
+    unmapped = [name for name in labels if name not in mapping]
+    if unmapped:
+        pairs = ",".join(f"{name}=RUN_LABEL" for name in unmapped)
+        raise SlimtuneError(
+            f"{which} has labels {_shown(labels)}, the run {files.dir} was trained on {_shown(run_labels)}; "
+            f"the scores would mean nothing: if they correspond, say how with --label-map {pairs}"
+        )
+    targets = [mapping[name] for name in labels]
+    if len(set(targets)) != len(targets):
+        twice = next(target for target in targets if targets.count(target) > 1)
+        sources = [name for name in labels if mapping[name] == twice]
+        raise SlimtuneError(f"--label-map: labels {', '.join(sources)} all map to the run's '{twice}'; each run label takes one")
+    if labels != run_labels or targets != labels:
+        return relabel_task(data, run_labels, mapping)
+    return data
+
+
+def load_run(run_dir: str | Path, *, task: str | None = None, force: bool = False,
+             label_map: dict[str, str] | None = None) -> Built:
     """Rebuild a finished run: its recipe's base model and delta, with the trained delta loaded
-    (attached, not merged). ``task`` evaluates on another zoo task; ``force`` loads a delta
+    (attached, not merged). ``task`` evaluates on another zoo task (refused unless its labels are
+    the run's, or ``label_map`` maps its label names to the run's); ``force`` loads a delta
     whose base model's weights differ from the ones here."""
     files = read_run(run_dir)
-    built = build(files.recipe, task_override=task)
+    data = None
+    if task is not None or label_map:  # checked before the model is built with the task's label count
+        data = match_labels(recipe_task(files.recipe, task), files, task, label_map)
+    built = build(files.recipe, task_override=task, task=data)
     load_delta_into(built, files, force=force)
     built.run_dir = files.dir
     return built
@@ -186,13 +248,16 @@ def train_run(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
     return report
 
 
-def evaluate_run(run_dir: Path, *, task: str | None = None, force: bool = False, progress: bool = False) -> dict[str, Any]:
-    """Rebuild base + delta from a run directory and evaluate on the test split."""
-    built = load_run(run_dir, task=task, force=force)
+def evaluate_run(run_dir: Path, *, task: str | None = None, force: bool = False, progress: bool = False,
+                 label_map: dict[str, str] | None = None) -> dict[str, Any]:
+    """Rebuild base + delta from a run directory and evaluate on the test split (of ``task``, a zoo
+    task with the run's labels or mapped onto them by ``label_map``)."""
+    built = load_run(run_dir, task=task, force=force, label_map=label_map)
     metrics = evaluate_split(built, "test")
     report_path = Path(run_dir) / "report.json"
     saved = read_json(report_path) if report_path.is_file() else {}
-    return {"run_dir": str(run_dir), "task": built.task.name, "n_test": len(built.task.splits["test"]), "metrics": metrics, "report_metrics": saved.get("metrics")}
+    return {"run_dir": str(run_dir), "task": built.task.name, "n_test": len(built.task.splits["test"]), "metrics": metrics,
+            "report_metrics": saved.get("metrics"), **({"label_map": label_map} if label_map else {})}
 
 
 def export_run(run_dir: str | Path, out: str | Path, *, force: bool = False, **options: Any) -> dict[str, Any]:

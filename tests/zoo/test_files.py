@@ -260,3 +260,63 @@ def test_pathological_nesting_and_numbers_are_one_line_errors(tmp_path, name, co
     path.write_text(content)
     with pytest.raises(SlimtuneError, match=re.escape(message)):
         load_task({"file": str(path)})
+
+
+# ----------------------------------------------------------------------------- silent mistakes
+
+
+def test_a_column_named_split_is_used_when_task_split_is_not_set(tmp_path, capsys):
+    rows = [{"text": f"t{i}", "label": "ab"[i % 2], "split": ["train", "train", "validation", "test"][i % 4]} for i in range(40)]
+    path = _write(tmp_path / "d.csv", rows)
+    task = load_task({"file": str(path)})  # it was ignored: all 40 rows were re-split 80/10/10
+    assert [len(task.splits[s]) for s in ("train", "validation", "test")] == [20, 10, 10]
+    assert "column 'split'" in task.split_policy
+    note = capsys.readouterr().err.strip()
+    assert len(note.splitlines()) == 1 and f"{path}: column 'split'" in note and "task.split" in note
+    # So its checks run: a label only in test, a value that is not a split.
+    path = _write(tmp_path / "unseen.csv", rows + [{"text": "w", "label": "c", "split": "test"}])
+    assert "data row 41 (1-based, header not counted): label 'c' (test split) never occurs" in _error({"file": path})
+    rows[4]["split"] = "dev"
+    path = _write(tmp_path / "dev.csv", rows)
+    message = _error({"file": path})
+    assert "data row 5" in message and "column 'split' (split) has 'dev'" in message
+
+
+def test_a_column_named_split_without_split_values_is_ignored_with_a_note(tmp_path, capsys):
+    rows = [{"text": f"t{i}", "label": "ab"[i % 2], "split": f"group {i % 3}"} for i in range(40)]
+    path = _write(tmp_path / "d.csv", rows)
+    task = load_task({"file": str(path)})
+    assert [len(task.splits[s]) for s in ("train", "validation", "test")] == [32, 4, 4]
+    note = capsys.readouterr().err.strip()
+    assert len(note.splitlines()) == 1 and f"{path}: column 'split'" in note and "ignored" in note
+
+
+def test_a_repeated_header_row_is_refused_naming_the_file_and_row(tmp_path):
+    path = tmp_path / "joined.csv"
+    part = "".join(f"review {i},{'ab'[i % 2]}\n" for i in range(20))
+    path.write_text("text,label\n" + part + "text,label\n" + part)  # two csv files concatenated
+    message = _error({"file": str(path)})
+    assert f"{path}: data row 21 (1-based, header not counted) repeats the header" in message
+
+
+def test_a_label_column_that_looks_like_text_is_warned_about(tmp_path, capsys):
+    rows = [{"review": f"review number {i % 200}", "stars": LABELS[i % 3]} for i in range(300)]
+    path = _write(tmp_path / "d.csv", rows)
+    load_task({"file": str(path), "text": "review", "label": "stars"})
+    assert capsys.readouterr().err == ""  # 3 classes in 300 rows: no warning
+    task = load_task({"file": str(path), "text": "stars", "label": "review"})  # swapped: 200 classes
+    assert task.num_labels == 200
+    warning = capsys.readouterr().err.strip()
+    assert len(warning.splitlines()) == 1, warning
+    assert f"{path}: column 'review' (label) has 200 distinct values in 300 rows" in warning
+    assert "task.text=review and task.label=stars" in warning
+
+
+def test_the_zoo_tasks_labels_do_not_look_like_text():
+    from slimtune.zoo.files import label_looks_like_text
+    from slimtune.zoo.text_sources import TASKS, clean_source
+
+    for name in TASKS:
+        frames, _ = clean_source(name)
+        for frame in [*frames.values(), pd.concat(frames.values())]:
+            assert not label_looks_like_text(frame["label"].nunique(), len(frame)), name

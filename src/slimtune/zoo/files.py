@@ -8,13 +8,18 @@ A task is described by a dict::
      "name": "reviews",           # optional, default: the file's stem
      "metric": "macro_f1"}        # optional, default: accuracy
 
-``text`` and ``label`` default to the columns ``text`` and ``label``. Without a split column
-the rows are split 80/10/10, stratified by label and fixed by ``split_seed``; with one, a
-missing validation or test split is carved from train (10%, stratified). Label names are the
-train split's distinct labels as strings, sorted (numerically when all are integers).
+``text`` and ``label`` default to the columns ``text`` and ``label``. Without ``split``, a column
+named ``split`` whose values include train/validation/test is the split column (said in one
+line on stderr; other values in it are then refused); one without such values is ignored, also
+said. Without a split column the rows are split 80/10/10, stratified by label and fixed by
+``split_seed``; with one, a missing validation or test split is carved from train (10%,
+stratified). Label names are the train split's distinct labels as strings, sorted (numerically
+when all are integers).
 
 Every problem is reported as one :class:`SlimtuneError` line naming the file, the row (data
-rows count from 1 after the header; jsonl counts lines) or column, and what is valid.
+rows count from 1 after the header; jsonl counts lines) or column, and what is valid. A data row
+equal to the header (files concatenated with their headers) is refused; a label column with more
+distinct values than a tenth of the rows (and more than 20) is warned about: it looks like text.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import importlib.util
 import io
 import json
 import math
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -48,6 +54,11 @@ __all__ = ["DATA_KEYS", "SUPPORTED_EXTENSIONS", "load_user_task", "read_user_spl
 DATA_KEYS: tuple[str, ...] = ("file", "text", "text_pair", "label", "split", "name", "metric")
 SUPPORTED_EXTENSIONS: tuple[str, ...] = (".csv", ".tsv", ".jsonl", ".parquet")
 MIN_ROWS_TO_SPLIT = 10  # 80/10/10 needs at least one row in each held-out split
+# A label column with more distinct values than this fraction of the rows, and more than the floor,
+# is probably a text column (swapped columns). The floor keeps small files with many classes quiet;
+# the zoo's widest task (newsgroups-20) has 20 classes in 18,790 rows.
+LABEL_LIKE_TEXT_FRACTION = 0.1
+LABEL_LIKE_TEXT_FLOOR = 20
 
 # How a row is named in messages, given its 0-based position among the data rows.
 RowNamer = Callable[[int], str]
@@ -220,6 +231,61 @@ def _sorted_labels(labels: set[str]) -> list[str]:
         return sorted(labels)
 
 
+def _note(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def label_looks_like_text(n_distinct: int, n_rows: int) -> bool:
+    """Too many classes for the rows: a text column given as the label."""
+    return n_distinct > max(LABEL_LIKE_TEXT_FLOOR, n_rows * LABEL_LIKE_TEXT_FRACTION)
+
+
+def _implicit_split_column(table: pd.DataFrame, path: Path, settings: dict[str, str]) -> str | None:
+    """A column named ``split`` (any case) when ``split`` is not given: the split column if its
+    values include train/validation/test (so held-out rows are not re-split into training and its
+    values get checked), else ignored; either way said in one line."""
+    used = {settings[key] for key in ("text", "text_pair", "label") if key in settings}
+    column = next((c for c in table.columns if c.strip().lower() == "split" and c not in used), None)
+    if column is None:
+        return None
+    values = {str(value).strip().lower() for value in table[column].tolist() if isinstance(value, str)}
+    if values & set(SPLITS):
+        _note(f"note: {path}: column '{column}' has train/validation/test values, so it sets the splits "
+              "(task.split is not set); rename the column to have the rows split 80/10/10 instead")
+        return column
+    _note(f"note: {path}: column '{column}' is ignored: none of its values is train, validation or test; "
+          "rows are split 80/10/10 (set task.split to a column with those values)")
+    return None
+
+
+def _check_repeated_header(rows: pd.DataFrame, path: Path, settings: dict[str, str], roles: list[str],
+                           name_row: RowNamer) -> None:
+    """A data row equal to the header (csv files concatenated with their headers) would become a
+    class of its own; refuse it."""
+    repeated = np.logical_and.reduce([rows[key].str.strip() == settings[key].strip() for key in roles])
+    if repeated.any():
+        positions = np.flatnonzero(repeated)
+        header = ", ".join(settings[key] for key in roles)
+        more = f" ({len(positions)} such rows)" if len(positions) > 1 else ""
+        raise SlimtuneError(
+            f"{path}: {name_row(int(positions[0]))} repeats the header ({header}){more}: files joined "
+            "with their headers? delete those rows"
+        )
+
+
+def _warn_label_like_text(rows: pd.DataFrame, path: Path, settings: dict[str, str]) -> None:
+    n_rows, n_labels = len(rows), rows["label"].nunique()
+    if not label_looks_like_text(n_labels, n_rows):
+        return
+    text, label = settings["text"], settings["label"]
+    if label_looks_like_text(rows["text"].nunique(), n_rows):
+        advice = "check that task.label names the label column"
+    else:  # the text column looks like labels: the two are swapped
+        advice = f"if text and label are swapped, set task.text={label} and task.label={text}"
+    _note(f"warning: {path}: column '{label}' (label) has {n_labels} distinct values in {n_rows} rows, "
+          f"more than a tenth: it looks like text (or a continuous score), not class labels; {advice}")
+
+
 # ----------------------------------------------------------------------------- splitting
 
 
@@ -318,6 +384,9 @@ def read_user_splits(
     if table.empty:
         raise SlimtuneError(f"{path}: no data rows")
     table.columns = [str(column) for column in table.columns]
+    implicit_split = None if "split" in settings else _implicit_split_column(table, path, settings)
+    if implicit_split is not None:
+        settings["split"] = implicit_split
     roles = [key for key in ("text", "text_pair", "label", "split") if key in settings]
     for key in roles:
         _check_column(table, path, key, settings[key])
@@ -325,6 +394,8 @@ def read_user_splits(
     rows = pd.DataFrame({"position": np.arange(len(table))})
     for key in roles:
         rows[key] = _column_values(table, path, key, settings[key], name_row)
+    _check_repeated_header(rows, path, settings, roles, name_row)
+    _warn_label_like_text(rows, path, settings)
     if "split" in settings:
         rows["split"] = rows["split"].str.strip().str.lower()
         invalid = rows[~rows["split"].isin(SPLITS)]
@@ -336,6 +407,8 @@ def read_user_splits(
             )
 
     frames, policy = _assign_splits(rows, path, settings.get("split"), split_seed)
+    if implicit_split is not None:
+        policy += " (a column named split, used as task.split is not set)"
     label_names = _check_splits(frames, path, name_row)
     label_ids = {label: index for index, label in enumerate(label_names)}
     columns = ["text", "text_pair"] if "text_pair" in settings else ["text"]

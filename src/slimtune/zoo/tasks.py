@@ -54,6 +54,7 @@ __all__ = [
     "held_out_size",
     "list_tasks",
     "load_task",
+    "relabel_task",
     "split_pool",
     "stratified_split",
     "stratified_subset",
@@ -221,6 +222,33 @@ def load_task(
             f"a task is a registered name or a dict describing a file, got {type(spec).__name__}"
         )
     return finish_task(prepared, train_size=train_size, eval_size=eval_size, seed=seed)
+
+
+def relabel_task(task: TaskData, label_names: Sequence[str], mapping: Mapping[str, str]) -> TaskData:
+    """``task`` with its labels renamed by ``mapping`` (each of its label names -> one of
+    ``label_names``, a bijection the caller has checked) and renumbered in ``label_names``' order,
+    so a model trained on ``label_names`` is scored on it by id."""
+    from datasets import ClassLabel
+
+    new_id = [list(label_names).index(mapping[name]) for name in task.label_names]
+    features = task.splits["train"].features.copy()
+    features["label"] = ClassLabel(names=list(label_names))
+    splits = task.splits.map(  # reads the label column only (image columns stay undecoded)
+        lambda labels: {"label": [new_id[label] for label in labels]},
+        input_columns="label",
+        batched=True,
+        features=features,
+    )
+    renamed = ", ".join(f"{old}={new}" for old, new in mapping.items() if old != new)
+    return TaskData(
+        name=task.name,
+        splits=splits,
+        label_names=list(label_names),
+        metric=task.metric,
+        source=task.source,
+        split_policy=task.split_policy + (f"; labels mapped {renamed}" if renamed else ""),
+        filtering=task.filtering,
+    )
 
 
 # ----------------------------------------------------------------------------- scoring
