@@ -281,3 +281,32 @@ def test_the_slow_path_is_named_in_one_line():
     assert list(clipper.slow) == ["shared.gain"]
     notice = clipper.slow_notice()
     assert notice.startswith("DP: 1 parameter(s) take the slow exact per-sample path") and "shared.gain" in notice and "\n" not in notice
+
+
+def _exact_per_sample(model, params, batch, seed):
+    """Per-sample gradients by the exact batched backward, for the dropout masks of ``seed``."""
+    clipper = PerSampleClipper(model, params, check=False)
+    clipper.fallback, clipper.rules = dict(params), []
+    torch.manual_seed(seed)
+    _, contributions = clipper.per_sample(lambda: per_sample_losses(model(**{k: v for k, v in batch.items() if k != "labels"}), batch, "classification"), batch["labels"].shape[0])
+    clipper.remove()
+    return {n: items[0].dense() for n, items in contributions.items()}
+
+
+@pytest.mark.parametrize("method", [("fact-tt", {}), ("kadaptation", {}), ("dsee", {"r": 2, "num_sparse": 4, "dropout": 0.3}), ("prompt", {"num_tokens": 2}), ("lst", {})])
+def test_dropout_inside_a_vmap_rule_is_replayed_not_redrawn(method):
+    """In training mode the re-run under vmap multiplies by the masks the batch drew (FacT's
+    activation dropout, KAdaptation's dropout on the weight), so the per-sample gradients are
+    those of the batch's own forward (before: redrawn masks, the first-batch check failed and
+    every parameter took the slow path)."""
+    model = tiny_bert().train().double()
+    delta = attach(model, method)
+    randomize(delta, model, replace=True)
+    params = delta.trainable_parameters(model)
+    batch = make_batch(4, 6)
+    torch.manual_seed(3)
+    got, clipper = engine_per_sample(model, params, batch, "classification")
+    expected = _exact_per_sample(model, params, batch, seed=3)
+    for name in params:
+        torch.testing.assert_close(got[name], expected[name].reshape(got[name].shape), rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
+    assert "batched-backward" not in clipper.describe().values()

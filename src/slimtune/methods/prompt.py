@@ -51,8 +51,13 @@ class SoftPrompt(nn.Module):
         super().__init__()
         self.embeddings = nn.Parameter(embeddings)
 
-    def batch(self, size: int, dtype: torch.dtype) -> torch.Tensor:
-        return self.embeddings.to(dtype).unsqueeze(0).expand(size, -1, -1)
+    def forward(self, size: int, dtype: torch.dtype) -> torch.Tensor:
+        """The prompt for a batch of ``size`` (a view, no copy). A call, so that hooks see it (DP's
+        per-sample rule reads each example's gradient of its copy)."""
+        # Without grad, a view of the Parameter would still claim requires_grad (with no grad_fn),
+        # which torch's FlopCounterMode module tracker trips over.
+        embeddings = self.embeddings if torch.is_grad_enabled() else self.embeddings.detach()
+        return embeddings.to(dtype).unsqueeze(0).expand(size, -1, -1)
 
 
 def insert(sequence: torch.Tensor, block: torch.Tensor, at: int) -> torch.Tensor:
@@ -148,23 +153,24 @@ class PromptTuning(Method):
                     f"{self.max_positions} positions; lower train.max_length or method.num_tokens"
                 )
             embeds = self.embedding(input_ids)
-            kwargs["inputs_embeds"] = insert(embeds, self.prompt.batch(batch, embeds.dtype), at)
+            kwargs["inputs_embeds"] = insert(embeds, self.prompt(batch, embeds.dtype), at)
             kwargs["input_ids"] = None
         return args, kwargs
 
     def _prepend_to_embeddings(self, module, args, output):
-        return insert(output, self.prompt.batch(output.shape[0], output.dtype), self.insert_at)
+        return insert(output, self.prompt(output.shape[0], output.dtype), self.insert_at)
 
     def _drop_prompt_positions(self, module, args, output):
         output.last_hidden_state = output.last_hidden_state[:, self.config.num_tokens :]
         return output
 
     def _after_vit_embeddings(self, module, args, output):
-        return insert(output, self.prompt.batch(output.shape[0], output.dtype), 1)
+        return insert(output, self.prompt(output.shape[0], output.dtype), 1)
 
     # -- protocol -------------------------------------------------------------------------------
     def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        return {f"{MODULE}.embeddings": self.prompt.embeddings}
+        # By named_parameters: a masked prompt's Parameter is parametrizations.embeddings.original.
+        return {f"{MODULE}.{name}": p for name, p in self.prompt.named_parameters()}
 
     def claims(self, model: nn.Module) -> set[str]:
         return {f"{MODULE}.embeddings", "<input sequence>"}

@@ -149,8 +149,10 @@ class PerSampleClipper:
                 output = output.expand(batch, *output.shape[1:])
                 args = (args[0].expand(batch, *args[0].shape[1:]), *args[1:])
                 rule.calls.append(Call(args, kwargs, output))
+                rule.on_call(rule.calls[-1])
                 return output
             rule.calls.append(Call(args, kwargs, output))
+            rule.on_call(rule.calls[-1])
             return None
 
         return hook

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from slimtune.methods.lora import LoRALinear
+from slimtune.methods.prompt import SoftPrompt
 
 # Instantiating per-sample weight gradients writes and reads B*out*in floats; on CPU that memory
 # traffic costs about as much as this many multiply-adds per element (measured on the dev box).
@@ -165,10 +167,11 @@ class NotPerSample(Exception):
 class Call:
     """One call of a module in the forward pass: its inputs, its output, and later the output's gradient."""
 
-    __slots__ = ("args", "kwargs", "output", "extra", "grad")
+    __slots__ = ("args", "kwargs", "output", "extra", "grad", "dropout")
 
     def __init__(self, args, kwargs, output):
         self.args, self.kwargs, self.output, self.extra, self.grad = args, kwargs, output, None, None
+        self.dropout: list[tuple[nn.Module, torch.Tensor]] = []  # (dropout module, its scaled keep mask), in call order
 
 
 #: Module type -> the rule that computes per-sample gradients of the parameters it owns directly.
@@ -243,6 +246,9 @@ class Rule(ABC):
     def reset(self) -> None:
         """Forget the captured calls (before each physical batch)."""
         self.calls = []
+
+    def on_call(self, call: Call) -> None:
+        """Called when one of the module's calls has been captured (after its forward)."""
 
     def output_tensors(self, call: Call) -> list[torch.Tensor]:
         out = call.output
@@ -354,6 +360,18 @@ class LoRARule(Rule):
         return out
 
 
+@register_rule(SoftPrompt)
+class PromptRule(Rule):
+    """Soft prompt tokens: each example's copy of the prompt (the call's output, a (B, n, d)
+    view) receives exactly that example's gradient of the prompt."""
+
+    kind = "prompt"
+
+    def contributions(self, dtype):
+        (name,) = self.params
+        return {name: [Dense(b) for call in self.calls if (b := self._backprop(call, dtype)) is not None]}
+
+
 @register_rule(nn.Embedding)
 class EmbeddingRule(Rule):
     kind = "embedding"
@@ -433,11 +451,31 @@ def _functional_key(module: nn.Module, tensor: str) -> str:
 
 
 class ModuleVmapRule(Rule):
-    """Any module: re-run its forward per sample under vmap and pull its backprop through it."""
+    """Any module: re-run its forward per sample under vmap and pull its backprop through it.
+
+    Dropout inside the module is replayed, not redrawn: each ``nn.Dropout``'s keep mask is recorded
+    in the real forward and multiplied back in the re-run (each example's slice of an activation
+    mask; a weight mask, as KAdaptation's, whole), so the re-run is the function the batch saw."""
 
     kind = "module-vmap"
     through_parametrizations = True
     reads_shared = True
+
+    def extra_hooks(self, capturing):
+        self._pending: list[tuple[nn.Module, torch.Tensor]] = []
+
+        def record(module, args, output):
+            if capturing() and module.training and module.p > 0:
+                self._pending.append((module, (output != 0).to(output.dtype) / (1 - module.p)))
+
+        return [m.register_forward_hook(record) for m in self.module.modules() if isinstance(m, nn.Dropout)]
+
+    def reset(self) -> None:
+        super().reset()
+        self._pending = []
+
+    def on_call(self, call: Call) -> None:
+        call.dropout, self._pending = self._pending, []
 
     def output_tensors(self, call):
         leaves, _ = tree_flatten(call.output)
@@ -476,15 +514,47 @@ class ModuleVmapRule(Rule):
             positions = [position for position, _ in used]
             weights = {k: self.params[v].detach() for k, v in local.items()}
 
-            def sample_objective(params, sample_leaves, sample_grads):
+            def sample_objective(params, sample_leaves, sample_grads, sample, call=call, batch=batch):
                 it = iter(sample_leaves)
                 full = [fixed[i] if i in fixed else next(it).unsqueeze(0) for i in range(len(leaves))]
                 args, kwargs = tree_unflatten(full, spec)
-                result = functional_call(module, params, tuple(args), kwargs)
+                with _replayed_dropout(call.dropout, sample, batch):
+                    result = functional_call(module, params, tuple(args), kwargs)
                 outputs = tree_flatten(result)[0]
                 return sum((outputs[i] * g.unsqueeze(0)).sum() for i, g in zip(positions, sample_grads))
 
-            grads = vmap(grad(sample_objective), in_dims=(None, 0, 0), randomness="same")(weights, mapped_leaves, [g for _, g in used])
+            samples = torch.arange(batch)
+            grads = vmap(grad(sample_objective), in_dims=(None, 0, 0, 0), randomness="same")(weights, mapped_leaves, [g for _, g in used], samples)
             for key, name in local.items():
                 out.setdefault(name, []).append(Dense(grads[key].detach().to(dtype)))
         return out
+
+
+@contextmanager
+def _replayed_dropout(recorded: list[tuple[nn.Module, torch.Tensor]], sample: torch.Tensor, batch: int):
+    """Inside one example's re-run: each dropout module multiplies by its recorded mask (that
+    example's row where the mask has the batch in front, else the whole mask) in call order."""
+    if not recorded:
+        yield
+        return
+    queues: dict[int, list[torch.Tensor]] = {}
+    for module, mask in recorded:
+        queues.setdefault(id(module), []).append(mask)
+    modules = {id(m): m for m, _ in recorded}
+
+    def replay(module):
+        def forward(x):
+            mask = queues[id(module)].pop(0)
+            if mask.dim() == x.dim() and mask.shape[0] == batch and tuple(x.shape) == (1, *mask.shape[1:]):
+                mask = mask.index_select(0, sample.reshape(1))  # this example's row
+            return x * mask.to(x.dtype)
+
+        return forward
+
+    for module in modules.values():
+        module.forward = replay(module)
+    try:
+        yield
+    finally:
+        for module in modules.values():
+            del module.forward

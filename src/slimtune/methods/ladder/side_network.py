@@ -24,6 +24,27 @@ class ForwardPass:
         self.store: list[tuple[int, bytes, int]] = []  # (row, key, length) to cache this pass
 
 
+class GateMix(nn.Module):
+    """Ladder j's gated mix ``g_j * side + (1 - g_j) * down``, ``g_j = sigmoid(alpha_j / T)``, as a
+    module call so that DP's per-sample rule sees it; the gates stay in the network's
+    ``gates`` list (their saved names), read here (``shared_modules``)."""
+
+    def __init__(self, gates: nn.ParameterList, j: int, temperature: float):
+        super().__init__()
+        object.__setattr__(self, "gates", gates)  # a reference: the list is registered on the side network
+        self.j, self.temperature = j, temperature
+
+    def shared_modules(self) -> list[nn.Module]:
+        return [self.gates]
+
+    def gate(self) -> torch.Tensor:
+        return torch.sigmoid(self.gates[self.j] / self.temperature)
+
+    def forward(self, side: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        g = self.gate()
+        return g * side + (1 - g) * down
+
+
 class LadderSideNetwork(nn.Module):
     """Side blocks, ladders, gates, up-projection (and, for Llama, final norm + rotary)."""
 
@@ -35,6 +56,7 @@ class LadderSideNetwork(nn.Module):
         self.first_down = nn.Linear(d, d_s, bias=cfg.bias)
         self.downs = nn.ModuleList([nn.Linear(d, d_s, bias=cfg.bias) for _ in ladder_layers])
         self.gates = nn.ParameterList([nn.Parameter(torch.full((1,), float(cfg.gate_alpha))) for _ in ladder_layers])
+        self.mixes = nn.ModuleList([GateMix(self.gates, j, cfg.gate_T) for j in range(len(ladder_layers))])
         self.blocks = nn.ModuleList([family.build_block(side_config, j) for j in range(len(ladder_layers))])
         self.up = nn.Linear(d_s, d, bias=cfg.bias)
         if family.name == "llama":
@@ -51,7 +73,7 @@ class LadderSideNetwork(nn.Module):
         self._pass = ForwardPass()
 
     def gate(self, j: int) -> torch.Tensor:
-        return torch.sigmoid(self.gates[j] / self.gate_T)
+        return self.mixes[j].gate()
 
     def begin(self, embeddings: torch.Tensor) -> None:
         # detach: the embedding output is the backbone's, and gradients stop at the backbone
@@ -59,8 +81,7 @@ class LadderSideNetwork(nn.Module):
 
     def merge(self, j: int, backbone_hidden: torch.Tensor) -> torch.Tensor:
         """The gated ladder: g_j * s_{j-1} + (1 - g_j) * down_j(h_{l_j})."""
-        g = self.gate(j)
-        return g * self._pass.side + (1 - g) * self.downs[j](backbone_hidden)
+        return self.mixes[j](self._pass.side, self.downs[j](backbone_hidden))
 
     def finish(self) -> torch.Tensor:
         side = self._pass.side
