@@ -424,8 +424,9 @@ def one_line_error(argv, capsys):
 TEXTS = ["the film was great and new", "the film was awful", "dull and long, very long indeed"]
 
 
-def train_tiny_lora(run, model_dir, data_file, **method):
-    """A finished 8-step LoRA run on the tiny model and data (``method`` adds LoRA fields): ``run``."""
+def train_tiny_lora(run, model_dir, data_file, head=None, **method):
+    """A finished 8-step LoRA run on the tiny model and data (``method`` adds LoRA fields, ``head``
+    is the recipe's head section): ``run``."""
     from slimtune.recipe import validate_recipe
     from slimtune.runner import train_run
 
@@ -435,6 +436,7 @@ def train_tiny_lora(run, model_dir, data_file, **method):
         "method": {"name": "lora", "r": 4, **method},
         "train": {"max_steps": 8, "batch_size": 16, "lr": 5e-3, "max_length": 16, "warmup_ratio": 0.0},
         "measure": {"latency": False},
+        **({"head": head} if head else {}),
     }
     train_run(validate_recipe(recipe), run, progress=False)
     return run

@@ -1,6 +1,7 @@
 """`slimtune export RUN_DIR --peft OUT`: peft loads the adapter and computes the same outputs."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,6 +40,8 @@ def test_peft_loads_the_adapter_and_gives_the_same_outputs(tiny_recipe, tmp_path
     assert main(["export", str(run), "--peft", str(tmp_path / "peft")]) == 0
     config = json.loads((tmp_path / "peft/adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_CLS" and config["r"] == 4 and config["lora_alpha"] == 12
+    # a model directory loaded as it is: the adapter points there and no copy is written
+    assert config["base_model_name_or_path"] == str(Path(tiny_recipe["model"]["name"]).resolve()) and not (tmp_path / "peft/base").exists()
     assert config["modules_to_save"] == ["bert.pooler.dense", "classifier"]
     keys = set(read_safetensors(tmp_path / "peft/adapter_model.safetensors"))
     assert "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight" in keys
@@ -91,6 +94,16 @@ def test_minilm_l2_lora_export_matches_peft(tmp_path):
     batch = tokens(built, ["a gripping, beautifully shot film", "tedious and overlong", "fine"])
     ours, theirs, _ = slimtune_and_peft_logits(tmp_path / "run", tmp_path / "peft", batch)
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    # peft alone, from the adapter directory: the base it records must be the 2-layer one the
+    # run trained (the zoo truncates minilm-l6's checkpoint at load), not the 6-layer checkpoint.
+    from peft import AutoPeftModelForSequenceClassification
+
+    alone = AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(alone(**batch).logits, ours, atol=1e-5, rtol=1e-5)
+    assert alone.config.num_hidden_layers == 2 and alone.config.id2label == {0: "negative", 1: "positive"}
+    config = json.loads((tmp_path / "peft/adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((tmp_path / "peft/base").resolve())
 
 
 def test_causal_lm_lora_exports_as_causal_lm_without_head(tmp_path):

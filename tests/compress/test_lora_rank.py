@@ -65,7 +65,7 @@ def test_fraction_and_merged_export(run_dir, tmp_path):
     out = tmp_path / "merged"
     export_run(run_dir, out, merge=True, lora_rank=parse_lora_rank("0.5"), measure=False)
     record = read_json(out / "slimtune_export.json")
-    assert record["lora_rank"]["kept_rank"] == 2 and record["layout"] == "hf"
+    assert record["lora_rank"]["kept_rank"] == 2 and record["layout"] == "rebuilt"  # mean pooling: no plain-HF class
     expected, built = svd_truncated(run_dir, 2)
     assert torch.allclose(text_logits(slimtune.load_exported(out), built.tokenizer), text_logits(expected, built.tokenizer), atol=1e-5)
 

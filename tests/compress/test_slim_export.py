@@ -24,7 +24,14 @@ from tests.fixtures import text_logits, train_tiny_lora
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_model_dir, tiny_data_file):
+    """Mean pooling (head.pooling auto on BERT)."""
     return train_tiny_lora(tmp_path_factory.mktemp("slim") / "run", tiny_model_dir, tiny_data_file)
+
+
+@pytest.fixture(scope="module")
+def cls_run_dir(tmp_path_factory, tiny_model_dir, tiny_data_file):
+    """[CLS] through BERT's pooler: the head transformers' BertForSequenceClassification computes."""
+    return train_tiny_lora(tmp_path_factory.mktemp("slim-cls") / "run", tiny_model_dir, tiny_data_file, head={"pooling": "cls"})
 
 
 def merged_run_model(run):
@@ -56,25 +63,61 @@ def test_slimmed_export_round_trips_with_identical_outputs(run_dir, tmp_path):
     assert report["size_bytes"] == report["exported"]["size_bytes"] > 0
 
 
-def test_merged_and_ffn_only_exports_are_plain_hugging_face(run_dir, tmp_path):
-    model, built = merged_run_model(run_dir)
+def test_merged_and_ffn_only_exports_are_plain_hugging_face(cls_run_dir, tmp_path):
+    model, built = merged_run_model(cls_run_dir)
     out = tmp_path / "merged"
-    export_run(run_dir, out, merge=True, measure=False)
-    assert read_json(out / "slimtune_export.json")["layout"] == "hf"
-    assert torch.equal(text_logits(slimtune.load_exported(out), built.tokenizer), text_logits(model, built.tokenizer))
+    export_run(cls_run_dir, out, merge=True, measure=False)
+    expected = text_logits(model, built.tokenizer)
+    assert torch.equal(text_logits(slimtune.load_exported(out), built.tokenizer), expected)
+    plain = AutoModelForSequenceClassification.from_pretrained(out).eval()  # plain transformers, no slimtune
+    assert torch.equal(text_logits(plain, built.tokenizer), expected)
+    assert plain.config.id2label == {0: "neg", 1: "pos"} and plain.config.label2id == {"neg": 0, "pos": 1}
+    assert plain.config.architectures == ["BertForSequenceClassification"]
+    record = read_json(out / "slimtune_export.json")
+    assert record["layout"] == "hf" and record["plain_hf"].startswith("yes: transformers' BertForSequenceClassification")
     # Local scope keeps a uniform FFN width, which BERT's config can express.
     ffn = tmp_path / "ffn"
-    export_run(run_dir, ffn, slim="ffn=0.25,scope=local,multiple=1,criterion=magnitude", measure=False)
+    export_run(cls_run_dir, ffn, slim="ffn=0.25,scope=local,multiple=1,criterion=magnitude", measure=False)
     assert read_json(ffn / "slimtune_export.json")["layout"] == "hf"
     assert json.loads((ffn / "config.json").read_text())["intermediate_size"] == 48
-    plain = AutoModelForSequenceClassification.from_pretrained(ffn).eval()  # plain transformers, no slimtune
+    plain = AutoModelForSequenceClassification.from_pretrained(ffn).eval()
     assert plain.bert.encoder.layer[0].intermediate.dense.out_features == 48
-    loaded = slimtune.load_exported(ffn)
-    theirs = plain.state_dict()
-    assert all(torch.equal(theirs[k], v) for k, v in loaded.state_dict().items())  # the same tensors ...
-    # ... and, with the pooling the export records put back (see compress/loader.py), the same model
-    configure_pooling(plain, read_json(ffn / "slimtune_export.json")["pooling"], "classification")
-    assert torch.equal(text_logits(plain, built.tokenizer), text_logits(loaded, built.tokenizer))
+    assert torch.equal(text_logits(plain, built.tokenizer), text_logits(slimtune.load_exported(ffn), built.tokenizer))
+
+
+def test_a_mean_pooled_export_refuses_a_plain_hugging_face_load(run_dir, tmp_path):
+    """No transformers class pools by the masked mean: a plain load must fail, not random-init
+    BERT's [CLS] pooler in front of the classifier (near-constant logits)."""
+    model, built = merged_run_model(run_dir)
+    assert built.pooling == "mean"
+    for name, options in (("merged", {"merge": True}), ("ffn", {"slim": "ffn=0.25,multiple=1,criterion=magnitude"})):
+        out = tmp_path / name
+        export_run(run_dir, out, measure=False, **options)
+        with pytest.raises(OSError, match="no file named model.safetensors"):
+            AutoModelForSequenceClassification.from_pretrained(out)
+        record = read_json(out / "slimtune_export.json")
+        assert record["layout"] == "rebuilt" and record["plain_hf"].startswith("no: its classifier reads the masked mean")
+        config = json.loads((out / "config.json").read_text())
+        assert "architectures" not in config and config["id2label"] == {"0": "neg", "1": "pos"}
+    assert torch.equal(text_logits(slimtune.load_exported(tmp_path / "merged"), built.tokenizer), text_logits(model, built.tokenizer))
+
+
+def test_a_pickle_posing_as_the_hf_weights_is_refused_in_one_line(cls_run_dir, tmp_path):
+    import pickle
+
+    from tests.fixtures import Trap
+
+    out = tmp_path / "merged"
+    export_run(cls_run_dir, out, merge=True, measure=False)
+    weights = out / "model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(pickle.dumps(Trap(tmp_path / "ran")))
+    with pytest.raises(SlimtuneError, match=r"model.safetensors: this is a Python pickle, not safetensors") as caught:
+        slimtune.load_exported(out)
+    assert len(str(caught.value).splitlines()) == 1 and not (tmp_path / "ran").exists()
+    weights.write_bytes(original[: len(original) // 2])
+    with pytest.raises(SlimtuneError, match="model.safetensors: corrupt or truncated safetensors file"):
+        slimtune.load_exported(out)
 
 
 def test_int8_export_loads_and_evaluates(run_dir, tmp_path):
@@ -172,3 +215,29 @@ def test_load_exported_errors(tmp_path):
     (tmp_path / "plain").mkdir()
     with pytest.raises(SlimtuneError, match="not a slimtune export"):
         slimtune.load_exported(tmp_path / "plain")
+
+
+@pytest.mark.parametrize("section, fields", [
+    ("privacy", {"epsilon": 8.0, "accountant": "rdp", "physical_batch_size": 8}),
+    ("sparsity", {"target": "delta", "criterion": "magnitude", "density": 0.5}),
+])
+def test_the_export_report_carries_the_runs_privacy_and_sparsity(tiny_recipe, tmp_path, section, fields):
+    """An exported DP model is still bound by its ε: the export report says so (and how the delta was sparsified)."""
+    from slimtune.recipe import validate_recipe
+    from slimtune.runner import train_run
+
+    tiny_recipe[section] = fields
+    tiny_recipe["train"]["max_steps"] = 2
+    train_run(validate_recipe(tiny_recipe), tmp_path / "run", progress=False)
+    ran = read_json(tmp_path / "run/report.json")[section]
+    export_run(tmp_path / "run", tmp_path / "out", merge=True, measure=False)
+    report = read_json(tmp_path / "out/export_report.json")
+    assert report["run"][section] == ran and report["run"]["report"] == str(tmp_path / "run/report.json")
+    if section == "privacy":
+        assert 0 < report["run"]["privacy"]["epsilon"] <= 8.0 and report["run"]["privacy"]["delta"] == ran["delta"]
+        # Slimming by scores on the private training data is not covered by that ε: refused, nothing written.
+        with pytest.raises(SlimtuneError, match="criterion=taylor: scores heads and neurons on the training data of a DP run"):
+            export_run(tmp_path / "run", tmp_path / "slim", slim="heads=0.5")
+        assert not (tmp_path / "slim").exists()
+        export_run(tmp_path / "run", tmp_path / "slim", slim="heads=0.5,criterion=magnitude", measure=False)
+        assert read_json(tmp_path / "slim/export_report.json")["run"]["privacy"] == ran

@@ -43,3 +43,23 @@ def test_minilm_l2_slim_export_round_trip(tmp_path):
     with torch.no_grad():
         quantized = slimtune.load_exported(tmp_path / "int8")(**batch).logits
         assert torch.allclose(quantized, built.model(**batch).logits, atol=0.1)
+
+
+def test_minilm_l2_cls_merge_is_plain_hugging_face(tmp_path):
+    """minilm-l2's own config.json says BertModel; the export's must name the class that computes
+    the run's head, and the task's labels, so that transformers alone gives slimtune's logits."""
+    from transformers import AutoModelForSequenceClassification
+
+    recipe = load_recipe(None, [
+        "model.name=minilm-l2", "task.train_size=64", "task.eval_size=32", "train.max_steps=2", "train.batch_size=16",
+        "train.max_length=32", "head.pooling=cls", "measure.latency=false", "measure.memory=false", "measure.flops=false",
+    ])
+    train_run(recipe, tmp_path / "run", progress=False)
+    export_run(tmp_path / "run", tmp_path / "merged", merge=True, measure=False)
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert plain.config.architectures == ["BertForSequenceClassification"] and plain.config.num_hidden_layers == 2
+    assert plain.config.id2label == {0: "negative", 1: "positive"}
+    built = build(recipe)
+    batch = built.tokenizer(["a gripping, funny film", "tedious and flat", "fine", "the worst of the year"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(plain(**batch).logits, slimtune.load_exported(tmp_path / "merged")(**batch).logits)

@@ -162,27 +162,61 @@ def hf_config(model):
     return config
 
 
-def _write_model(model, staging: Path, *, int8: bool, bf16: bool) -> dict[str, Any]:
+def _describe(config, model, *, pooling: str, labels: list[str] | None) -> None:
+    """What the saved config.json claims: the task's label names, and as ``architectures`` the
+    transformers class that computes this model's head, or none when no class does (mean pooling:
+    BERT's classes read [CLS] through a pooler the run never trained)."""
+    config.architectures = None if pooling == "mean" else [type(model).__name__]
+    if labels:
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {name: i for i, name in enumerate(labels)}
+
+
+def _plain_hf(model, layout: str, *, pooling: str, int8: bool) -> str:
+    """The ``plain_hf`` note of the export record: which transformers class reproduces the export
+    from the directory alone, or why none does."""
+    if layout == "hf":
+        return f"yes: transformers' {type(model).__name__}.from_pretrained(DIR) computes this model"
+    if pooling == "mean":
+        why = ("its classifier reads the masked mean of the token states, which no transformers class computes "
+               "(theirs read [CLS] through a pooler this run never trained)")
+    elif int8:
+        why = "its Linear layers are int8"
+    else:
+        why = "its per-layer shapes (shapes.json) are not expressible in config.json"
+    return f"no: {why}; the weights are in a file transformers does not look for, so use slimtune.load_exported(DIR)"
+
+
+def _write_model(model, staging: Path, *, int8: bool, pooling: str, labels: list[str] | None) -> dict[str, Any]:
     """Write the weights and config; returns the layout part of the export record."""
+    import copy
+
     from slimtune.compress.loader import HF_WEIGHTS, REBUILT_WEIGHTS, SHAPES_FILE
     from slimtune.compress.quantize import INT8_FORMAT, int8_state
     from slimtune.sparsity.structured import is_dense, shape_record
 
     record = shape_record(model)
-    config = None if int8 else hf_config(model)
+    # Mean pooling is written in the rebuilt layout: under model.safetensors,
+    # AutoModelForSequenceClassification would load it with a random [CLS] pooler in front of the
+    # classifier and predict near-constant logits without an error.
+    config = None if int8 or pooling == "mean" else hf_config(model)
     if config is not None:
         # The Hugging Face layout: config.json + model.safetensors under the model's own names.
+        _describe(config, model, pooling=pooling, labels=labels)
         config.save_pretrained(staging)
         write_safetensors(staging / HF_WEIGHTS, _dedupe_shared(model.state_dict()), metadata={"format": "pt"})
-        return {"layout": "hf", "shapes": None, "int8": None}
-    model.config.save_pretrained(staging)  # the dense config; shapes.json says what was removed
+        return {"layout": "hf", "shapes": None, "int8": None, "plain_hf": _plain_hf(model, "hf", pooling=pooling, int8=int8)}
+    config = copy.deepcopy(model.config)  # the dense config; shapes.json says what was removed
+    _describe(config, model, pooling=pooling, labels=labels)
+    config.save_pretrained(staging)
     state = int8_state(model) if int8 else dict(model.state_dict())
     write_safetensors(staging / REBUILT_WEIGHTS, _dedupe_shared(state), metadata={"format": "pt"})
     shapes = None
     if not is_dense(record):
         write_json(staging / SHAPES_FILE, record)
         shapes = SHAPES_FILE
-    return {"layout": "rebuilt", "shapes": shapes, "int8": INT8_FORMAT if int8 else None}
+    return {"layout": "rebuilt", "shapes": shapes, "int8": INT8_FORMAT if int8 else None,
+            "plain_hf": _plain_hf(model, "rebuilt", pooling=pooling, int8=int8)}
 
 
 def save_exported(
@@ -215,7 +249,8 @@ def save_exported(
     bf16 = bool(float_params) and float_params[0].dtype == torch.bfloat16
     if kinds is None:
         kinds = ["merged"] + ([] if is_dense(shape_record(model)) else ["slimmed"]) + (["int8"] if int8 else []) + (["bf16"] if bf16 else [])
-    layout = _write_model(model, directory, int8=int8, bf16=bf16)
+    layout = _write_model(model, directory, int8=int8, pooling=pooling,
+                          labels=labels if objective == "classification" else None)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     record = {
@@ -305,6 +340,13 @@ def export_model(
     spec = slim
     check_out(out)
     recipe, run_dir = built.recipe, built.run_dir
+    run_sections = _run_sections(run_dir)
+    if spec and spec["criterion"] in ("taylor", "fisher") and "privacy" in run_sections:
+        # Scoring units on the private training data without noise is not covered by the run's ε.
+        raise SlimtuneError(
+            f"--slim criterion={spec['criterion']}: scores heads and neurons on the training data of a DP run "
+            f"({run_dir / 'report.json'} has a privacy section), which its ε does not cover; use criterion=magnitude or delta"
+        )
     model, objective = built.model, built.objective
     lora_info = None
     if lora_rank is not None:
@@ -348,6 +390,8 @@ def export_model(
         )
         exported = load_exported(staging)
         report: dict[str, Any] = {"export": record, "size_bytes": file_bytes(staging)}
+        if run_sections:
+            report["run"] = run_sections
         if measure:
             report["exported"] = measure_model(
                 exported, rows["test"], pad_id, objective, num_labels, batch_size=batch_size, seq_len=seq_len,
@@ -366,6 +410,24 @@ def export_model(
                                  "n_test": len(rows["test"])}
         write_json(staging / "export_report.json", report)
     return report
+
+
+#: Sections of the run's report.json that still hold for its export: the privacy guarantee (ε, δ:
+#: merging, removing units by weights, converting and measuring on test data are post-processing)
+#: and how the run was sparsified or quantisation-aware trained.
+RUN_SECTIONS = ("privacy", "sparsity", "qat")
+
+
+def _run_sections(run_dir: Path | None) -> dict[str, Any]:
+    """The run's report.json sections in ``RUN_SECTIONS`` (with the file they came from), or {}."""
+    from slimtune.io import read_json
+
+    path = Path(run_dir) / "report.json" if run_dir is not None else None
+    if path is None or not path.is_file():
+        return {}
+    saved = read_json(path)
+    sections = {key: saved[key] for key in RUN_SECTIONS if isinstance(saved, dict) and key in saved}
+    return {"report": str(path), **sections} if sections else {}
 
 
 def _slim(model, built, spec: dict[str, Any], train_rows: list[dict], pad_id: int) -> dict[str, Any]:

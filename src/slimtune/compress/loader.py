@@ -3,14 +3,15 @@
 An export directory always holds ``slimtune_export.json`` (what the export is), ``config.json``
 and the tokenizer. Its weights come in one of two layouts:
 
-- **plain Hugging Face** (``model.safetensors``), whenever the config can express the model:
-  a merged model, a bf16 model, a slimmed model whose layers all kept the same FFN width (and,
-  for Llama, the same numbers of query and KV heads: ``head_dim`` is explicit there), and, for
-  BERT/MPNet, no head removed (their config derives the head width from hidden / heads, so fewer
-  heads of the same width cannot be written down). ``AutoModelFor*.from_pretrained(DIR)`` loads
-  these directly.
-- **rebuilt** (``slimtune_model.safetensors`` + ``shapes.json``), otherwise: per-layer widths, or
-  int8 weights (see ``slimtune.compress.quantize``). ``config.json`` then describes the *dense*
+- **plain Hugging Face** (``model.safetensors``), whenever the config can express the model and
+  a transformers class computes its head (not mean pooling): a merged model, a bf16 model, a
+  slimmed model whose layers all kept the same FFN width (and, for Llama, the same numbers of
+  query and KV heads: ``head_dim`` is explicit there), and, for BERT/MPNet, no head removed (their
+  config derives the head width from hidden / heads, so fewer heads of the same width cannot be
+  written down). ``AutoModelFor*.from_pretrained(DIR)`` loads these directly and computes the
+  same logits; ``config.json`` carries the task's ``id2label``.
+- **rebuilt** (``slimtune_model.safetensors`` + ``shapes.json``), otherwise: per-layer widths,
+  int8 weights (see ``slimtune.compress.quantize``), or a mean-pooled classifier. ``config.json`` then describes the *dense*
   model; ``shapes.json`` is the per-layer shape record of ``slimtune.sparsity.structured``
   (kept original head / KV-head / neuron indices per layer). The loader builds the dense
   skeleton from the config, shrinks it to those shapes, quantises it if the export is int8 and
@@ -18,8 +19,10 @@ and the tokenizer. Its weights come in one of two layouts:
   ``from_pretrained`` fails loudly instead of loading mismatched tensors.
 
 Classification exports trained with mean pooling (the default for MiniLM/MPNet) record
-``pooling: mean``; the loader puts the masked-mean pooler back in place of BERT's [CLS] pooler,
-so use ``load_exported`` (not a bare ``from_pretrained``) to get the model that was evaluated.
+``pooling: mean``; the loader puts the masked-mean pooler back in place of BERT's [CLS] pooler.
+No transformers class computes that head, which is why they are never in the plain layout (a bare
+``from_pretrained`` would random-initialise the [CLS] pooler and predict near-constant logits).
+The record's ``plain_hf`` says whether transformers alone reproduces the export.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 from torch import nn
 
 from slimtune.errors import SlimtuneError
-from slimtune.io import read_json, read_safetensors
+from slimtune.io import read_json, read_safetensors, sniff_pickle
 
 EXPORT_FORMAT = "slimtune-export/1"
 EXPORT_RECORD = "slimtune_export.json"
@@ -80,6 +83,8 @@ def load_exported(directory: str | Path) -> nn.Module:
     objective = record.get("objective", "classification")
     auto_class = _auto_class(objective)
     dtype = DTYPES[record["dtype"]]
+    if record.get("layout") == "hf":
+        _check_hf_weights(directory / HF_WEIGHTS)
     try:
         # A mean-pooled export has no [CLS] pooler weights: transformers' report of them as
         # missing is expected (the pooler is replaced just below), so it is silenced.
@@ -97,6 +102,24 @@ def load_exported(directory: str | Path) -> nn.Module:
         _load_rebuilt(model, directory, record, dtype)
     model.slimtune_export = record
     return model.eval()
+
+
+def _check_hf_weights(path: Path) -> None:
+    """Refuse, in one line, what transformers would otherwise fail on with a raw SafetensorError
+    traceback: a missing file, a pickle under the safetensors name, a corrupt header."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise SlimtuneError(f"{path}: file not found (the export record says layout 'hf')")
+    with open(path, "rb") as handle:
+        kind = sniff_pickle(handle.read(8))
+    if kind:
+        raise SlimtuneError(f"{path}: this is {kind}, not safetensors; refusing to load it (pickle can run code)")
+    try:
+        with safe_open(str(path), framework="pt"):  # parses the header only
+            pass
+    except (SafetensorError, OSError) as error:
+        raise SlimtuneError(f"{path}: corrupt or truncated safetensors file ({str(error).splitlines()[0]})") from None
 
 
 def _load_rebuilt(model: nn.Module, directory: Path, record: dict[str, Any], dtype: torch.dtype) -> None:

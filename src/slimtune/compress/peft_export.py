@@ -6,9 +6,12 @@ directory, ``adapter_config.json`` + ``adapter_model.safetensors``, that
 mapping is one to one, because slimtune's LoRA is peft's LoRA (``W + (alpha / r) B A``, no
 rsLoRA): ``<module>.lora_A`` -> ``base_model.model.<module>.lora_A.weight`` (same for ``lora_B``);
 the task head (classifier/score, and BERT's pooler when it trained) goes to ``modules_to_save``
-under ``base_model.model.<name>``. ``base_model_name_or_path`` is the local model directory; for
-a zoo model truncated at load time (``minilm-l2``) that directory holds the full checkpoint, so
-load the base with ``slimtune.zoo.models.load_model`` (or pass ``num_hidden_layers``).
+under ``base_model.model.<name>``. ``base_model_name_or_path`` is the local model directory,
+except for a zoo model truncated at load time (``minilm-l2`` keeps 2 of minilm-l6's 6 layers):
+its directory holds the full checkpoint, from which peft would rebuild the 6-layer model, so the
+truncated base is written beside the adapter (``OUT/base``, checked against the run's base
+fingerprint) and recorded by its absolute path; ``AutoPeftModelForSequenceClassification
+.from_pretrained(OUT)`` then rebuilds the run's model.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from slimtune.errors import SlimtuneError
-from slimtune.io import write_json, write_safetensors
+from slimtune.io import read_json, staged_directory, write_json, write_safetensors
 
 PEFT_PREFIX = "base_model.model."
 TASK_TYPES = {"classification": "SEQ_CLS", "lm": "CAUSAL_LM"}
+BASE_DIR = "base"  # OUT/base: the truncated base of a minilm-l2 run
 
 
 def check_peft_out(out: Path) -> None:
@@ -31,7 +35,7 @@ def check_peft_out(out: Path) -> None:
 def peft_adapter(run, out: Path) -> dict[str, Any]:
     """Write the LoRA delta of a run (``slimtune.runner.RunFiles``: dir, recipe, meta, state) as a
     peft adapter directory ``out``; returns its config."""
-    from slimtune.zoo.models import model_dir
+    from slimtune.zoo.models import MODELS, model_dir
 
     check_peft_out(out)
     run_dir, recipe, meta, state = run.dir, run.recipe, run.meta, run.state
@@ -72,10 +76,13 @@ def peft_adapter(run, out: Path) -> dict[str, Any]:
         raise SlimtuneError(f"{run_dir / 'delta.safetensors'}: holds no LoRA tensors")
     modules_to_save = sorted({name.rpartition(".")[0] for name in head_names}) or None
 
+    spec = MODELS.get(recipe.model.name)
+    truncated = spec is not None and spec.num_hidden_layers is not None
+    base_path = (out.resolve() / BASE_DIR) if truncated else model_dir(recipe.model.name)
     config = {
         "peft_type": "LORA",
         "task_type": TASK_TYPES[objective],
-        "base_model_name_or_path": str(model_dir(recipe.model.name)),
+        "base_model_name_or_path": str(base_path),
         "r": lora["r"],
         "lora_alpha": lora["alpha"],
         "lora_dropout": lora["dropout"],
@@ -88,7 +95,37 @@ def peft_adapter(run, out: Path) -> dict[str, Any]:
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(out / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
-    write_json(out / "adapter_config.json", config)
+    base = _truncated_base(run) if truncated else None  # loaded and checked before anything is written
+    with staged_directory(out) as staging:
+        write_safetensors(staging / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
+        write_json(staging / "adapter_config.json", config)
+        if base is not None:
+            from slimtune.zoo.hf_helpers import quiet_transformers
+
+            model, tokenizer = base
+            with quiet_transformers():  # no shard-writing progress bar in the CLI's output
+                model.save_pretrained(staging / BASE_DIR)
+            tokenizer.save_pretrained(staging / BASE_DIR)
     return config
+
+
+def _truncated_base(run):
+    """The base model (task head as initialised) and tokenizer of a run on a truncated zoo model,
+    as the run was trained on it, with the task's label names in its config."""
+    from slimtune.methods.delta import base_fingerprint, check_fingerprint
+    from slimtune.zoo.models import load_model, load_tokenizer
+
+    report_path = run.dir / "report.json"
+    labels = None
+    if run.recipe.objective == "classification":
+        labels = read_json(report_path).get("task", {}).get("labels") if report_path.is_file() else None
+        if not isinstance(labels, list) or len(labels) < 2:
+            raise SlimtuneError(f"{report_path}: no task.labels there; --peft writes {run.recipe.model.name}'s truncated base "
+                                "with the run's label count (export a finished run)")
+    model = load_model(run.recipe.model.name, objective=run.recipe.objective, **({"num_labels": len(labels)} if labels else {}))
+    check_fingerprint(run.meta, base_fingerprint(run.recipe.model.name, model), run.dir / "delta.json",
+                      remedy="the peft export would write another base than the one this delta was trained on")
+    if labels:
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {name: i for i, name in enumerate(labels)}
+    return model, load_tokenizer(run.recipe.model.name)
