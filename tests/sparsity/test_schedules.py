@@ -37,13 +37,14 @@ def dense_count(model, delta):
 
 # The widths by hand, d = 32, density 0.5: m' = round(m (2 d + 1) / (2 d density + 1)) = round(m 65 / 33):
 # m = 2 -> 130 / 33 = 3.94 -> 4; m = 4 -> 260 / 33 = 7.88 -> 8; LoRA: r / density = 4 / 0.5 = 8.
-@pytest.mark.parametrize("method,field,before,after", [
-    ({"name": "houlsby", "reduction_factor": 16}, "width", 2, 4),
-    ({"name": "pfeiffer", "reduction_factor": 8}, "width", 4, 8),
-    ({"name": "lora", "r": 4}, "r", 4, 8),
+# LoRA prunes after a step: at init its B is all zeros, which magnitude cannot rank (refused below).
+@pytest.mark.parametrize("method,field,before,after,at", [
+    ({"name": "houlsby", "reduction_factor": 16}, "width", 2, 4, "init"),
+    ({"name": "pfeiffer", "reduction_factor": 8}, "width", 4, 8, "init"),
+    ({"name": "lora", "r": 4}, "r", 4, 8, 1),
 ])
-def test_large_sparse_widens_to_the_dense_budget(tmp_path, tiny_recipe, method, field, before, after):
-    recipe = validate_recipe(recipe_with(tiny_recipe, method))
+def test_large_sparse_widens_to_the_dense_budget(tmp_path, tiny_recipe, method, field, before, after, at):
+    recipe = validate_recipe(recipe_with(tiny_recipe, method, at=at))
     dense = build(validate_recipe({k: v for k, v in recipe_with(tiny_recipe, method).items() if k != "sparsity"}))
     built = build(recipe)
     # Weights of the wide delta at density 0.5 == weights of the dense delta.
@@ -53,6 +54,13 @@ def test_large_sparse_widens_to_the_dense_budget(tmp_path, tiny_recipe, method, 
     assert report["sparsity"]["history"][0]["measured"] == pytest.approx(0.5, abs=1e-3)
     again = evaluate_run(tmp_path / "run")
     assert again["metrics"] == report["metrics"]
+
+
+def test_large_sparse_lora_at_init_with_zero_b_is_one_line_error(tmp_path, tiny_recipe):
+    """At init LoRA's B is all zeros: left dense, the widened LoRA would exceed the dense budget."""
+    with pytest.raises(SlimtuneError, match=r"sparsity.large_sparse: 'magnitude' cannot rank 4 x lora_B at initialisation .*dense method's non-zero budget") as err:
+        train_run(validate_recipe(recipe_with(tiny_recipe, {"name": "lora", "r": 4})), tmp_path / "run", progress=False)
+    assert "\n" not in str(err.value)
 
 
 def test_large_sparse_nonzeros_equal_the_dense_adapter():
@@ -96,7 +104,9 @@ def test_sparsity_with_dsee_stage2(tmp_path, tiny_recipe):
     recipe["method"] = dsee
     recipe["sparsity"] = {"target": "delta", "criterion": "magnitude", "density": 0.5}
     report = train_run(validate_recipe(recipe), tmp_path / "stage1", progress=False)  # stage 1 only: fine
-    assert report["sparsity"]["history"][0]["measured"] == pytest.approx(0.5, abs=1e-3)
+    # DSEE's B starts at zero: magnitude cannot rank it, so it stays dense and the rest is at 0.5.
+    assert [n.rpartition(".")[2] for n in report["sparsity"]["left_dense"]] == ["lora_B"] * 4
+    assert report["sparsity"]["history"][0]["ranked_density"] == pytest.approx(0.5, abs=1e-3)
     assert evaluate_run(tmp_path / "stage1")["metrics"] == report["metrics"]
     for target, prune in (("delta", "heads"), ("base", "unstructured"), ("base", "heads")):
         recipe["method"] = {**dsee, "prune": prune, "heads_per_layer": 1}

@@ -18,7 +18,10 @@ Schedules:
 * ``iterative`` — ``rounds`` prune -> retrain rounds spread evenly over training, the density of
   round k being ``density^(k / rounds)`` (so each round removes the same fraction of what is left).
 
-Masks only tighten: an entry pruned once stays pruned. Criteria that need data (snip, grasp,
+Masks only tighten: an entry pruned once stays pruned. A tensor the criterion cannot rank (all
+its scores equal, e.g. LoRA's zero-initialised B at init) is not pruned at that step; the others
+are ranked to the density among themselves and the report lists it as ``left_dense``; if no
+target can be ranked it is a one-line error. Criteria that need data (snip, grasp,
 movement) score on ``batches`` seeded batches of the training split; ``movement`` on trainable
 tensors uses the gradients seen in training since the last pruning step instead.
 """
@@ -31,6 +34,7 @@ import torch
 from torch import nn
 
 from slimtune.errors import SlimtuneError
+from slimtune.progress import write
 from slimtune.core.arch import HEAD_MODULE_NAMES, pattern_matches
 from slimtune.sparsity import criteria
 from slimtune.sparsity.masks import (
@@ -176,6 +180,21 @@ def select_targets(model: nn.Module, delta: Any, target: str, include: list[str]
 # --------------------------------------------------------------------------------------------
 
 
+def unrankable(scores: dict[str, torch.Tensor], targets: Targets) -> list[str]:
+    """Target tensors the criterion cannot rank: more than one entry still kept and all their
+    (finite) scores equal, e.g. every score 0 for LoRA's zero-initialised B under every criterion
+    but random (and A's too under snip, movement and synflow: B = 0 zeroes A's gradient). A
+    top-k over them would only pick entries in the tie-break order."""
+    out = []
+    for name, (module, tensor_name) in targets.items():
+        mask = get_mask(module, tensor_name)
+        live = scores[name][mask.kept] if mask is not None else scores[name].flatten()
+        finite = live[torch.isfinite(live)]
+        if live.numel() > 1 and (finite.numel() == 0 or bool(finite.max() == finite.min())):
+            out.append(name)
+    return out
+
+
 def prune(
     model: nn.Module,
     targets: Targets,
@@ -187,19 +206,35 @@ def prune(
     loss_fn=None,
     seed: int = 0,
     scores: dict[str, torch.Tensor] | None = None,
+    when: str = "here",
 ) -> dict[str, torch.Tensor]:
     """Score ``targets`` and mask them to ``density`` (kept fraction) — entries already masked
-    stay masked. Returns the masks (True = kept)."""
+    stay masked. Tensors the criterion cannot rank (:func:`unrankable`) are left as they are and
+    the others are ranked to ``density`` among themselves; when none can be ranked it is a
+    one-line error (``when`` names the moment in it). Returns the masks of the ranked tensors
+    (True = kept)."""
     density = check_density(density)
     if scores is None:
         scores = criteria.score(criterion, model, targets, batches=batches, loss_fn=loss_fn, seed=seed)
     scores = {n: s.detach().float().clone() for n, s in scores.items()}
-    for name, (module, tensor_name) in targets.items():
+    left = set(unrankable(scores, targets)) if density < 1 else set()
+    if left and len(left) == len(targets):
+        example = next(iter(targets))
+        value = scores[example].flatten()[0].item()
+        raise SlimtuneError(
+            f"sparsity.criterion: '{criterion}' cannot rank any of the {len(targets)} target tensors {when}: each one's scores are all "
+            f"equal (e.g. '{example}': all {value:g}; LoRA's B starts at zero, and under snip, movement or synflow that zeroes A's "
+            "scores too), so any mask would be arbitrary; prune after some training "
+            "(sparsity.at: <step>, or schedule: gradual or iterative)"
+            + (", or use criterion: magnitude or random" if criterion in criteria.DATA_CRITERIA or criterion == "synflow" else ", or use criterion: random")
+        )
+    ranked = {name: target for name, target in targets.items() if name not in left}
+    for name, (module, tensor_name) in ranked.items():
         mask = get_mask(module, tensor_name)
         if mask is not None:
             scores[name][~mask.kept] = float("-inf")
-    kept = kept_from_scores(scores, density, scope)
-    for name, (module, tensor_name) in targets.items():
+    kept = kept_from_scores({name: scores[name] for name in ranked}, density, scope)
+    for name, (module, tensor_name) in ranked.items():
         apply_mask(module, tensor_name, kept[name])
     return kept
 
@@ -222,6 +257,10 @@ class SparsityHook(Hook):
         self.movement: dict[str, torch.Tensor] = {}
         self.total_steps = 0
         self.large_sparse: dict[str, Any] | None = None
+        #: Targets ranked (and masked) at some pruning step, and those the criterion could not
+        #: rank at some step: ``left_dense`` in the report is the second minus the first.
+        self.ranked: set[str] = set()
+        self.unranked: set[str] = set()
 
     # -- when ---------------------------------------------------------------------------------
     def density_at(self, step: int) -> float | None:
@@ -275,12 +314,41 @@ class SparsityHook(Hook):
         batches = self._batches() if c.criterion in criteria.DATA_CRITERIA and scores is None else None
         was_training = self.model.training
         self.model.eval()  # scoring without dropout
+        when = "at initialisation (step 0)" if step == 0 else f"at step {step}"
         try:
-            prune(self.model, self.targets, criterion=c.criterion, density=density, scope=c.scope, batches=batches, seed=c.seed + step, scores=scores)
+            if self.large_sparse is not None and density < 1:
+                scores = self._all_rankable(scores, batches, step, when)
+            kept = prune(self.model, self.targets, criterion=c.criterion, density=density, scope=c.scope, batches=batches, seed=c.seed + step, scores=scores, when=when)
         finally:
             self.model.train(was_training)
         self.movement = {}
-        self.history.append({"step": step, "density": density, "measured": self.measured_density()})
+        entry = {"step": step, "density": density, "measured": self.measured_density()}
+        if density < 1:
+            self.ranked |= set(kept)
+        left = [name for name in self.targets if name not in kept]
+        if left:
+            self.unranked |= set(left)
+            entry["left_dense"] = left
+            entry["ranked_density"] = self.measured_density(kept)
+            if getattr(getattr(self.trainer, "accelerator", None), "is_main_process", True):
+                write(f"sparsity: {c.criterion} cannot rank {len(left)} of {len(self.targets)} target tensors {when}, all their scores being equal "
+                      f"({_by_leaf(left)}); this step leaves them unpruned and prunes the other {len(kept)} to density {density:.3g}")
+        self.history.append(entry)
+
+    def _all_rankable(self, scores, batches, step: int, when: str) -> dict[str, torch.Tensor]:
+        """The scores, when the criterion can rank every target; Large-Sparse needs that, since
+        its widened delta meets the dense budget only if every target is pruned to the density."""
+        c = self.config
+        if scores is None:
+            scores = criteria.score(c.criterion, self.model, self.targets, batches=batches, seed=c.seed + step)
+        left = unrankable(scores, self.targets)
+        if left:
+            raise SlimtuneError(
+                f"sparsity.large_sparse: '{c.criterion}' cannot rank {_by_leaf(left)} {when}, all their scores being equal, so the widened delta "
+                "would keep them dense and exceed the dense method's non-zero budget; prune after some training (sparsity.at: <step>, "
+                "or schedule: gradual or iterative) or use criterion: random"
+            )
+        return scores
 
     def _batches(self) -> list[dict[str, torch.Tensor]]:
         trainer = self.trainer
@@ -299,9 +367,12 @@ class SparsityHook(Hook):
         return out
 
     # -- what it did --------------------------------------------------------------------------
-    def measured_density(self) -> float:
+    def measured_density(self, names: Any = None) -> float:
+        """Kept fraction over the target tensors (or those of ``names``); unmasked ones count as kept."""
         kept = total = 0
-        for module, tensor_name in self.targets.values():
+        for name, (module, tensor_name) in self.targets.items():
+            if names is not None and name not in names:
+                continue
             mask = get_mask(module, tensor_name)
             n = getattr(module, tensor_name).numel()
             kept += int(mask.kept.sum()) if mask is not None else n
@@ -310,16 +381,30 @@ class SparsityHook(Hook):
 
     @staticmethod
     def report_rows(section: dict[str, Any]) -> list[tuple[str, str]]:
-        return [("sparsity", f"delta density {section.get('delta_density', 1.0):.3f}, weight density {section.get('weight_density', 1.0):.3f}")]
+        rows = [("sparsity", f"delta density {section.get('delta_density', 1.0):.3f}, weight density {section.get('weight_density', 1.0):.3f}")]
+        left = section.get("left_dense")
+        if left:
+            criterion = section.get("config", {}).get("criterion", "the criterion")
+            rows.append(("sparsity: left dense", f"{_by_leaf(left)} ({criterion} could not rank them); the {section.get('ranked_tensors', 0)} ranked "
+                                                 f"tensors at density {section.get('ranked_density', 1.0):.3f}, all {section.get('target_tensors', 0)} targets at {section.get('target_density', 1.0):.3f}"))
+        return rows
 
     def report(self) -> dict[str, Any]:
         out = sparsity_report(self.model, self.delta, config=self.config.model_dump(), history=self.history)
+        left = sorted(self.unranked - self.ranked)
+        if left:
+            # The density asked for holds over the ranked tensors only; say so, and over all targets.
+            out["left_dense"] = left
+            out["ranked_tensors"] = len(self.targets) - len(left)
+            out["ranked_density"] = self.measured_density(set(self.targets) - set(left))
+            out["target_tensors"] = len(self.targets)
+            out["target_density"] = self.measured_density()
         if self.large_sparse is not None:
             out["large_sparse"] = self.large_sparse
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history}
+        return {"history": self.history, "ranked": sorted(self.ranked), "unranked": sorted(self.unranked)}
 
     def tensor_state(self) -> dict[str, torch.Tensor]:
         return {name: mask.kept for name, _, _, mask in masked_tensors(self.model) if name in self.targets}
@@ -328,7 +413,18 @@ class SparsityHook(Hook):
         from slimtune.sparsity.storage import restore_masks
 
         self.history = list(state.get("history", []))
+        self.ranked = set(state.get("ranked", []))
+        self.unranked = set(state.get("unranked", []))
         restore_masks(self.model, {k: v.to(torch.bool) for k, v in tensors.items()})
+
+
+def _by_leaf(names: list[str]) -> str:
+    """``4 x lora_B, 2 x up_weight``: tensor names grouped by their last component."""
+    counts: dict[str, int] = {}
+    for name in names:
+        leaf = name.rpartition(".")[2]
+        counts[leaf] = counts.get(leaf, 0) + 1
+    return ", ".join(f"{n} x {leaf}" for leaf, n in counts.items())
 
 
 def _nonzero(t: torch.Tensor) -> int:
