@@ -125,3 +125,34 @@ def test_resumed_run_reports_the_tensors_left_dense(tmp_path, tiny_recipe):
     crash_run(recipe, tmp_path / "crashed", 5)
     resumed = train_run(recipe, tmp_path / "crashed", resume=True, progress=False)
     assert resumed["sparsity"]["left_dense"] == whole["sparsity"]["left_dense"] and len(whole["sparsity"]["left_dense"]) == 4
+
+
+# -- with DP-SGD the training data is private: a criterion may not score it directly ------------
+
+
+@pytest.mark.parametrize("sparsity, allowed", [
+    ({"criterion": "snip", "schedule": "one_shot", "at": 2}, False),
+    ({"criterion": "grasp", "schedule": "gradual", "start_step": 1, "end_step": 2, "frequency": 1}, False),
+    ({"criterion": "movement", "schedule": "one_shot", "at": "init"}, False),
+    ({"criterion": "movement", "schedule": "iterative", "rounds": 2}, False),
+    ({"criterion": "movement", "target": "base", "schedule": "one_shot", "at": 2}, False),
+    ({"criterion": "movement", "schedule": "one_shot", "at": 2}, True),
+    ({"criterion": "magnitude", "schedule": "gradual", "start_step": 1, "end_step": 2, "frequency": 1}, True),
+    ({"criterion": "synflow", "schedule": "one_shot", "at": 2}, True),
+])
+def test_under_privacy_only_criteria_that_do_not_read_the_raw_training_data_are_allowed(tiny_recipe, sparsity, allowed):
+    """snip/grasp score un-noised training batches, movement does at step 0 or on weights that do
+    not train: outside ε, so refused with privacy on (found by a review of the DP x sparsity cells)."""
+    from slimtune.errors import SlimtuneError
+    from slimtune.recipe import validate_recipe
+    from slimtune.runner import build
+
+    tiny_recipe["sparsity"] = {"target": "delta", "density": 0.5, **sparsity}
+    tiny_recipe["privacy"] = {"epsilon": 8.0}
+    recipe = validate_recipe(tiny_recipe)
+    if allowed:
+        build(recipe)
+        return
+    with pytest.raises(SlimtuneError, match=r"keeps private") as caught:
+        build(recipe)
+    assert "\n" not in str(caught.value)

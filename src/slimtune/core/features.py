@@ -49,6 +49,9 @@ class Feature(Section):
     section: ClassVar[str]
     #: Why this feature cannot follow a model restructured mid-run (DSEE's stage 2), or None.
     refuses_restructuring: ClassVar[str | None] = None
+    #: The training data is private with this feature on (DP-SGD): other features may read it only
+    #: through what this feature releases (its noised gradients), never directly.
+    private_training_data: ClassVar[bool] = False
 
     def adjust_methods(self, specs: list[Any], model: nn.Module) -> list[Any]:
         return specs

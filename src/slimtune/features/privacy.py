@@ -17,6 +17,7 @@ class PrivacySection(Feature):
     """DP-SGD on the trainable parameters of any method (:mod:`slimtune.privacy.engine`)."""
 
     section = "privacy"
+    private_training_data = True
     # The per-sample clipper is built once on the modules present at the start, and data-driven
     # pruning scores would read raw, un-noised gradients the accounting ignores.
     refuses_restructuring = ("DP-SGD cannot follow (per-sample clipping is set up on the starting modules; pruning scores "

@@ -67,12 +67,37 @@ class SparsitySection(Feature):
             return specs
         return large_sparse_specs(specs, int(model.config.hidden_size), self.density)[0]
 
+    def first_prunes_before_training(self) -> bool:
+        """Whether a pruning step falls at step 0, before any (noised) gradient exists."""
+        if self.schedule == "one_shot":
+            return self.at == "init" or self.at == 0
+        if self.schedule == "gradual":
+            return self.start_step == 0 and self.initial_sparsity > 0
+        return True  # iterative: its first round prunes at step 0
+
     def build_hook(self, *, recipe, model, delta, task) -> SparsityHook:
+        private = [f.section for f in recipe.features.values() if f.private_training_data]
+        if private and self.criterion in criteria.DATA_CRITERIA and (self.criterion != "movement" or self.first_prunes_before_training()):
+            why = ("scores batches of the training data without noise" if self.criterion != "movement"
+                   else "has no noised gradients to score at step 0, so it would score raw training batches")
+            raise SlimtuneError(
+                f"sparsity.criterion: '{self.criterion}' {why}, which {private[0]} keeps private (the release would not be "
+                "in ε); with privacy use magnitude, random or synflow, or movement after step 0 (it then scores the noised gradients)"
+            )
         if self.criterion in criteria.DATA_CRITERIA:
             train = getattr(task, "splits", {}).get("train") if task is not None else None
             if train is None or len(train) == 0:
                 raise SlimtuneError(f"sparsity.criterion: '{self.criterion}' needs training data, and the task has none; use random, magnitude or synflow")
         targets = select_targets(model, delta, self.target, self.include)
+        if private and self.criterion == "movement":
+            from slimtune.sparsity.masks import dense_tensor
+
+            frozen = [n for n, (module, tensor) in targets.items() if not dense_tensor(module, tensor).requires_grad]
+            if frozen:
+                raise SlimtuneError(
+                    f"sparsity.criterion: 'movement' on '{frozen[0]}', which does not train, would score raw training batches, "
+                    f"which {private[0]} keeps private; with privacy prune it by magnitude, random or synflow"
+                )
         hook = SparsityHook(self, model, delta, targets)
         if self.large_sparse:
             hook.large_sparse = large_sparse_specs(recipe.methods, int(model.config.hidden_size), self.density)[1]
