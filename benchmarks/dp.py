@@ -11,7 +11,9 @@ hits every contender alike.
   DP full fine-tuning (every parameter private):       ours / Opacus hooks mode   goal <= 0.6
 
 Composed (part ``composed``, the same batch and step): DP-LoRA with a 50% SNIP mask on its
-factors (scored after 3 non-private steps, so that B is not zero) and DP-LoRA under QAT
+factors (scored after 3 non-private steps, so that B is not zero; it times the mask only — a DP
+run refuses SNIP, which reads raw training data, and would mask by magnitude or movement at the
+same cost) and DP-LoRA under QAT
 (int8 fake quantisation of every Linear, per-example activation ranges), each / plain DP-LoRA,
 interleaved in one run                                                        goal <= 1.15
 

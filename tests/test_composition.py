@@ -29,8 +29,8 @@ TINY_FIELDS = {"compacter": {"reduction_factor": 4}, "compacter++": {"reduction_
                "dsee": {"r": 2, "num_sparse": 4}, "lora": {"r": 2}}
 # Gradual magnitude pruning (allowed with DP: it reads no training data), and one-shot at init
 # (where LoRA's zero B cannot be ranked). Data criteria under DP: tests/sparsity/test_unrankable.py.
-SPARSITY = {"target": "delta", "criterion": "magnitude", "density": 0.5, "schedule": "gradual", "start_step": 1, "end_step": 2, "frequency": 1}
-SPARSITY_AT_INIT = {"target": "delta", "criterion": "magnitude", "density": 0.5, "at": "init"}
+SPARSITY = {"target": "delta", "criterion": "magnitude", "scope": "local", "density": 0.5, "schedule": "gradual", "start_step": 1, "end_step": 2, "frequency": 1}
+SPARSITY_AT_INIT = {"target": "delta", "criterion": "magnitude", "scope": "local", "density": 0.5, "at": "init"}
 PRIVACY = {"epsilon": None, "noise_multiplier": 0.5, "max_grad_norm": 1.0, "physical_batch_size": 8}
 QAT = {"qat": {}}
 FEATURES = {

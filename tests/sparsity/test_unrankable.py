@@ -156,3 +156,17 @@ def test_under_privacy_only_criteria_that_do_not_read_the_raw_training_data_are_
     with pytest.raises(SlimtuneError, match=r"keeps private") as caught:
         build(recipe)
     assert "\n" not in str(caught.value)
+
+
+def test_a_global_ranking_that_empties_a_factor_says_so(tiny_recipe, tmp_path, capsys):
+    """FacT's V starts at zero: one step later global magnitude ranks all of it below U and the
+    cores, and the whole update is zero; the run says so in one line and in the report."""
+    tiny_recipe["method"] = {"name": "fact-tt"}
+    tiny_recipe["train"].update(max_steps=3, batch_size=8)
+    tiny_recipe["sparsity"] = {"target": "delta", "criterion": "magnitude", "density": 0.5, "schedule": "gradual",
+                               "start_step": 1, "end_step": 2, "frequency": 1, "scope": "global"}
+    report = train_run(validate_recipe(tiny_recipe), tmp_path / "run", progress=False)
+    emptied = [entry.get("emptied") for entry in report["sparsity"]["history"] if entry.get("emptied")]
+    assert emptied and any("fact_V" in name for name in emptied[0])
+    out = capsys.readouterr().out
+    assert "removed every entry of" in out and "scope: local" in out

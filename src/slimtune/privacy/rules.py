@@ -463,12 +463,26 @@ class ModuleVmapRule(Rule):
 
     def extra_hooks(self, capturing):
         self._pending: list[tuple[nn.Module, torch.Tensor]] = []
+        states: dict[int, torch.Tensor] = {}
+
+        def before(module, args):
+            if capturing() and module.training and module.p > 0:
+                states[id(module)] = _rng_state(args[0])
 
         def record(module, args, output):
-            if capturing() and module.training and module.p > 0:
-                self._pending.append((module, (output != 0).to(output.dtype) / (1 - module.p)))
+            # The mask itself, redrawn from the generator state the call started from (the
+            # output's zeros cannot tell a dropped entry from a zero input, e.g. a zero-init factor).
+            state = states.pop(id(module), None)
+            if state is None:
+                return
+            after = _rng_state(output)
+            _set_rng_state(output, state)
+            mask = F.dropout(torch.ones_like(output), module.p, True)
+            _set_rng_state(output, after)
+            self._pending.append((module, mask))
 
-        return [m.register_forward_hook(record) for m in self.module.modules() if isinstance(m, nn.Dropout)]
+        dropouts = [m for m in self.module.modules() if isinstance(m, nn.Dropout)]
+        return [m.register_forward_pre_hook(before) for m in dropouts] + [m.register_forward_hook(record) for m in dropouts]
 
     def reset(self) -> None:
         super().reset()
@@ -558,3 +572,14 @@ def _replayed_dropout(recorded: list[tuple[nn.Module, torch.Tensor]], sample: to
     finally:
         for module in modules.values():
             del module.forward
+
+
+def _rng_state(like: torch.Tensor) -> torch.Tensor:
+    return torch.cuda.get_rng_state(like.device) if like.is_cuda else torch.get_rng_state()
+
+
+def _set_rng_state(like: torch.Tensor, state: torch.Tensor) -> None:
+    if like.is_cuda:
+        torch.cuda.set_rng_state(state, like.device)
+    else:
+        torch.set_rng_state(state)

@@ -333,6 +333,14 @@ class SparsityHook(Hook):
             if getattr(getattr(self.trainer, "accelerator", None), "is_main_process", True):
                 write(f"sparsity: {c.criterion} cannot rank {len(left)} of {len(self.targets)} target tensors {when}, all their scores being equal "
                       f"({_by_leaf(left)}); this step leaves them unpruned and prunes the other {len(kept)} to density {density:.3g}")
+        # A global ranking can empty a whole tensor (a barely trained factor of a product delta,
+        # FacT's V or LoRA's B early on): that factor then zeroes its whole update. Said, not hidden.
+        emptied = [name for name, mask in kept.items() if not bool(mask.any())]
+        if emptied:
+            entry["emptied"] = emptied
+            if getattr(getattr(self.trainer, "accelerator", None), "is_main_process", True):
+                write(f"sparsity: {c.scope} {c.criterion} pruning {when} removed every entry of {len(emptied)} tensor(s) ({_by_leaf(emptied)}), "
+                      "so the updates they factor are now zero; scope: local keeps part of each tensor")
         self.history.append(entry)
 
     def _all_rankable(self, scores, batches, step: int, when: str) -> dict[str, torch.Tensor]:
