@@ -24,6 +24,28 @@ class ForwardPass:
         self.store: list[tuple[int, bytes, int]] = []  # (row, key, length) to cache this pass
 
 
+class LadderGates(nn.ParameterList):
+    """The ladders' gate logits alpha_j (``lst.gates.j``), and the gated merge that reads them.
+
+    The merge is this module's forward so that the gates belong to a module that is called with
+    the batch: DP-SGD's generic per-sample rule (a module's forward under vmap) then covers them,
+    where gate logits read directly from a list are invisible to it and fall back to a slow
+    batched backward with a warning."""
+
+    def __init__(self, n: int, alpha: float, T: float):
+        super().__init__([nn.Parameter(torch.full((1,), float(alpha))) for _ in range(n)])
+        self.T = T
+
+    __call__ = nn.Module.__call__  # ParameterList refuses to be called; this one has a forward
+
+    def gate(self, j: int) -> torch.Tensor:
+        return torch.sigmoid(self[j] / self.T)
+
+    def forward(self, j: int, side: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        g = self.gate(j)
+        return g * side + (1 - g) * down
+
+
 class LadderSideNetwork(nn.Module):
     """Side blocks, ladders, gates, up-projection (and, for Llama, final norm + rotary)."""
 
@@ -31,10 +53,9 @@ class LadderSideNetwork(nn.Module):
         super().__init__()
         d, d_s = config.hidden_size, side_config.hidden_size
         self.ladder_layers = list(ladder_layers)
-        self.gate_T = cfg.gate_T
         self.first_down = nn.Linear(d, d_s, bias=cfg.bias)
         self.downs = nn.ModuleList([nn.Linear(d, d_s, bias=cfg.bias) for _ in ladder_layers])
-        self.gates = nn.ParameterList([nn.Parameter(torch.full((1,), float(cfg.gate_alpha))) for _ in ladder_layers])
+        self.gates = LadderGates(len(ladder_layers), cfg.gate_alpha, cfg.gate_T)
         self.blocks = nn.ModuleList([family.build_block(side_config, j) for j in range(len(ladder_layers))])
         self.up = nn.Linear(d_s, d, bias=cfg.bias)
         if family.name == "llama":
@@ -51,7 +72,7 @@ class LadderSideNetwork(nn.Module):
         self._pass = ForwardPass()
 
     def gate(self, j: int) -> torch.Tensor:
-        return torch.sigmoid(self.gates[j] / self.gate_T)
+        return self.gates.gate(j)
 
     def begin(self, embeddings: torch.Tensor) -> None:
         # detach: the embedding output is the backbone's, and gradients stop at the backbone
@@ -59,8 +80,7 @@ class LadderSideNetwork(nn.Module):
 
     def merge(self, j: int, backbone_hidden: torch.Tensor) -> torch.Tensor:
         """The gated ladder: g_j * s_{j-1} + (1 - g_j) * down_j(h_{l_j})."""
-        g = self.gate(j)
-        return g * self._pass.side + (1 - g) * self.downs[j](backbone_hidden)
+        return self.gates(j, self._pass.side, self.downs[j](backbone_hidden))
 
     def finish(self) -> torch.Tensor:
         side = self._pass.side
