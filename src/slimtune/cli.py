@@ -190,7 +190,7 @@ def _default_out(recipe) -> Path:
 def cmd_train(args, recipe_path: Path | None) -> int:
     import json
 
-    from slimtune.recipe import load_recipe
+    from slimtune.recipe import blame, load_recipe
 
     if args.resume is not None:
         if args.out is not None and args.out.resolve() != args.resume.resolve():
@@ -203,7 +203,10 @@ def cmd_train(args, recipe_path: Path | None) -> int:
         out = args.out or _default_out(recipe)
     from slimtune.zoo.tasks import check_task_name
 
-    check_task_name(recipe.task.loader_spec())
+    try:
+        check_task_name(recipe.task.loader_spec())
+    except SlimtuneError as exc:
+        raise SlimtuneError(blame(args.overrides, "task.name", recipe.source, str(exc))) from None
     # The runner brings in transformers, accelerate and datasets: only once the input was checked.
     from slimtune.measure.report import print_report
     from slimtune.runner import train_run
