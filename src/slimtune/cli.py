@@ -80,7 +80,7 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
         "model=NAME, task=NAME and method=NAME replace the whole section (task.name=NAME keeps the other task fields)",
     )
     parser.add_argument("--out", type=Path, help="run directory to create (default: runs/<method>-<task>-<time>)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar (the per-epoch loss/validation lines stay)")
     parser.add_argument("--json", action="store_true", help="print report.json instead of the table")
 
 
