@@ -128,6 +128,23 @@ def test_bad_input_fails_before_torch_is_imported(args):
     assert result.stderr.startswith("error:") and result.stdout.strip() == "False", result.stderr
 
 
+def test_an_error_from_a_set_names_the_set_not_the_recipe_file(tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text("task: movie-sentiment\nmethod: lora\n")
+    out = ["--out", str(tmp_path / "run")]
+    for override, message in [
+        ("train.lr=abc", "error: --set train.lr=abc: Input should be a valid number"),
+        ("train.lrr=1", "error: --set train.lrr=1: unknown field (did you mean 'lr'?)"),
+        ("trian.lr=1", "error: --set trian.lr=1: unknown section 'trian'"),
+        ("task.name=imdb", "error: --set task.name=imdb: unknown task 'imdb'"),
+    ]:
+        err = one_line_error(["train", str(path), "--set", override, *out], capsys)
+        assert err.startswith(message) and str(path) not in err, err
+    path.write_text("task: imdb\nmethod: lora\n")  # the file's own mistake still names the file
+    assert one_line_error(["train", str(path), "--set", "train.lr=1e-3", *out], capsys).startswith(f"error: {path}: task.name: unknown task")
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_and_eval_from_the_command_line(tiny_recipe, tmp_path):
     import yaml
 

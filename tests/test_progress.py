@@ -89,6 +89,23 @@ def test_training_into_a_pipe_logs_lines_not_redraws(tiny_recipe, tmp_path):
     assert all(" step/s" in line or " s/step" in line for line in lines[1:])
 
 
+def test_no_progress_hides_the_bar_but_keeps_the_epoch_summaries(tiny_recipe, tmp_path, capsys):
+    """--no-progress switches off the progress lines only: each epoch's loss and validation line
+    is still printed."""
+    from slimtune.cli import main
+
+    tiny_recipe["train"].update(max_steps=None, epochs=2, batch_size=16)
+    tiny_recipe["measure"].update(flops=False, memory=False)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    assert main(["train", str(path), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "train lora:" not in captured.err and "train lora:" not in captured.out
+    epochs = [line for line in captured.out.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in epochs] == ["epoch 1", "epoch 2"], captured.out
+    assert all(re.search(r"train loss \d+\.\d{4}; validation accuracy \d\.\d{4}", line) for line in epochs), epochs
+
+
 def test_bench_in_a_log_writes_a_line_per_cell(tmp_path, tiny_recipe, capsys):
     from slimtune.bench import load_suite, run_suite
 

@@ -72,6 +72,44 @@ def test_bad_overrides_are_clear(bad):
         validate_recipe(data)
 
 
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.lr=abc", "--set train.lr=abc: Input should be a valid number"),  # a bad value type
+        ("train.lr=-1", "--set train.lr=-1: Input should be greater than 0 (got -1)"),
+        ("train.lrr=1", "--set train.lrr=1: unknown field (did you mean 'lr'?)"),
+        ("trian.lr=1", "--set trian.lr=1: unknown section 'trian' (did you mean 'train'?)"),
+        ("method.r=abc", "--set method.r=abc: Input should be a valid integer"),
+        ("method.rank=4", "--set method.rank=4: unknown field"),
+        ("method=lorra", "--set method=lorra: method.name: unknown method 'lorra'"),
+        ("method=[lora, lora]", "--set method=[lora, lora]: 'lora' is listed twice"),
+        ("task.file=x.csv", "--set task.file=x.csv: task: give exactly one of task.name"),
+        ("privacy.epsilon=abc", "--set privacy.epsilon=abc: Input should be a valid number"),
+    ],
+)
+def test_errors_caused_by_a_set_name_the_set_not_the_file(tmp_path, override, message):
+    path = tmp_path / "r.yaml"
+    path.write_text("task: movie-sentiment\nmethod: lora\ntrain: {lr: 1.0e-3}\n")
+    with pytest.raises(SlimtuneError) as info:
+        load_recipe(path, ["train.epochs=1", override, "measure.repeats=2"])
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+    assert str(path) not in str(info.value)
+
+
+def test_errors_of_the_file_still_name_the_file_with_sets(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("task: {name: movie-sentiment, file: x.csv}\nmethod: lora\ntrain: {lr: abc}\n")
+    # a --set in the failing section that does not cause the error
+    with pytest.raises(SlimtuneError, match=rf"^{re.escape(str(path))}: task: give exactly one of"):
+        load_recipe(path, ["task.train_size=5", "train.lr=1e-3"])
+    # a --set that fixes one mistake leaves the file blamed for the other
+    with pytest.raises(SlimtuneError, match=rf"^{re.escape(str(path))}: train.lr: Input should be a valid number"):
+        load_recipe(path, ["task=movie-sentiment"])
+    # the default recipe of `slimtune run`
+    with pytest.raises(SlimtuneError, match=r"^--set train.epochs=-1: Input should be greater than 0"):
+        load_recipe(None, ["train.epochs=-1"])
+
+
 def test_recipe_file_errors(tmp_path):
     with pytest.raises(SlimtuneError, match="recipe file not found"):
         load_recipe(tmp_path / "missing.yaml")

@@ -80,7 +80,7 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
         "model=NAME, task=NAME and method=NAME replace the whole section (task.name=NAME keeps the other task fields)",
     )
     parser.add_argument("--out", type=Path, help="run directory to create (default: runs/<method>-<task>-<time>)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar (the per-epoch loss/validation lines stay)")
     parser.add_argument("--json", action="store_true", help="print report.json instead of the table")
 
 
@@ -192,7 +192,7 @@ def _default_out(recipe) -> Path:
 def cmd_train(args, recipe_path: Path | None) -> int:
     import json
 
-    from slimtune.recipe import load_recipe
+    from slimtune.recipe import blame, load_recipe
 
     if args.resume is not None:
         if args.out is not None and args.out.resolve() != args.resume.resolve():
@@ -205,7 +205,10 @@ def cmd_train(args, recipe_path: Path | None) -> int:
         out = args.out or _default_out(recipe)
     from slimtune.zoo.tasks import check_task_name
 
-    check_task_name(recipe.task.loader_spec())
+    try:
+        check_task_name(recipe.task.loader_spec())
+    except SlimtuneError as exc:
+        raise SlimtuneError(blame(args.overrides, "task.name", recipe.source, str(exc))) from None
     # The runner brings in transformers, accelerate and datasets: only once the input was checked.
     from slimtune.measure.report import print_report
     from slimtune.runner import train_run

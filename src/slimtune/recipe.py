@@ -267,31 +267,41 @@ def set_field(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _format_validation_error(exc: ValidationError, prefix: str) -> str:
+class RecipeFieldError(SlimtuneError):
+    """A validation error at one place of the recipe (``loc``: 'train.lr', 'method.0', 'task',
+    or an unknown section's key), so that an error a ``--set`` caused can name that ``--set``."""
+
+    def __init__(self, source: str, loc: str, message: str):
+        self.source, self.loc, self.message = source, loc, message
+        super().__init__(f"{source}: {message}")
+
+
+def _format_validation_error(exc: ValidationError, prefix: str) -> tuple[str, str]:
+    """(where, one line) for the first error of ``exc``."""
     err = exc.errors()[0]
     loc = ".".join(str(x) for x in (prefix, *err["loc"]) if x != "")
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     if err["type"] == "extra_forbidden":
-        return f"{loc}: unknown field"
+        return loc, f"{loc}: unknown field"
     if "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
-        return f"{loc}: {msg} (got {err['input']!r})"
-    return f"{loc}: {msg}"
+        return loc, f"{loc}: {msg} (got {err['input']!r})"
+    return loc, f"{loc}: {msg}"
 
 
 def _validate_section(cls: type[BaseModel], data: Any, name: str, source: str) -> BaseModel:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise SlimtuneError(f"{source}: section '{name}' must be a mapping of fields, got {data!r}")
+        raise RecipeFieldError(source, name, f"section '{name}' must be a mapping of fields, got {data!r}")
     unknown = [k for k in data if k not in cls.model_fields]
     if unknown:
-        raise SlimtuneError(f"{source}: {name}.{unknown[0]}: unknown field{did_you_mean(unknown[0], cls.model_fields)}")
+        raise RecipeFieldError(source, f"{name}.{unknown[0]}", f"{name}.{unknown[0]}: unknown field{did_you_mean(unknown[0], cls.model_fields)}")
     try:
         return cls(**data)
     except ValidationError as exc:
-        raise SlimtuneError(f"{source}: {_format_validation_error(exc, name)}") from None
+        raise RecipeFieldError(source, *_format_validation_error(exc, name)) from None
 
 
 def parse_methods(raw: Any, source: str) -> list[MethodSpec]:
@@ -299,23 +309,23 @@ def parse_methods(raw: Any, source: str) -> list[MethodSpec]:
 
     items = raw if isinstance(raw, list) else [raw]
     if not items or raw is None:
-        raise SlimtuneError(f"{source}: method: missing; give a method name, e.g. method: lora (see `slimtune list methods`)")
+        raise RecipeFieldError(source, "method", "method: missing; give a method name, e.g. method: lora (see `slimtune list methods`)")
     specs = []
     for i, item in enumerate(items):
         where = "method" if not isinstance(raw, list) else f"method.{i}"
         if isinstance(item, str):
             item = {"name": item}
         if not isinstance(item, dict) or "name" not in item:
-            raise SlimtuneError(f"{source}: {where}: expected a method name or a mapping with 'name', got {item!r}")
+            raise RecipeFieldError(source, where, f"{where}: expected a method name or a mapping with 'name', got {item!r}")
         fields = {k: v for k, v in item.items() if k != "name"}
         try:
             cls = get_method_class(str(item["name"]))
         except SlimtuneError as exc:
-            raise SlimtuneError(f"{source}: {where}.name: {str(exc).split(': ', 1)[-1]}") from None
+            raise RecipeFieldError(source, f"{where}.name", f"{where}.name: {str(exc).split(': ', 1)[-1]}") from None
         specs.append(MethodSpec(name=cls.name, config=_validate_section(cls.Config, fields, where, source)))
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
-        raise SlimtuneError(f"{source}: method: '{names[0]}' is listed twice; each method may appear once")
+        raise RecipeFieldError(source, "method", f"method: '{names[0]}' is listed twice; each method may appear once")
     return specs
 
 
@@ -330,10 +340,10 @@ def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
     valid = {*CORE_SECTIONS, "method", *FEATURES}
     for key in data:
         if key not in valid:
-            raise SlimtuneError(f"{source}: unknown section '{key}'{did_you_mean(str(key), valid)}")
+            raise RecipeFieldError(source, str(key), f"unknown section '{key}'{did_you_mean(str(key), valid)}")
     sections = {name: _validate_section(cls, data.get(name), name, source) for name, cls in CORE_SECTIONS.items()}
     if "task" not in data:
-        raise SlimtuneError(f"{source}: task: missing; e.g. task: {{name: movie-sentiment}} (see `slimtune list tasks`)")
+        raise RecipeFieldError(source, "task", "task: missing; e.g. task: {name: movie-sentiment} (see `slimtune list tasks`)")
     features = {name: _validate_section(cls, data[name], name, source) for name, cls in FEATURES.items() if data.get(name) is not None}
     return Recipe(methods=parse_methods(data.get("method"), source), features=features, source=source, **sections)
 
@@ -347,12 +357,78 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
 def recipe_from_data(data: dict[str, Any], overrides: list[str] | None = None, source: str = "recipe") -> Recipe:
     """A recipe mapping (the YAML's structure; ``model: NAME`` / ``task: NAME`` shorthands), with
     ``--set`` overrides applied, validated. ``data`` is not changed."""
+    overrides = list(overrides or [])
+    try:
+        return validate_recipe(_with_overrides(data, overrides), source=source)
+    except RecipeFieldError as exc:
+        culprit = _override_at_fault(exc, data, overrides, source)
+        if culprit is None:
+            raise
+        message = exc.message.removeprefix(f"{exc.loc}: ") if _override_path(culprit) == exc.loc else exc.message
+        raise SlimtuneError(f"--set {culprit.strip()}: {message}") from None
+
+
+def _with_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     data = copy.deepcopy(data)
     if isinstance(data.get("task"), str):
         data["task"] = {"name": data["task"]}
     if isinstance(data.get("model"), str):
         data["model"] = {"name": data["model"]}
-    for assignment in overrides or []:
+    for assignment in overrides:
         apply_override(data, assignment)
-    return validate_recipe(data, source=source)
+    return data
 
+
+def _override_path(assignment: str) -> str:
+    return ".".join(p for p in assignment.partition("=")[0].strip().split(".") if p)
+
+
+def blame(overrides: list[str] | None, loc: str, source: str, message: str) -> str:
+    """``message`` about ``loc`` (a mistake found after validation, e.g. an unknown task name),
+    naming the last ``--set`` that wrote ``loc`` (``--set task.name=x: ...``), else the recipe."""
+    for assignment in reversed(overrides or []):
+        path = _override_path(assignment)
+        if path == loc:
+            return f"--set {assignment.strip()}: {message}"
+        if loc.startswith(path + "."):
+            return f"--set {assignment.strip()}: {loc}: {message}"
+    return f"{source}: {loc}: {message}"
+
+
+def _override_at_fault(exc: RecipeFieldError, data: dict[str, Any], overrides: list[str], source: str) -> str | None:
+    """The ``--set`` that caused ``exc``: the last one that wrote at, inside or around the error's
+    place and without which that part of the recipe no longer fails this way; None when the
+    file's own content is at fault."""
+    def touches(path: str) -> bool:
+        return path == exc.loc or path.startswith(exc.loc + ".") or exc.loc.startswith(path + ".")
+
+    for i in reversed(range(len(overrides))):
+        if not touches(_override_path(overrides[i])):
+            continue
+        try:
+            without = _with_overrides(data, overrides[:i] + overrides[i + 1:])
+        except SlimtuneError:  # a later --set built on this one
+            return overrides[i]
+        if not _part_fails_alike(without, exc, source):
+            return overrides[i]
+    return None
+
+
+def _part_fails_alike(data: dict[str, Any], exc: RecipeFieldError, source: str) -> bool:
+    """Whether the top-level part of ``data`` where ``exc`` arose fails with the same error. Only
+    that part is validated: a whole recipe would import the methods (and torch) for a mistake
+    that is reported before them."""
+    top = exc.loc.split(".")[0]
+    try:
+        if top == "method":
+            parse_methods(data.get("method"), source)
+        elif top in CORE_SECTIONS:
+            _validate_section(CORE_SECTIONS[top], data.get(top), top, source)
+        elif top in FEATURES:
+            if data.get(top) is not None:
+                _validate_section(FEATURES[top], data[top], top, source)
+        else:  # an unknown section
+            return top in data
+    except SlimtuneError as other:
+        return str(other) == str(exc)
+    return False

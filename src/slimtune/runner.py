@@ -199,15 +199,36 @@ def warm_start(built: Built, run_dir: Path) -> None:
                     same_methods="a warm start needs the same methods", check_shapes=True)
 
 
-def prepare_run_dir(out: Path, resume: bool) -> Path:
+def prepare_run_dir(out: Path, resume: bool) -> list[Path]:
+    """Check (and create) the run directory; return the directories created here, deepest first."""
     if resume:
         if not out.is_dir():
             raise SlimtuneError(f"--resume {out}: run directory does not exist")
-        return out
+        return []
     if out.exists() and any(out.iterdir()):
         raise SlimtuneError(f"--out {out}: directory exists and is not empty; choose a new one or --resume it")
+    created = []
+    missing = out
+    while not missing.exists():
+        created.append(missing)
+        missing = missing.parent
     out.mkdir(parents=True, exist_ok=True)
-    return out
+    return created
+
+
+def _remove_refused_run_dir(out: Path, created: list[Path]) -> None:
+    """A new run that failed before it wrote anything but its recipe.yaml (a refused method and
+    feature combination, a bad target, a NaN on the first step) leaves nothing behind: the
+    recipe.yaml goes, and so do the directories it created, if empty. Anything else found there
+    is kept; a directory that existed before stays."""
+    try:
+        if [p.name for p in out.iterdir()] != ["recipe.yaml"]:
+            return
+        (out / "recipe.yaml").unlink()
+        for directory in created:
+            directory.rmdir()  # only ever removes an empty directory
+    except OSError:
+        pass
 
 
 def train_run(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool = True, accelerator: Accelerator | None = None) -> dict[str, Any]:
@@ -216,8 +237,9 @@ def train_run(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
 
     accelerator = accelerator or Accelerator(cpu=True)
     out = Path(out)
+    created: list[Path] = []
     if accelerator.is_main_process:
-        prepare_run_dir(out, resume)
+        created = prepare_run_dir(out, resume)
         if resume and not (out / "recipe.yaml").is_file() and any(out.iterdir()):
             raise SlimtuneError(f"--resume {out}: not a slimtune run directory (no recipe.yaml)")
         if resume and (out / "recipe.yaml").is_file():
@@ -227,23 +249,28 @@ def train_run(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
         else:
             atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
     accelerator.wait_for_everyone()
-    started = time.perf_counter()
-    built = build(recipe)
-    if recipe.train.init_from is not None:
-        warm_start(built, Path(recipe.train.init_from))
-    trainer = Trainer(
-        model=built.model, tokenizer=built.tokenizer, task=built.task, delta=built.delta, recipe=recipe,
-        objective=built.objective, run_dir=out, hooks=built.hooks, accelerator=accelerator, progress=progress,
-    )
-    trainer.base_fingerprint = built.fingerprint
-    result: TrainResult = trainer.fit(resume=resume)
-    test_metrics = trainer.evaluate("test")
-    validation_metrics = trainer.evaluate("validation") if len(built.task.splits["validation"]) else {}
-    report: dict[str, Any] = {}
-    if accelerator.is_main_process:
-        stored_bytes = built.delta.save(out, built.model, built.fingerprint)
-        report = build_report(built, trainer, result, test_metrics, validation_metrics, stored_bytes, wall_seconds=time.perf_counter() - started)
-        write_json(out / "report.json", report)
+    try:
+        started = time.perf_counter()
+        built = build(recipe)
+        if recipe.train.init_from is not None:
+            warm_start(built, Path(recipe.train.init_from))
+        trainer = Trainer(
+            model=built.model, tokenizer=built.tokenizer, task=built.task, delta=built.delta, recipe=recipe,
+            objective=built.objective, run_dir=out, hooks=built.hooks, accelerator=accelerator, progress=progress,
+        )
+        trainer.base_fingerprint = built.fingerprint
+        result: TrainResult = trainer.fit(resume=resume)
+        test_metrics = trainer.evaluate("test")
+        validation_metrics = trainer.evaluate("validation") if len(built.task.splits["validation"]) else {}
+        report: dict[str, Any] = {}
+        if accelerator.is_main_process:
+            stored_bytes = built.delta.save(out, built.model, built.fingerprint)
+            report = build_report(built, trainer, result, test_metrics, validation_metrics, stored_bytes, wall_seconds=time.perf_counter() - started)
+            write_json(out / "report.json", report)
+    except Exception:  # not KeyboardInterrupt: an interrupted run keeps its directory to --resume
+        if accelerator.is_main_process and not resume:
+            _remove_refused_run_dir(out, created)
+        raise
     accelerator.wait_for_everyone()
     return report
 

@@ -12,7 +12,7 @@ from slimtune.errors import SlimtuneError
 from slimtune.methods.base import get_method_class
 from slimtune.recipe import validate_recipe
 from slimtune.runner import evaluate_run, train_run
-from tests.fixtures import attach, disable_dropout, tiny_bert, tiny_llama, token_batch
+from tests.fixtures import attach, disable_dropout, engine_per_sample, loop_reference, make_batch, tiny_bert, tiny_llama, token_batch
 
 
 def lst_delta(model, objective="classification", **fields):
@@ -366,6 +366,31 @@ def test_no_kv_cache_decoding():
     out = model(**token_batch(), use_cache=True)
     with pytest.raises(SlimtuneError, match="KV cache"):
         model(input_ids=torch.tensor([[5], [6], [7]]), cache=out.past_key_values)
+
+
+# ------------------------------------------------------------------------------ DP-SGD
+
+
+@pytest.mark.parametrize("factory,objective,fields", CASES[:2], ids=IDS[:2])
+def test_dp_per_sample_gradients_of_the_gates_need_no_fallback(factory, objective, fields):
+    """The gate logits have an exact per-sample rule (their merge is a module's forward): no
+    demotion to the batched-backward fallback, which warned in every DP run of lst."""
+    model = factory()
+    delta, _ = lst_delta(model, objective, **fields)
+    disable_dropout(model)
+    with torch.no_grad():
+        for gate in model.lst.gates:
+            gate.normal_(std=0.3)
+    model.double()
+    params = delta.trainable_parameters(model)
+    batch = make_batch(3, 6)
+    expected = loop_reference(model, params, batch, objective)
+    got, clipper = engine_per_sample(model, params, batch, objective)  # a demotion (a warning) fails
+    assert not clipper.fallback
+    assert {clipper.describe()[n] for n in params if ".gates." in n} == {"module-vmap"}
+    for n in params:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-9, atol=1e-11, msg=lambda m, n=n: f"{n}: {m}")
+    assert any(bool(got[n].abs().sum()) for n in params if ".gates." in n)
 
 
 # ------------------------------------------------------------------------------ pipeline

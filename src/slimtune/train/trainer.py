@@ -87,7 +87,9 @@ class Trainer:
         self.accelerator = accelerator or Accelerator(cpu=True)
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
+        # progress: the bar alone; the main process prints epoch summaries and warnings either way
         self.progress = progress and self.accelerator.is_main_process
+        self.is_main = self.accelerator.is_main_process
         if self.cfg.batch_size % self.world_size:
             raise SlimtuneError(
                 f"train.batch_size: {self.cfg.batch_size} is not divisible by the {self.world_size} processes"
@@ -219,7 +221,7 @@ class Trainer:
             kept = f"the last good checkpoint {self.last_checkpoint} is kept; resume from it with --resume" if self.last_checkpoint else "no checkpoint was written yet"
             raise SlimtuneError(f"train step {step}: {fault}; stopping ({kept}; train.on_nonfinite: skip would skip such steps)")
         self.result.skipped_steps.append(step)
-        if self.progress:
+        if self.is_main:
             tqdm.write(f"warning: train step {step}: {fault}; step skipped (train.on_nonfinite: skip)")
         # The step is consumed (data, schedule, hooks advance) but the weights do not move.
         self.scheduler.step()
@@ -299,7 +301,7 @@ class Trainer:
             entry["validation"] = self.evaluate("validation")
             self.model.train()
         result.history.append(entry)
-        if self.progress:
+        if self.is_main:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in entry.get("validation", {}).items())
             tqdm.write(f"epoch {finished + 1}: train loss {self.last_loss:.4f}" + (f"; validation {shown}" if shown else ""))
         self.save_checkpoint()

@@ -24,24 +24,25 @@ class ForwardPass:
         self.store: list[tuple[int, bytes, int]] = []  # (row, key, length) to cache this pass
 
 
-class GateMix(nn.Module):
-    """Ladder j's gated mix ``g_j * side + (1 - g_j) * down``, ``g_j = sigmoid(alpha_j / T)``, as a
-    module call so that DP's per-sample rule sees it; the gates stay in the network's
-    ``gates`` list (their saved names), read here (``shared_modules``)."""
+class LadderGates(nn.ParameterList):
+    """The ladders' gate logits alpha_j (``lst.gates.j``), and the gated merge that reads them.
 
-    def __init__(self, gates: nn.ParameterList, j: int, temperature: float):
-        super().__init__()
-        object.__setattr__(self, "gates", gates)  # a reference: the list is registered on the side network
-        self.j, self.temperature = j, temperature
+    The merge is this module's forward so that the gates belong to a module that is called with
+    the batch: DP-SGD's generic per-sample rule (a module's forward under vmap) then covers them,
+    where gate logits read directly from a list are invisible to it and fall back to a slow
+    batched backward with a warning."""
 
-    def shared_modules(self) -> list[nn.Module]:
-        return [self.gates]
+    def __init__(self, n: int, alpha: float, T: float):
+        super().__init__([nn.Parameter(torch.full((1,), float(alpha))) for _ in range(n)])
+        self.T = T
 
-    def gate(self) -> torch.Tensor:
-        return torch.sigmoid(self.gates[self.j] / self.temperature)
+    __call__ = nn.Module.__call__  # ParameterList refuses to be called; this one has a forward
 
-    def forward(self, side: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-        g = self.gate()
+    def gate(self, j: int) -> torch.Tensor:
+        return torch.sigmoid(self[j] / self.T)
+
+    def forward(self, j: int, side: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        g = self.gate(j)
         return g * side + (1 - g) * down
 
 
@@ -52,11 +53,9 @@ class LadderSideNetwork(nn.Module):
         super().__init__()
         d, d_s = config.hidden_size, side_config.hidden_size
         self.ladder_layers = list(ladder_layers)
-        self.gate_T = cfg.gate_T
         self.first_down = nn.Linear(d, d_s, bias=cfg.bias)
         self.downs = nn.ModuleList([nn.Linear(d, d_s, bias=cfg.bias) for _ in ladder_layers])
-        self.gates = nn.ParameterList([nn.Parameter(torch.full((1,), float(cfg.gate_alpha))) for _ in ladder_layers])
-        self.mixes = nn.ModuleList([GateMix(self.gates, j, cfg.gate_T) for j in range(len(ladder_layers))])
+        self.gates = LadderGates(len(ladder_layers), cfg.gate_alpha, cfg.gate_T)
         self.blocks = nn.ModuleList([family.build_block(side_config, j) for j in range(len(ladder_layers))])
         self.up = nn.Linear(d_s, d, bias=cfg.bias)
         if family.name == "llama":
@@ -73,7 +72,7 @@ class LadderSideNetwork(nn.Module):
         self._pass = ForwardPass()
 
     def gate(self, j: int) -> torch.Tensor:
-        return self.mixes[j].gate()
+        return self.gates.gate(j)
 
     def begin(self, embeddings: torch.Tensor) -> None:
         # detach: the embedding output is the backbone's, and gradients stop at the backbone
@@ -81,7 +80,7 @@ class LadderSideNetwork(nn.Module):
 
     def merge(self, j: int, backbone_hidden: torch.Tensor) -> torch.Tensor:
         """The gated ladder: g_j * s_{j-1} + (1 - g_j) * down_j(h_{l_j})."""
-        return self.mixes[j](self._pass.side, self.downs[j](backbone_hidden))
+        return self.gates(j, self._pass.side, self.downs[j](backbone_hidden))
 
     def finish(self) -> torch.Tensor:
         side = self._pass.side
