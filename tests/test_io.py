@@ -61,3 +61,21 @@ def test_staged_directory_appears_whole_or_not_at_all(tmp_path):
     with staged_directory(out) as staging:
         (staging / "done.json").write_text("{}")
     assert [p.name for p in out.iterdir()] == ["done.json"] and len(list(tmp_path.iterdir())) == 1
+
+
+def test_a_safetensors_file_whose_header_length_looks_like_a_pickle_marker_is_read(tmp_path):
+    """A header of 1152 bytes (0x480) starts the file with 0x80 0x04, a pickle's protocol marker:
+    the sniffer refused such a legitimate delta (found by the composition matrix)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from slimtune.io import read_safetensors
+
+    path = tmp_path / "delta.safetensors"
+    for pad in range(2000):
+        save_file({"w": torch.zeros(2)}, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[:2] == b"\x80\x04":
+            break
+    else:
+        pytest.fail("no header length of the form 0x..480 was reached")
+    assert read_safetensors(path)["w"].shape == (2,)

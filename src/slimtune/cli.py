@@ -132,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="ship a run: merged / slimmed / int8 / bf16 model directory, or a peft adapter",
         description="Export a run directory. --out DIR writes the run's model with its delta merged "
         "(optionally --slim: least important heads/neurons physically removed, --int8 or --bf16), loadable with "
-        "slimtune.load_exported(DIR) (plain Hugging Face format wherever the config can express it), plus "
+        "slimtune.load_exported(DIR) (also plain Hugging Face format where a transformers class computes the same: "
+        "a [CLS]-pooled head, unslimmed or slimmed within what the config expresses; a mean-pooled head is not, and a bare "
+        "from_pretrained then fails; slimtune_export.json says which), plus "
         "DIR/export_report.json (size, params, FLOPs, latency, task metrics vs the dense merged model). "
         "--peft OUT writes a LoRA run as a peft adapter directory that peft.PeftModel.from_pretrained(base, OUT) loads.",
     )

@@ -85,8 +85,21 @@ def _pickle_siblings(path: Path) -> list[Path]:
     return sorted(p for p in path.parent.glob(f"{path.stem}.*") if p.suffix.lower() in PICKLE_SUFFIXES)
 
 
+#: Bytes of a file's head that :func:`sniff_pickle` needs.
+SNIFF_BYTES = 16
+#: The safetensors format caps its JSON header at 100 MB.
+SAFETENSORS_MAX_HEADER = 100_000_000
+
+
 def sniff_pickle(head: bytes) -> str | None:
-    """What a file's first bytes say it is, if it is a pickle (raw, or torch.save's zip)."""
+    """What a file's first bytes say it is, if it is a pickle (raw, or torch.save's zip).
+
+    A safetensors file starts with its header's length (u64, little-endian) and then ``{``; a
+    length such as 1152 (0x480) begins with the bytes of a pickle's protocol marker, so the
+    safetensors layout is recognised first (a pickle's first 8 bytes read as a length are far
+    beyond the format's header cap)."""
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= SAFETENSORS_MAX_HEADER:
+        return None
     if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
         return "a Python pickle"
     if head[:4] == b"PK\x03\x04":
@@ -108,6 +121,19 @@ def read_json(path: Path) -> Any:
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
+    check_safetensors(path)
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises several types for truncated/corrupt headers
+        raise SlimtuneError(f"{path}: corrupt or truncated safetensors file ({str(exc).splitlines()[0]})") from None
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse in one line what is not a readable safetensors file (missing, a pickle under the
+    name, a corrupt header), before anything (transformers, safetensors) opens it."""
+    from safetensors import safe_open
+
+    path = Path(path)
     refuse_pickle(path)
     if path.suffix != ".safetensors":
         raise SlimtuneError(f"{path}: expected a .safetensors file")
@@ -120,10 +146,11 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             )
         raise SlimtuneError(f"{path}: file not found")
     with open(path, "rb") as handle:
-        kind = sniff_pickle(handle.read(8))
+        kind = sniff_pickle(handle.read(SNIFF_BYTES))
     if kind:
         raise SlimtuneError(f"{path}: this is {kind}, not safetensors; refusing to load it (pickle can run code)")
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt"):  # parses the header only
+            pass
     except Exception as exc:  # safetensors raises several types for truncated/corrupt headers
         raise SlimtuneError(f"{path}: corrupt or truncated safetensors file ({str(exc).splitlines()[0]})") from None

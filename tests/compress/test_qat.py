@@ -100,3 +100,35 @@ def test_qat_with_a_method_int8_export_cannot_merge_is_refused_before_training(t
     with pytest.raises(SlimtuneError, match=rf"compress.qat: method '{method['name']}' cannot be merged into plain Linears") as caught:
         build(validate_recipe(tiny_recipe))
     assert "lora" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_base_bias_beside_lora_under_qat_is_covered_by_the_layers_rule():
+    """Under QAT a LoRA layer never calls its base Linear: BitFit's base bias had no captured call
+    and took the slow path; the fake-quantised layer's rule now covers it."""
+    model = tiny_bert().eval()
+    delta = attach(model, ("lora", {"r": 2}), ("bitfit", {}))
+    randomize_lora_b(model, std=0.5)
+    _check_under_qat(model, delta, make_batch(3, 6), {"query.base.bias": "qat-lora", "lora_A": "qat-lora"})
+
+
+def test_bf16_autocast_under_qat_keeps_the_fast_rules():
+    """The rule takes the weight the forward quantised (a bf16 product under autocast), not an
+    fp32 recomputation whose clipped entries differ (every factor used to be demoted)."""
+    from slimtune.privacy.losses import per_sample_losses
+    from slimtune.privacy.per_sample import PerSampleClipper
+
+    model = tiny_bert().eval()
+    delta = attach(model, ("lora", {"r": 2}))
+    randomize_lora_b(model, std=0.5)
+    enable_fake_quant(model, per_sample=True)
+    params = delta.trainable_parameters(model)
+    batch = make_batch(4, 7)
+    clipper = PerSampleClipper(model, params)
+
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = model(**{k: v for k, v in batch.items() if k != "labels"})
+        return per_sample_losses(output, batch, "classification")
+
+    clipper.per_sample(forward, 4)
+    assert not clipper.slow, clipper.slow_notice()

@@ -315,3 +315,19 @@ def test_dropout_inside_a_vmap_rule_is_replayed_not_redrawn(method, randomised):
     for name in params:
         torch.testing.assert_close(got[name], expected[name].reshape(got[name].shape), rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
     assert "batched-backward" not in clipper.describe().values()
+
+
+def test_other_hooks_on_a_layer_are_replayed_once_and_do_not_leak_into_exact_rules():
+    """IA3 scales a Linear's input by a pre-hook and its output by a hook; Houlsby adds its skip
+    by a hook on the projection. The vmap rule must re-run them once (it applied the input scale
+    twice: exact only while l = 1), and a Linear's own rule must read its output before the skip
+    (BitFit's bias beside Houlsby was off by the adapter's Jacobian). Checked after the vectors
+    and adapters have moved from their init, where both bugs hid."""
+    model = tiny_bert().eval()
+    delta = attach(model, ("ia3", {}))
+    randomize(delta, model, scale=0.5)
+    check(model, delta, make_batch(3, 6), expect_rules={"ia3_l": "module-vmap"})
+    model = tiny_bert().eval()
+    delta = attach(model, ("houlsby", {"train_layer_norm": False}), ("bitfit", {}))
+    randomize(delta, model, scale=0.5)
+    check(model, delta, make_batch(3, 6), expect_rules={"attention.output.dense.bias": "linear"})

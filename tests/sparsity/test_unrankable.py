@@ -170,3 +170,21 @@ def test_a_global_ranking_that_empties_a_factor_says_so(tiny_recipe, tmp_path, c
     assert emptied and any("fact_V" in name for name in emptied[0])
     out = capsys.readouterr().out
     assert "removed every entry of" in out and "scope: local" in out
+
+
+def test_under_privacy_movement_without_noised_gradients_skips_the_step_rather_than_read_data(tiny_recipe, capsys):
+    """A pruning step with nothing accumulated since the last one (a skipped non-finite step)
+    used to score raw training batches; under privacy it is skipped, said in one line."""
+    from slimtune.runner import build
+    from tests.fixtures import make_trainer
+
+    tiny_recipe["sparsity"] = {"target": "delta", "criterion": "movement", "density": 0.5, "schedule": "one_shot", "at": 2}
+    tiny_recipe["privacy"] = {"epsilon": 8.0}
+    built = build(validate_recipe(tiny_recipe))
+    hook = next(h for h in built.hooks if isinstance(h, SparsityHook))
+    assert hook.private
+    hook.trainer = make_trainer(tiny_recipe)
+    hook.total_steps = 8
+    hook._batches = lambda: pytest.fail("raw training batches were scored")
+    hook._maybe_prune(2)  # nothing accumulated
+    assert hook.history[-1]["skipped"] and "skipped" in capsys.readouterr().out

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from slimtune.errors import SlimtuneError
-from slimtune.io import read_json, read_safetensors, sniff_pickle
+from slimtune.io import check_safetensors, read_json, read_safetensors
 
 EXPORT_FORMAT = "slimtune-export/1"
 EXPORT_RECORD = "slimtune_export.json"
@@ -84,7 +84,7 @@ def load_exported(directory: str | Path) -> nn.Module:
     auto_class = _auto_class(objective)
     dtype = DTYPES[record["dtype"]]
     if record.get("layout") == "hf":
-        _check_hf_weights(directory / HF_WEIGHTS)
+        check_safetensors(directory / HF_WEIGHTS)  # a pickle or corrupt file: one line, not transformers' traceback
     try:
         # A mean-pooled export has no [CLS] pooler weights: transformers' report of them as
         # missing is expected (the pooler is replaced just below), so it is silenced.
@@ -102,24 +102,6 @@ def load_exported(directory: str | Path) -> nn.Module:
         _load_rebuilt(model, directory, record, dtype)
     model.slimtune_export = record
     return model.eval()
-
-
-def _check_hf_weights(path: Path) -> None:
-    """Refuse, in one line, what transformers would otherwise fail on with a raw SafetensorError
-    traceback: a missing file, a pickle under the safetensors name, a corrupt header."""
-    from safetensors import SafetensorError, safe_open
-
-    if not path.is_file():
-        raise SlimtuneError(f"{path}: file not found (the export record says layout 'hf')")
-    with open(path, "rb") as handle:
-        kind = sniff_pickle(handle.read(8))
-    if kind:
-        raise SlimtuneError(f"{path}: this is {kind}, not safetensors; refusing to load it (pickle can run code)")
-    try:
-        with safe_open(str(path), framework="pt"):  # parses the header only
-            pass
-    except (SafetensorError, OSError) as error:
-        raise SlimtuneError(f"{path}: corrupt or truncated safetensors file ({str(error).splitlines()[0]})") from None
 
 
 def _load_rebuilt(model: nn.Module, directory: Path, record: dict[str, Any], dtype: torch.dtype) -> None:

@@ -34,7 +34,7 @@ from slimtune.compress.quantize import ACT_QMAX, ACT_QMIN, WEIGHT_QMAX, WEIGHT_Q
 from slimtune.core.hooks import Hook
 from slimtune.methods.linear_update import LinearUpdate
 from slimtune.methods.lora import LoRALinear
-from slimtune.privacy.rules import Dense, GhostLinear, LinearRule, Masked, Rule, _as_sequence, linear_contributions, register_rule_override
+from slimtune.privacy.rules import Dense, GhostLinear, LinearRule, Masked, Rule, _as_sequence, register_rule_override
 
 
 def fake_quant_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -71,6 +71,9 @@ def effective_weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Te
 
 def _fake_quant_forward(self, x: torch.Tensor) -> torch.Tensor:
     weight, bias = effective_weight_and_bias(self)
+    # Kept (a reference, no copy) for DP's rules: the weight exactly as this forward quantised it
+    # (under bf16 autocast a recomputation in fp32 would clip other entries).
+    self.slimtune_qat_weight = weight.detach()
     return F.linear(quantised_input(self, x), fake_quant_weight(weight), bias)
 
 
@@ -115,6 +118,7 @@ def disable_fake_quant(model: nn.Module) -> None:
         if is_fake_quantised(module):
             del module.forward
             del module.slimtune_qat_activations
+            module.__dict__.pop("slimtune_qat_weight", None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,10 +145,28 @@ class _FakeQuantRule(Rule):
     def accepts(cls, module):
         return is_fake_quantised(module) and parametrize.type_before_parametrizations(module) is cls.layer_type
 
+    @classmethod
+    def absorbs(cls, module: nn.Module) -> list[nn.Module]:
+        """A fake-quantised linear update computes ``F.linear`` itself and never calls its
+        ``base``: the base's trainable parameters (BitFit's bias beside LoRA) are this rule's."""
+        return [module.base] if isinstance(module, LinearUpdate) else []
+
     def quantised(self, call, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         x = quantised_input(self.module, call.args[0].detach())
-        weight, _ = effective_weight_and_bias(self.module)
+        weight = self.module.__dict__.get("slimtune_qat_weight")
+        if weight is None:
+            weight, _ = effective_weight_and_bias(self.module)
         return _as_sequence(x.to(dtype)), passed_by_quantiser(weight)
+
+    def base_contributions(self, x: torch.Tensor, b: torch.Tensor, passed: torch.Tensor) -> dict[str, list]:
+        """The absorbed base's weight and bias, as a Linear's (``base.weight``, ``base.bias``)."""
+        out: dict[str, list] = {}
+        weight_name, bias_name = self.name_of("base.weight"), self.name_of("base.bias")
+        if weight_name is not None:
+            out[weight_name] = [Masked(Dense(GhostLinear(x, b).dense()), passed)]
+        if bias_name is not None:
+            out[bias_name] = [Dense(b.sum(1))]
+        return out
 
 
 class FakeQuantLinearRule(_FakeQuantRule, LinearRule):
@@ -154,16 +176,8 @@ class FakeQuantLinearRule(_FakeQuantRule, LinearRule):
     def accepts(cls, module):
         return _FakeQuantRule.accepts.__func__(cls, module) and LinearRule.accepts.__func__(cls, module)
 
-    def contributions(self, dtype):
-        out: dict[str, list] = {}
-        for call in self.calls:
-            b = self._backprop(call, dtype)
-            if b is None:
-                continue
-            x, passed = self.quantised(call, dtype)
-            for name, items in linear_contributions(self, x, b, weight_kept=passed).items():
-                out.setdefault(name, []).extend(items)
-        return out
+    def linear_input(self, call, dtype):
+        return self.quantised(call, dtype)
 
 
 class FakeQuantLoRARule(_FakeQuantRule):
@@ -177,10 +191,7 @@ class FakeQuantLoRARule(_FakeQuantRule):
         layer = self.module
         a_name, b_name = self.name_of("lora_A"), self.name_of("lora_B")
         out: dict[str, list] = {}
-        for call in self.calls:
-            b = self._backprop(call, dtype)
-            if b is None:
-                continue
+        for call, b in self.backprops(dtype):
             b = _as_sequence(b)
             x, passed = self.quantised(call, dtype)
             rows, cols = torch.nonzero(~passed, as_tuple=True)
@@ -195,6 +206,8 @@ class FakeQuantLoRARule(_FakeQuantRule):
                 grad = torch.bmm((b @ b_scaled).transpose(1, 2), x)  # (B, r, in)
                 grad.index_add_(2, cols, -(dropped.unsqueeze(-1) * b_scaled[rows]).transpose(1, 2))
                 out.setdefault(a_name, []).append(Dense(grad))
+            for name, items in self.base_contributions(x, b, passed).items():
+                out.setdefault(name, []).extend(items)
         return out
 
 
@@ -211,14 +224,14 @@ class FakeQuantLinearUpdateRule(_FakeQuantRule):
         return is_fake_quantised(module) and isinstance(module, LinearUpdate)
 
     def contributions(self, dtype):
-        names = list(self.params)
+        names = [n for n in self.params if not self.tensors[n].startswith("base.")]
         out: dict[str, list] = {}
-        for call in self.calls:
-            b = self._backprop(call, dtype)
-            if b is None:
-                continue
+        for call, b in self.backprops(dtype):
             x, passed = self.quantised(call, dtype)
-            per_sample = Masked(GhostLinear(x, _as_sequence(b)), passed).dense()  # (B, out, in)
+            b = _as_sequence(b)
+            for name, items in self.base_contributions(x, b, passed).items():
+                out.setdefault(name, []).extend(items)
+            per_sample = Masked(GhostLinear(x, b), passed).dense()  # (B, out, in)
             with torch.enable_grad():
                 update = self.module.delta_weight()
                 grads = torch.autograd.grad(update, [self.params[n] for n in names], grad_outputs=per_sample.to(update.dtype),

@@ -76,7 +76,7 @@ class SparsitySection(Feature):
         return True  # iterative: its first round prunes at step 0
 
     def build_hook(self, *, recipe, model, delta, task) -> SparsityHook:
-        private = [f.section for f in recipe.features.values() if f.private_training_data]
+        private = [f.section for f in getattr(recipe, "features", {}).values() if f.private_training_data]
         if private and self.criterion in criteria.DATA_CRITERIA and (self.criterion != "movement" or self.first_prunes_before_training()):
             why = ("scores batches of the training data without noise" if self.criterion != "movement"
                    else "has no noised gradients to score at step 0, so it would score raw training batches")
@@ -99,6 +99,7 @@ class SparsitySection(Feature):
                     f"which {private[0]} keeps private; with privacy prune it by magnitude, random or synflow"
                 )
         hook = SparsityHook(self, model, delta, targets)
+        hook.private = bool(private)
         if self.large_sparse:
             hook.large_sparse = large_sparse_specs(recipe.methods, int(model.config.hidden_size), self.density)[1]
         return hook

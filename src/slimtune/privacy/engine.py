@@ -140,7 +140,8 @@ class PrivacyHook(Hook):
         # padding), and similar lengths together waste far fewer padding tokens (about 2x fewer
         # on short sentences with a few long ones).
         train_rows = trainer.rows["train"]
-        indices = sorted(indices, key=lambda i: len(train_rows[i]["input_ids"]))
+        if not hasattr(train_rows, "pixel_values"):  # images are all one size
+            indices = sorted(indices, key=lambda i: len(train_rows[i]["input_ids"]))
         params = trainer.trainable
         sums = {n: torch.zeros_like(p) for n, p in params.items()}
         loss_total, clipped, count = 0.0, 0, len(indices)

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from slimtune.privacy.rules import SHARED_PREFIX, Call, Dense, Masked, ModuleVmapRule, NotPerSample, Rule, rule_for
+from slimtune.privacy.rules import SHARED_PREFIX, Call, Dense, Masked, ModuleVmapRule, NotPerSample, Rule, rule_for, tensor_name
 from slimtune.sparsity.masks import Mask
 
 
@@ -93,17 +93,18 @@ class PerSampleClipper:
         by_id = {id(p): n for n, p in self.params.items()}
         # Shared containers' parameters belong to the layers that read them, not to the container.
         read_by_layers = {id(p) for m in self.model.modules() for c in getattr(m, "shared_modules", lambda: [])() for p in c.parameters()}
+        taken = set(read_by_layers)  # ids another module's rule covers
         covered: set[str] = set()
         for module in self.model.modules():
             if isinstance(module, parametrize.ParametrizationList):
                 continue  # its ``original`` is read through the module that holds the list
-            own = {by_id[id(p)]: p for p in module.parameters(recurse=False) if id(p) in by_id and id(p) not in read_by_layers}
-            tensors = {n: _attr_name(module, p) for n, p in own.items()}
+            own = {by_id[id(p)]: p for p in module.parameters(recurse=False) if id(p) in by_id and id(p) not in taken}
+            tensors = {n: tensor_name(module, p) for n, p in own.items()}
             only_masks = True
             if parametrize.is_parametrized(module):
                 for tensor, chain in module.parametrizations.items():
                     name = by_id.get(id(chain.original))
-                    if name is None:
+                    if name is None or id(chain.original) in taken:
                         continue
                     own[name], tensors[name] = chain.original, tensor
                     if len(chain) == 1 and isinstance(chain[0], Mask):
@@ -116,11 +117,17 @@ class PerSampleClipper:
                 for local, p in container.named_parameters():
                     if id(p) in by_id:
                         own[by_id[id(p)]], tensors[by_id[id(p)]] = p, f"{SHARED_PREFIX}{index}.{local}"
-            if not own:
-                continue
             rule_class = rule_for(module) if only_masks else ModuleVmapRule  # vmap differentiates any parametrisation
             if shared and not rule_class.reads_shared:
                 rule_class = ModuleVmapRule
+            for child in rule_class.absorbs(module):
+                child_name = next(n for n, m in module.named_children() if m is child)
+                for p in child.parameters():
+                    if id(p) in by_id and id(p) not in taken:
+                        own[by_id[id(p)]], tensors[by_id[id(p)]] = p, f"{child_name}.{tensor_name(child, p)}"
+                        taken.add(id(p))
+            if not own:
+                continue
             rule = rule_class(module, own, tensors, ghost=self.ghost)
             self._add(rule)
             self._handles += rule.extra_hooks(lambda: self.capturing)
@@ -131,13 +138,30 @@ class PerSampleClipper:
         self._built_for = self._structure()
 
     def _add(self, rule: Rule) -> None:
+        """Capture the rule's module calls. Other hooks on the module (IA3's scaling, the Houlsby
+        skip) are part of what a replaying rule re-runs, so it takes the inputs before every
+        pre-hook and the output after every hook; an exact rule takes the layer's own output,
+        before any hook changes it (its backprop is then the gradient of that output)."""
         self.rules.append(rule)
-        self._handles.append(rule.module.register_forward_hook(self._call_hook(rule), with_kwargs=True))
+        module = rule.module
+        if rule.replays_forward:
+            raw: list[tuple] = []
 
-    def _call_hook(self, rule: Rule) -> Callable:
+            def before(module, args, kwargs):
+                if self.capturing:
+                    raw.append((args, kwargs))
+
+            self._handles.append(module.register_forward_pre_hook(before, with_kwargs=True, prepend=True))
+            self._handles.append(module.register_forward_hook(self._call_hook(rule, raw), with_kwargs=True))
+        else:
+            self._handles.append(module.register_forward_hook(self._call_hook(rule), with_kwargs=True, prepend=True))
+
+    def _call_hook(self, rule: Rule, raw: list[tuple] | None = None) -> Callable:
         def hook(module, args, kwargs, output):
             if not self.capturing:
                 return None
+            if raw:
+                args, kwargs = raw.pop()
             batch = self.batch_size
             if (
                 batch > 1 and isinstance(output, torch.Tensor) and output.dim() > 0 and output.shape[0] == 1
@@ -173,7 +197,8 @@ class PerSampleClipper:
             return None
         names = list(self.slow)
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        return f"DP: {len(names)} parameter(s) take the slow exact per-sample path (one backward pass per sample): {shown}; why: {self.slow[names[0]]}"
+        reasons = "; ".join(dict.fromkeys(self.slow.values()))
+        return f"DP: {len(names)} parameter(s) take the slow exact per-sample path (one backward pass per sample): {shown}; why: {reasons}"
 
     def describe(self) -> dict[str, str]:
         """Parameter name -> the rule computing its per-sample gradients."""
@@ -278,6 +303,3 @@ class PerSampleClipper:
         return losses, norms
 
 
-
-def _attr_name(module: nn.Module, param: nn.Parameter) -> str:
-    return next(n for n, p in module.named_parameters(recurse=False) if p is param)

@@ -220,6 +220,9 @@ class Rule(ABC):
     #: Whether the rule handles parameters of the module's ``shared_modules()`` (named
     #: ``SHARED_PREFIX<i>.<name>`` in ``tensors``); if not, such a module takes the vmap rule.
     reads_shared = False
+    #: True: the rule re-runs the module's forward (hooks included) from the inputs it was called
+    #: with; False: it reads the layer's own input and output (see PerSampleClipper._add).
+    replays_forward = False
     #: True: the contributions are gradients of the parameters themselves (through any mask);
     #: False: of the tensors the forward reads, and the clipper applies masks (:class:`Masked`).
     through_parametrizations = False
@@ -227,7 +230,7 @@ class Rule(ABC):
     def __init__(self, module: nn.Module, params: dict[str, nn.Parameter], tensors: dict[str, str] | None = None, **options: Any):
         self.module = module
         self.params = params
-        self.tensors = tensors if tensors is not None else {n: _local_name(module, p) for n, p in params.items()}
+        self.tensors = tensors if tensors is not None else {n: tensor_name(module, p) for n, p in params.items()}
         self.calls: list[Call] = []
 
     def name_of(self, tensor: str) -> str | None:
@@ -238,6 +241,12 @@ class Rule(ABC):
     def accepts(cls, module: nn.Module) -> bool:
         """Whether this rule is exact for this instance of its module type."""
         return True
+
+    @classmethod
+    def absorbs(cls, module: nn.Module) -> list[nn.Module]:
+        """Children whose parameters this rule covers (named ``<child>.<tensor>``): children the
+        module's forward reads without calling them."""
+        return []
 
     def extra_hooks(self, capturing: Callable[[], bool]) -> list[Any]:
         """Hook handles capturing more than the module's own call (removed with the clipper)."""
@@ -260,6 +269,13 @@ class Rule(ABC):
 
     def _backprop(self, call: Call, dtype: torch.dtype) -> torch.Tensor | None:
         return None if call.grad is None or call.grad[0] is None else call.grad[0].to(dtype)
+
+    def backprops(self, dtype: torch.dtype):
+        """(call, its output's gradient) for every captured call that has one."""
+        for call in self.calls:
+            b = self._backprop(call, dtype)
+            if b is not None:
+                yield call, b
 
 
 def holds_only(module: nn.Module, tensors: set[str]) -> bool:
@@ -305,13 +321,15 @@ class LinearRule(Rule):
         d_in, d_out = self.module.in_features, self.module.out_features
         return seq_len * seq_len * (d_in + d_out) < GHOST_MEMORY_FACTOR * d_in * d_out
 
+    def linear_input(self, call: Call, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the weight multiplied, and where its gradient passes (None: everywhere)."""
+        return call.args[0], None
+
     def contributions(self, dtype):
         out: dict[str, list] = {}
-        for call in self.calls:
-            b = self._backprop(call, dtype)
-            if b is None:
-                continue
-            for name, items in linear_contributions(self, call.args[0], b).items():
+        for call, b in self.backprops(dtype):
+            x, weight_kept = self.linear_input(call, dtype)
+            for name, items in linear_contributions(self, x, b, weight_kept).items():
                 out.setdefault(name, []).extend(items)
         return out
 
@@ -419,7 +437,7 @@ class LayerNormRule(Rule):
         return out
 
 
-def _local_name(module: nn.Module, param: nn.Parameter) -> str:
+def tensor_name(module: nn.Module, param: nn.Parameter) -> str:
     """The name under which ``module``'s forward reads ``param`` (a masked tensor's clean name)."""
     name = next(n for n, p in module.named_parameters() if p is param)
     if name.startswith("parametrizations.") and name.endswith(".original"):
@@ -460,6 +478,7 @@ class ModuleVmapRule(Rule):
     kind = "module-vmap"
     through_parametrizations = True
     reads_shared = True
+    replays_forward = True
 
     def extra_hooks(self, capturing):
         self._pending: list[tuple[nn.Module, torch.Tensor]] = []

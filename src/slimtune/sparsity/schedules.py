@@ -257,6 +257,8 @@ class SparsityHook(Hook):
         self.movement: dict[str, torch.Tensor] = {}
         self.total_steps = 0
         self.large_sparse: dict[str, Any] | None = None
+        #: The training data is private (DP): data criteria may score only the noised gradients.
+        self.private = False
         #: Targets ranked (and masked) at some pruning step, and those the criterion could not
         #: rank at some step: ``left_dense`` in the report is the second minus the first.
         self.ranked: set[str] = set()
@@ -311,6 +313,12 @@ class SparsityHook(Hook):
         scores = None
         if c.criterion == "movement" and self.movement and set(self.movement) == set(self.targets):
             scores = self.movement
+        if c.criterion in criteria.DATA_CRITERIA and scores is None and self.private:
+            # No noised gradients to score since the last step (a skipped non-finite step, or
+            # none yet): scoring raw batches would release training data outside ε.
+            self.history.append({"step": step, "density": density, "skipped": "no noised gradients to score"})
+            write(f"sparsity: step {step}: {c.criterion} has no noised gradients to score (the training data is private); this pruning step is skipped")
+            return
         batches = self._batches() if c.criterion in criteria.DATA_CRITERIA and scores is None else None
         was_training = self.model.training
         self.model.eval()  # scoring without dropout
