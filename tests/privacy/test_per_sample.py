@@ -331,3 +331,52 @@ def test_other_hooks_on_a_layer_are_replayed_once_and_do_not_leak_into_exact_rul
     delta = attach(model, ("houlsby", {"train_layer_norm": False}), ("bitfit", {}))
     randomize(delta, model, scale=0.5)
     check(model, delta, make_batch(3, 6), expect_rules={"attention.output.dense.bias": "linear"})
+
+
+def test_a_rule_wrong_only_away_from_init_is_caught_by_the_second_check():
+    """A rule that ignores a gain starting at 1 agrees with autograd at init; the check after
+    ``recheck_after`` batches sees the moved gain and demotes it (exact fallback from then on)."""
+    from slimtune.privacy.rules import RULES, Dense, Rule, register_rule
+
+    class Gain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(64, 32)  # BERT's FFN output layer (intermediate 64 -> hidden 32)
+            self.gain = nn.Parameter(torch.ones(32))
+
+        def forward(self, x):
+            return self.inner(x) * self.gain
+
+    @register_rule(Gain)
+    class WrongAwayFromInit(Rule):  # d/d(gain) of inner(x) * gain, but with gain taken as 1
+        kind = "wrong"
+
+        def contributions(self, dtype):
+            (name,) = self.params
+            return {name: [Dense((b * self.module.inner(call.args[0]).detach()).sum(1) / self.module.gain.detach()) for call, b in self.backprops(dtype)]}
+
+    try:
+        model = tiny_bert().eval().double()
+        model.requires_grad_(False)
+        gain = Gain().double()
+        gain.inner.requires_grad_(False)
+        model.bert.encoder.layer[0].output.dense = gain
+        params = {"gain": gain.gain}
+        batch = make_batch(3, 5)
+
+        def forward():
+            return per_sample_losses(model(**{k: v for k, v in batch.items() if k != "labels"}), batch, "classification")
+
+        clipper = PerSampleClipper(model, params, recheck_after=2)
+        clipper.per_sample(forward, 3)
+        assert not clipper.slow
+        with torch.no_grad():
+            gain.gain.mul_(2.0)
+        clipper.per_sample(forward, 3)
+        assert not clipper.slow  # not checked on batch 2
+        _, contributions = clipper.per_sample(forward, 3)
+        assert list(clipper.slow) == ["gain"]
+        expected = loop_reference(model, params, batch, "classification")["gain"]
+        torch.testing.assert_close(contributions["gain"][0].dense(), expected, rtol=1e-9, atol=1e-11)
+    finally:
+        RULES.pop(Gain, None)

@@ -32,8 +32,9 @@ A sparsity mask (a parametrisation ``original * kept``) keeps the layer's rule: 
 gradient of the tensor the forward reads, times ``kept``. When masks are added or removed during
 training (a pruning schedule), the rules are rebuilt and checked again.
 
-On its first batch the engine checks each rule: the sum of its per-sample gradients must equal
-autograd's batch gradient; a rule that fails (a module whose parameter is used elsewhere, an
+On its first batch, and once more after ``recheck_after`` batches (when the parameters have left
+their init, where a wrong rule can agree by accident), the engine checks each rule: the sum of its
+per-sample gradients must equal autograd's batch gradient; a rule that fails (a module whose parameter is used elsewhere, an
 in-place op on a captured output, ...) is demoted to the last resort, so no method has to know
 about DP for its gradients to be right. Each parameter sent to the last resort is named, with the
 reason, in :attr:`PerSampleClipper.slow` (the DP hook prints it once, in one line).
@@ -63,11 +64,16 @@ from slimtune.sparsity.masks import Mask
 class PerSampleClipper:
     """Clipped per-sample gradient sums of ``params`` (name -> parameter) of ``model``."""
 
-    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], *, ghost: str = "auto", check: bool = True):
+    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], *, ghost: str = "auto", check: bool = True,
+                 recheck_after: int | None = 20):
         self.model = model
         self.params = dict(params)
         self.ghost = ghost
         self.check = check
+        # The first batch sees the parameters at their init, where a wrong rule can agree by
+        # accident (a vector of ones, a zero factor): check once more after they have moved.
+        self.recheck_after = recheck_after
+        self.batches_seen = 0
         self.capturing = False
         self.batch_size = 0
         self.rules: list[Rule] = []
@@ -213,6 +219,9 @@ class PerSampleClipper:
         self.batch_size = batch_size
         if self._structure() != self._built_for:
             self._build()  # a mask was added or removed, or QAT switched on: new rules, checked again
+        self.batches_seen += 1
+        if self.check and self.recheck_after is not None and self.batches_seen == self.recheck_after + 1:
+            self.check_pending = True
         for rule in self.rules:
             rule.reset()
         self.capturing = True
