@@ -137,6 +137,8 @@ def test_substitution_finds_an_adversarial_example_for_an_undefended_model(bow):
     result = substitute_one(sub, "the film was great", 1, AttackConfig("substitution", max_change=0.5, candidates=5))
     assert result["success"] and result["text"] == "the film was awful" and result["changed"] == 1
     assert int(sub.probs([result["text"]])[0].argmax()) == 0  # really misclassified, checked the plain way
+    punctuated = substitute_one(sub, "(great!) film", 1, AttackConfig("substitution", max_change=0.5, candidates=5))
+    assert punctuated["text"] == "(awful!) film"
     assert substitution_eval(model, tokenizer, split, 16, AttackConfig("substitution", max_change=0.5, candidates=5)) == out
 
 

@@ -13,7 +13,7 @@
 * ``substitution``: a word-substitution attack in the style of TextFooler / BERT-Attack with what
   works offline: the substitutes of a word are its nearest neighbours (cosine) among the whole-word
   tokens of the model's own input-embedding matrix (no special tokens, no subword pieces, no
-  stop-words of a small fixed list, not the word itself); the importance of a word is the drop of
+  stop-words of a small fixed list, not the word itself; punctuation around a word is kept); the importance of a word is the drop of
   the true-class probability when it is deleted; words are replaced greedily in importance order
   (the first candidate, in neighbour order, that flips the prediction, else the one that lowers the
   true-class probability most) until the prediction flips or ``max_change`` of the words changed.
@@ -29,6 +29,7 @@ Only originally correctly classified examples are attacked; the attacked example
 from __future__ import annotations
 
 import math
+import string
 from dataclasses import dataclass
 
 import torch
@@ -170,11 +171,20 @@ class Substituter:
         self._cache: dict[str, list[str]] = {}
 
     def token_of(self, word: str) -> str | None:
-        """The vocabulary token a word is, if it is one whole substitutable word (else None)."""
-        for form in (word, word.lower()):
+        """The vocabulary token a word is (punctuation around it aside), if it is one whole
+        substitutable word (else None)."""
+        core = word.strip(string.punctuation)
+        for form in (core, core.lower()):
             if form in self.word_ids:
                 return form
         return None
+
+    @staticmethod
+    def replace(word: str, substitute: str) -> str:
+        """``word`` with its core replaced, the punctuation around it kept ("great," -> "awful,")."""
+        core = word.strip(string.punctuation)
+        start = word.index(core)
+        return word[:start] + substitute + word[start + len(core) :]
 
     def neighbours(self, token: str, k: int) -> list[str]:
         if token not in self._cache:
@@ -215,15 +225,15 @@ def substitute_one(sub: Substituter, text: str, label: int, cfg: AttackConfig, p
         cands = sub.neighbours(sub.token_of(words[i]), cfg.candidates)
         if not cands:
             continue
-        trials = [" ".join(words[:i] + [c] + words[i + 1 :]) for c in cands]
+        trials = [" ".join(words[:i] + [sub.replace(words[i], c)] + words[i + 1 :]) for c in cands]
         probs = sub.probs(trials, pairs(len(trials)))
         flipped = [j for j in range(len(cands)) if int(probs[j].argmax()) != label]
         if flipped:
-            words[i] = cands[flipped[0]]
+            words[i] = sub.replace(words[i], cands[flipped[0]])
             return {"success": True, "changed": changed + 1, "words": len(words), "text": " ".join(words)}
         best = int(torch.argmin(probs[:, label]))
         if float(probs[best, label]) < current:
-            words[i], current, changed = cands[best], float(probs[best, label]), changed + 1
+            words[i], current, changed = sub.replace(words[i], cands[best]), float(probs[best, label]), changed + 1
             if changed >= budget:
                 break
     return {"success": False, "changed": changed, "words": len(words), "text": " ".join(words)}
