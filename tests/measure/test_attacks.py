@@ -174,5 +174,6 @@ def test_eval_attack_on_a_trained_tiny_run(tmp_path, tiny_model_dir, tiny_data_f
         assert main(argv) == 0
         found = json.loads(capsys.readouterr().out)["attack"]
         assert found["examples"] == 8 and 0 <= found["attacked_accuracy"] <= found["clean_accuracy"]
+        assert found.get("words_changed", 0) <= 0.5
         assert main(argv) == 0
         assert json.loads(capsys.readouterr().out)["attack"] == found  # reproducible

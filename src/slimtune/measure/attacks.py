@@ -8,8 +8,9 @@
   called with ``inputs_embeds = E[input_ids] + delta``. Deviations: the official code attacks
   during training with an optional (default unlimited) bound; here the bound ``radius`` is the
   measured budget, the initial point is projected onto it too (so radius 0 is the clean model), the
-  gradient and the perturbation are zeroed on padding positions explicitly, and an example counts
-  as broken if any iterate (the initial point, every step and the final point) misclassifies it.
+  gradient and the perturbation are zeroed on padding positions explicitly, an example counts
+  as broken if any iterate (the initial point, every step and the final point) misclassifies it,
+  and ``steps`` counts updates (the official ``adv_steps`` counts forwards: 5 forwards, 4 updates).
 * ``substitution``: a word-substitution attack in the style of TextFooler / BERT-Attack with what
   works offline: the substitutes of a word are its nearest neighbours (cosine) among the whole-word
   tokens of the model's own input-embedding matrix (no special tokens, no subword pieces, no
