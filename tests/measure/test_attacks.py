@@ -35,6 +35,11 @@ def test_pgd_respects_l2_bound_per_example_and_leaves_padding_untouched():
     pad = batch["attention_mask"] == 0
     assert pad.any() and torch.all(delta[pad] == 0)
     assert torch.all(delta[~pad].abs().sum(-1) > 0)
+    # BERT's gradient at padding is already 0; a model that reads its padding has one there
+    g = torch.Generator().manual_seed(0)
+    reader = BagOfWords(torch.randn(100, 8, generator=g), torch.randn(8, generator=g), read_padding=True)
+    delta, _, _ = pgd_perturb(reader, batch, cfg, torch.Generator().manual_seed(0))
+    assert torch.all(delta[pad] == 0) and torch.all(delta.flatten(1).norm(dim=1) <= 0.1 + 1e-6)
 
 
 def test_pgd_init_is_the_official_scaled_uniform_on_non_padding_tokens():
@@ -95,17 +100,17 @@ def test_pgd_refuses_a_method_that_cannot_take_inputs_embeds():
 class BagOfWords(nn.Module):
     """Hand-built undefended classifier: mean of the token embeddings, logit = +-(w . mean)."""
 
-    def __init__(self, weight: torch.Tensor, w: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, w: torch.Tensor, read_padding: bool = False):
         super().__init__()
         self.embed = nn.Embedding.from_pretrained(weight)
-        self.w = w
+        self.w, self.read_padding = w, read_padding
 
     def get_input_embeddings(self):
         return self.embed
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None):
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        m = attention_mask.unsqueeze(-1).float()
+        m = (torch.ones_like(attention_mask) if self.read_padding else attention_mask).unsqueeze(-1).float()
         score = ((h * m).sum(1) / m.sum(1)) @ self.w
         return SimpleNamespace(logits=torch.stack([-score, score], -1))
 
