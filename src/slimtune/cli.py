@@ -127,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "e.g. --label-map ham=negative,spam=positive; labels with the same name need no entry")
     ev.add_argument("--force", action="store_true", help="load the delta even if its base fingerprint differs")
     ev.add_argument("--json", action="store_true", help="print JSON")
+    ev.add_argument("--attack", metavar="pgd|substitution", help="also measure accuracy under attack: pgd (L2 PGD on the word "
+                    "embeddings) or substitution (greedy nearest-neighbour word swaps); see docs/robustness.md")
+    ev.add_argument("--attack-radius", type=float, default=1.0, help="pgd: L2 budget per example (default 1.0)")
+    ev.add_argument("--attack-steps", type=int, default=5, help="pgd: steps (default 5)")
+    ev.add_argument("--attack-step-size", type=float, default=0.03, help="pgd: step size (default 0.03)")
+    ev.add_argument("--attack-max-change", type=float, default=0.2, help="substitution: fraction of words that may change (default 0.2)")
+    ev.add_argument("--attack-candidates", type=int, default=20, help="substitution: neighbours tried per word (default 20)")
+    ev.add_argument("--attack-examples", type=int, help="attack only the first N test examples (attacks are slow on CPU)")
+    ev.add_argument("--attack-seed", type=int, default=0, help="seed of the pgd start (default 0)")
 
     export = sub.add_parser(
         "export", help="ship a run: merged / slimmed / int8 / bf16 model directory, or a peft adapter",
@@ -272,7 +281,14 @@ def cmd_eval(args) -> int:
     _require_run_dir(args.run_dir)
     from slimtune.runner import evaluate_run
 
-    result = evaluate_run(args.run_dir, task=args.task, force=args.force, label_map=label_map)
+    attack = None
+    if args.attack is not None:
+        from slimtune.measure.attacks import AttackConfig
+
+        attack = AttackConfig(args.attack, radius=args.attack_radius, steps=args.attack_steps, step_size=args.attack_step_size,
+                              max_change=args.attack_max_change, candidates=args.attack_candidates,
+                              examples=args.attack_examples, seed=args.attack_seed).check()
+    result = evaluate_run(args.run_dir, task=args.task, force=args.force, label_map=label_map, attack=attack)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -284,6 +300,15 @@ def cmd_eval(args) -> int:
     for key, value in result["metrics"].items():
         table.add_row(key, f"{value:.4f}", f"{saved[key]:.4f}" if key in saved else "-")
     Console().print(table)
+    if attack is not None:
+        found = result["attack"]
+        shown = Table(title=f"--attack {attack.name} ({found['examples']} test examples)", title_justify="left")
+        shown.add_column("metric")
+        shown.add_column("value")
+        for key, value in found.items():
+            if key != "config":
+                shown.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        Console().print(shown)
     return 0
 
 

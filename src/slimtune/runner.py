@@ -276,15 +276,42 @@ def train_run(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
 
 
 def evaluate_run(run_dir: Path, *, task: str | None = None, force: bool = False, progress: bool = False,
-                 label_map: dict[str, str] | None = None) -> dict[str, Any]:
+                 label_map: dict[str, str] | None = None, attack: Any = None) -> dict[str, Any]:
     """Rebuild base + delta from a run directory and evaluate on the test split (of ``task``, a zoo
-    task with the run's labels or mapped onto them by ``label_map``)."""
+    task with the run's labels or mapped onto them by ``label_map``); with ``attack`` (a
+    :class:`slimtune.measure.attacks.AttackConfig`) also its clean and attacked accuracy."""
+    if attack is not None:
+        attack.check()
     built = load_run(run_dir, task=task, force=force, label_map=label_map)
     metrics = evaluate_split(built, "test")
     report_path = Path(run_dir) / "report.json"
     saved = read_json(report_path) if report_path.is_file() else {}
+    extra = {"attack": attack_built(built, attack)} if attack is not None else {}
     return {"run_dir": str(run_dir), "task": built.task.name, "n_test": len(built.task.splits["test"]), "metrics": metrics,
-            "report_metrics": saved.get("metrics"), **({"label_map": label_map} if label_map else {})}
+            "report_metrics": saved.get("metrics"), **({"label_map": label_map} if label_map else {}), **extra}
+
+
+def attack_built(built: Built, attack: Any) -> dict[str, Any]:
+    """:mod:`slimtune.measure.attacks` on the first ``attack.examples`` test examples of a built run."""
+    from dataclasses import asdict
+
+    from slimtune.measure.attacks import pgd_eval, substitution_eval
+    from slimtune.zoo.batches import eval_batches, pad_id_of, rows_batch, tokenize_split
+
+    if built.objective != "classification" or "text" not in built.task.splits["test"].column_names:
+        raise SlimtuneError(f"--attack: only text classification runs can be attacked (this run: {built.objective} on {built.task.name})")
+    test = built.task.splits["test"]
+    n = len(test) if attack.examples is None else min(attack.examples, len(test))
+    test = test.select(range(n))
+    recipe = built.recipe
+    if attack.name == "pgd":
+        rows = tokenize_split(test, built.tokenizer, recipe.train.max_length, built.objective).to_list()
+        batches = (rows_batch(rows, idx, pad_id_of(built.tokenizer), built.objective)
+                   for idx in eval_batches(len(rows), recipe.train.eval_batch_size))
+        result = pgd_eval(built.model, batches, attack)
+    else:
+        result = substitution_eval(built.model, built.tokenizer, test, recipe.train.max_length, attack, recipe.train.eval_batch_size)
+    return {"config": asdict(attack), **result}
 
 
 def export_run(run_dir: str | Path, out: str | Path, *, force: bool = False, **options: Any) -> dict[str, Any]:
