@@ -118,6 +118,10 @@ def test_resume_mid_search_equals_the_uninterrupted_run(tmp_path, tiny_recipe):
     assert report == read_json(tmp_path / "whole/report.json")["tickets"]
     assert report["rounds_done"] == 2 and report["rewind"] == "step:1"
     assert 0 < report["stored_bytes"] < report["dense_bytes"]
+    from slimtune.sparsity.tickets import TicketsHook
+
+    rows = dict(TicketsHook.report_rows(report))
+    assert rows["tickets"] == f"imp: 2 of 2 rounds, rewind to step:1, density {report['final_density']:.3f}"
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
@@ -154,3 +158,56 @@ def test_late_rewind_after_the_first_round_and_a_restructuring_method_are_refuse
     recipe["sparsity"] = {"target": "base", "criterion": "magnitude", "density": 0.5}
     with pytest.raises(SlimtuneError, match="use tickets or sparsity, not both"):
         make_trainer(recipe, recipe_hooks=True)
+
+
+class Before(Hook):
+    """Runs before the tickets hook: the effective target weights each round ranks."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def on_step_end(self, trainer):
+        self.seen[trainer.step] = {f"{n}.weight": m.weight.detach().clone() for n, m in trainer.model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+class Masks(Hook):
+    """Runs after it: the masks each round leaves."""
+
+    def __init__(self, targets):
+        self.targets, self.after = targets, {}
+
+    def on_step_end(self, trainer):
+        self.after[trainer.step] = {n: get_mask(m, t).kept.clone() for n, (m, t) in self.targets.items() if get_mask(m, t) is not None}
+
+
+def test_each_round_keeps_the_largest_trained_magnitudes_among_the_survivors(tiny_recipe):
+    trainer = make_trainer(ticket_recipe(tiny_recipe, steps=8, density=0.3, rounds=3), recipe_hooks=True)
+    tickets = next(h for h in trainer.hooks if h.name == "tickets")
+    before, masks = Before(), Masks(tickets.targets)
+    trainer.hooks = [before, *trainer.hooks, masks]
+    trainer.fit()
+    names = list(tickets.targets)
+    previous = {n: torch.ones_like(before.seen[2][n], dtype=torch.bool) for n in names}
+    for k, step in enumerate([2, 4, 6], start=1):
+        # The obvious global ranking: |w| of this round's trained weights, earlier pruned entries last.
+        scores = torch.cat([torch.where(previous[n], before.seen[step][n].abs(), torch.tensor(-1.0)).flatten() for n in names])
+        keep = round(0.3 ** (k / 3) * scores.numel())
+        threshold = scores.sort(descending=True).values[keep - 1]
+        for n in names:
+            want = torch.where(previous[n], before.seen[step][n].abs(), torch.tensor(-1.0)) >= threshold
+            assert torch.equal(masks.after[step][n], want), (step, n)
+            assert not bool((masks.after[step][n] & ~previous[n]).any())  # only tightens
+        previous = masks.after[step]
+
+
+def test_rate_sets_the_rounds_and_the_densities(tiny_recipe):
+    from slimtune.features.tickets import TicketsSection
+
+    section = TicketsSection(density=0.3, rate=0.2)
+    assert section.rounds == 6  # 0.8^5 = 0.328 > 0.3 >= 0.8^6 = 0.262
+    assert section.densities() == pytest.approx([0.8, 0.64, 0.512, 0.4096, 0.32768, 0.3])
+    assert TicketsSection(density=0.3).densities() == pytest.approx([0.3 ** (1 / 3), 0.3 ** (2 / 3), 0.3])
+    for fields, message in [({"rate": 0.0}, "not in \\(0, 1\\)"), ({"rate": 0.2, "rounds": 2}, "give rounds or rate, not both")]:
+        with pytest.raises(SlimtuneError, match=message) as err:
+            validate_recipe(ticket_recipe(tiny_recipe, **fields))
+        assert "\n" not in str(err.value)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+import math
+
+from pydantic import Field, field_validator, model_validator
 
 from slimtune.core.features import Feature, register_feature
 from slimtune.errors import SlimtuneError
-from slimtune.sparsity.schedules import select_targets
+from slimtune.sparsity.schedules import iterative_densities, select_targets
 from slimtune.sparsity.tickets import TicketsHook, parse_rewind
 
 
@@ -23,6 +25,7 @@ class TicketsSection(Feature):
     mode: Literal["imp"] = Field("imp", description="imp: iterative magnitude pruning with rewinding (Chen et al. 2020)")
     density: float = Field(..., description="fraction of the target weights KEPT in the final ticket, in (0, 1]")
     rounds: int = Field(3, description="prune -> rewind -> retrain rounds (>= 1); round k prunes to density^(k / rounds)")
+    rate: float | None = Field(None, description="instead of rounds: the fraction of the remaining target weights each round removes, in (0, 1); rounds = ceil(log density / log(1 - rate)), the last round pruning to density")
     scope: Literal["global", "local"] = Field("global", description="rank all target tensors together (global, as the official code) or each on its own (local)")
     rewind: str = Field("pretrained", description="rewinding point: 'pretrained' (the values before training) or 'step:K' (their values after step K)")
     target: Literal["base", "delta"] = Field("base", description="what to prune: 'base' (the backbone's linear weights) or 'delta' (the methods' weight tensors)")
@@ -49,6 +52,25 @@ class TicketsSection(Feature):
         except SlimtuneError as exc:
             raise ValueError(str(exc)) from None
         return value
+
+    @model_validator(mode="after")
+    def _rate(self) -> TicketsSection:
+        if self.rate is None:
+            return self
+        if not 0 < self.rate < 1:
+            raise ValueError(f"tickets.rate: {self.rate} is not in (0, 1); it is the fraction of the remaining weights each round removes")
+        if "rounds" in self.model_fields_set:
+            raise ValueError("tickets: give rounds or rate, not both (rate sets the number of rounds)")
+        rounds = max(1, math.ceil(math.log(self.density) / math.log(1 - self.rate) - 1e-9)) if self.density < 1 else 1
+        object.__setattr__(self, "rounds", rounds)
+        return self
+
+    def densities(self) -> list[float]:
+        """The density after each round: density^(k / rounds), or with ``rate`` (1 - rate)^k,
+        the last round at density."""
+        if self.rate is None:
+            return iterative_densities(self.density, self.rounds)
+        return [max(self.density, (1 - self.rate) ** k) for k in range(1, self.rounds)] + [self.density]
 
     def build_hook(self, *, recipe, model, delta, task) -> TicketsHook:
         features = getattr(recipe, "features", {}) or {}

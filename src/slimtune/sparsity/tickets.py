@@ -4,7 +4,8 @@ Lottery Ticket Hypothesis for Pre-trained BERT Networks"; official code VITA-Gro
 
 Training is cut into ``rounds + 1`` equal segments of ``trainer.total_steps``. At the end of
 segment k (k = 1..rounds) the target weights are pruned by magnitude to density
-``density^(k / rounds)`` (:func:`slimtune.sparsity.schedules.prune`: masks only tighten), every
+``density^(k / rounds)`` (or, with ``rate``, ``(1 - rate)^k``, the last round at ``density``;
+:func:`slimtune.sparsity.schedules.prune`: masks only tighten), every
 trainable tensor except the task head is rewound to its rewind value (the pre-trained/initial
 value, or its value after step K), the AdamW state is dropped (a fresh optimizer, as the official
 code re-creates AdamW) and the learning-rate schedule restarts at its step 0 (the official code
@@ -38,7 +39,7 @@ from torch import nn
 from slimtune.core.hooks import Hook
 from slimtune.errors import SlimtuneError
 from slimtune.sparsity.masks import get_mask, masked_tensors, pin_to_optimizer
-from slimtune.sparsity.schedules import Targets, iterative_densities, prune
+from slimtune.sparsity.schedules import Targets, prune
 from slimtune.sparsity.storage import encode
 
 
@@ -71,7 +72,7 @@ class TicketsHook(Hook):
         self.delta = delta
         self.targets = targets
         self.rewind_step = parse_rewind(config.rewind)
-        self.densities = iterative_densities(config.density, config.rounds)
+        self.densities = config.densities()
         #: Rewind values of the rewound tensors (trainer parameter names), once taken.
         self.snapshot: dict[str, torch.Tensor] = {}
         self.history: list[dict[str, Any]] = []
