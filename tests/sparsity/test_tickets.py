@@ -107,7 +107,7 @@ def test_resume_mid_search_equals_the_uninterrupted_run(tmp_path, tiny_recipe):
     recipe = validate_recipe(recipe)
     train_run(recipe, tmp_path / "whole", progress=False)
     run = tmp_path / "crashed"
-    crash_run(recipe, run, 5)  # prunes after steps 2 and 5 (8 in 3 segments); checkpoint at 4
+    crash_run(recipe, run, 5)  # prunes after steps 3 and 5 (8 steps in 3 segments); crashes in round 2 after the checkpoint at 4
     train_run(recipe, run, resume=True, progress=False)
     whole = read_safetensors(tmp_path / "whole/delta.safetensors")
     resumed = read_safetensors(run / "delta.safetensors")
