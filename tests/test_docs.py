@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 MAX_README_LINES = 250
 #: The capability pages the README sends a newcomer to; each opens with a summary and links back.
-CAPABILITY_PAGES = ["methods", "sparsity", "slim-export", "dp", "lst", "vision", "bench", "benchmarks", "reliability"]
+CAPABILITY_PAGES = ["methods", "sparsity", "tickets", "slim-export", "dp", "lst", "vision", "bench", "benchmarks", "reliability"]
 
 FENCE = re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.M | re.S)
 INLINE_CODE = re.compile(r"(`+)(?:(?!\1).)+?\1", re.S)
