@@ -33,6 +33,7 @@ SPARSITY = {"target": "delta", "criterion": "magnitude", "scope": "local", "dens
 SPARSITY_AT_INIT = {"target": "delta", "criterion": "magnitude", "scope": "local", "density": 0.5, "at": "init"}
 PRIVACY = {"epsilon": None, "noise_multiplier": 0.5, "max_grad_norm": 1.0, "physical_batch_size": 8}
 QAT = {"qat": {}}
+TICKETS = {"mode": "imp", "density": 0.5, "rounds": 1, "target": "base"}
 FEATURES = {
     "none": {},
     "sparsity": {"sparsity": SPARSITY},
@@ -42,6 +43,8 @@ FEATURES = {
     "sparsity+privacy": {"sparsity": SPARSITY, "privacy": PRIVACY},
     "privacy+qat": {"privacy": PRIVACY, "compress": QAT},
     "sparsity+privacy+qat": {"sparsity": SPARSITY, "privacy": PRIVACY, "compress": QAT},
+    "tickets": {"tickets": TICKETS},
+    "tickets+privacy": {"tickets": TICKETS, "privacy": PRIVACY},
 }
 #: Cells run on BERT; Llama and ViT run these (each feature once, and all of them together).
 OTHER_ARCH_FEATURES = ["privacy", "sparsity+privacy+qat"]
@@ -88,7 +91,7 @@ def run_cell(model_dir: Path, task: dict, method: str, feature: str, out: Path) 
         return {"outcome": "refused", "why": str(exc)}
     report = train_run(recipe, out, progress=False)
     assert report["train"]["steps"] == STEPS
-    wanted = [s for s in ("sparsity", "privacy", "compress") if s in FEATURES[feature]]
+    wanted = [s for s in ("sparsity", "privacy", "compress", "tickets") if s in FEATURES[feature]]
     rows = dict(report_rows(report))
     for section in wanted:
         key = {"compress": "qat"}.get(section, section)
