@@ -383,6 +383,16 @@ def crash_run(recipe, run, step):
         trainer.fit()
 
 
+def assert_same_delta(a, b):
+    """Two run directories saved bit-identical deltas (a resumed run against an uninterrupted one)."""
+    from slimtune.io import read_safetensors
+
+    first, second = read_safetensors(a / "delta.safetensors"), read_safetensors(b / "delta.safetensors")
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
 def make_trainer(recipe, run_dir=None, hooks=(), *, recipe_hooks=False, no_dropout=False):
     """A classification Trainer on ``recipe`` (a dict is validated first) with ``hooks``; with
     ``recipe_hooks`` the hooks the recipe's sections build come first; ``no_dropout`` turns

@@ -4,12 +4,12 @@ initialisation), sparse storage of the delta, report.json's sparsity section, re
 import copy
 
 import pytest
-import torch
 
 from slimtune.errors import SlimtuneError
 from slimtune.io import read_safetensors
 from slimtune.recipe import validate_recipe
 from slimtune.runner import evaluate_run, train_run
+from tests.fixtures import assert_same_delta
 
 
 def sparse_adapter_recipe(tiny_recipe, **sparsity):
@@ -92,8 +92,4 @@ def test_pruned_run_resumes_to_the_same_delta(tmp_path, tiny_recipe):
     run = tmp_path / "crashed"
     crash_run(recipe, run, 5)  # pruned at steps 0 and 4, checkpointed at 3
     train_run(recipe, run, resume=True, progress=False)
-    whole = read_safetensors(tmp_path / "whole/delta.safetensors")
-    resumed = read_safetensors(run / "delta.safetensors")
-    assert whole.keys() == resumed.keys()
-    for key in whole:
-        assert torch.equal(whole[key], resumed[key]), key
+    assert_same_delta(tmp_path / "whole", run)
