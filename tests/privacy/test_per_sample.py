@@ -336,7 +336,8 @@ def test_other_hooks_on_a_layer_are_replayed_once_and_do_not_leak_into_exact_rul
 def test_a_rule_wrong_only_away_from_init_is_caught_by_the_second_check():
     """A rule that ignores a gain starting at 1 agrees with autograd at init; the check after
     ``recheck_after`` batches sees the moved gain and demotes it (exact fallback from then on)."""
-    from slimtune.privacy.rules import RULES, Dense, Rule, register_rule
+    from slimtune.privacy.contributions import Dense
+    from slimtune.privacy.rules import RULES, Rule, register_rule
 
     class Gain(nn.Module):
         def __init__(self):

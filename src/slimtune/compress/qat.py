@@ -34,7 +34,8 @@ from slimtune.compress.quantize import ACT_QMAX, ACT_QMIN, WEIGHT_QMAX, WEIGHT_Q
 from slimtune.core.hooks import Hook
 from slimtune.methods.linear_update import LinearUpdate
 from slimtune.methods.lora import LoRALinear
-from slimtune.privacy.rules import Dense, GhostLinear, LinearRule, Masked, Rule, _as_sequence, register_rule_override
+from slimtune.privacy.contributions import Dense, GhostLinear, Masked, as_sequence
+from slimtune.privacy.rules import LinearRule, Rule, register_rule_override
 
 
 def fake_quant_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -156,14 +157,14 @@ class _FakeQuantRule(Rule):
         weight = self.module.__dict__.get("slimtune_qat_weight")
         if weight is None:
             weight, _ = effective_weight_and_bias(self.module)
-        return _as_sequence(x.to(dtype)), passed_by_quantiser(weight)
+        return as_sequence(x.to(dtype)), passed_by_quantiser(weight)
 
     def base_contributions(self, x: torch.Tensor, b: torch.Tensor, passed: torch.Tensor) -> dict[str, list]:
         """The absorbed base's weight and bias, as a Linear's (``base.weight``, ``base.bias``)."""
         out: dict[str, list] = {}
         weight_name, bias_name = self.name_of("base.weight"), self.name_of("base.bias")
         if weight_name is not None:
-            out[weight_name] = [Masked(Dense(GhostLinear(x, b).dense()), passed)]
+            out[weight_name] = [Masked(GhostLinear(x, b), passed)]
         if bias_name is not None:
             out[bias_name] = [Dense(b.sum(1))]
         return out
@@ -192,7 +193,7 @@ class FakeQuantLoRARule(_FakeQuantRule):
         a_name, b_name = self.name_of("lora_A"), self.name_of("lora_B")
         out: dict[str, list] = {}
         for call, b in self.backprops(dtype):
-            b = _as_sequence(b)
+            b = as_sequence(b)
             x, passed = self.quantised(call, dtype)
             rows, cols = torch.nonzero(~passed, as_tuple=True)
             dropped = (b[:, :, rows] * x[:, :, cols]).sum(1)  # (B, K): the entries of G that M drops
@@ -228,7 +229,7 @@ class FakeQuantLinearUpdateRule(_FakeQuantRule):
         out: dict[str, list] = {}
         for call, b in self.backprops(dtype):
             x, passed = self.quantised(call, dtype)
-            b = _as_sequence(b)
+            b = as_sequence(b)
             for name, items in self.base_contributions(x, b, passed).items():
                 out.setdefault(name, []).extend(items)
             per_sample = Masked(GhostLinear(x, b), passed).dense()  # (B, out, in)

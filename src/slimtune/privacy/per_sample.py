@@ -52,7 +52,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from slimtune.privacy.rules import SHARED_PREFIX, Call, Dense, Masked, ModuleVmapRule, NotPerSample, Rule, rule_for, tensor_name
+from slimtune.privacy.contributions import Dense, Masked
+from slimtune.privacy.rules import SHARED_PREFIX, Call, ModuleVmapRule, NotPerSample, Rule, rule_for, tensor_name
 from slimtune.sparsity.masks import Mask
 
 
