@@ -83,11 +83,31 @@ class AttackConfig:
 
 # -- PGD -------------------------------------------------------------------------------------------
 
-def _project(delta: torch.Tensor, radius: float) -> torch.Tensor:
+def project_l2(delta: torch.Tensor, radius: float) -> torch.Tensor:
     """Scale each example's perturbation onto the L2 ball of ``radius`` (those inside stay)."""
     norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
     scale = torch.clamp(radius / norms, max=1.0)
     return delta * scale.view(-1, *([1] * (delta.dim() - 1)))
+
+
+def perturbation_start(embeds: torch.Tensor, attention_mask: torch.Tensor, init_radius: float,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """FreeLB's L2 start: uniform in [-1, 1] on the non-padding tokens, scaled by
+    ``init_radius / sqrt(n_tokens * hidden)`` per example (zero when ``init_radius`` is 0)."""
+    if init_radius <= 0:
+        return torch.zeros_like(embeds)
+    mask = attention_mask.unsqueeze(-1).to(embeds.dtype)
+    lengths = attention_mask.sum(1).to(embeds.dtype)
+    delta = (torch.rand(embeds.shape, generator=generator) * 2 - 1).to(embeds) * mask
+    return delta * (init_radius / torch.sqrt(lengths * embeds.shape[-1])).view(-1, 1, 1)
+
+
+def ascent_step(delta: torch.Tensor, grad: torch.Tensor, attention_mask: torch.Tensor, step_size: float) -> torch.Tensor:
+    """One L2 ascent step: ``delta + step_size * g / ||g||`` (per-example norm), zero on padding."""
+    mask = attention_mask.unsqueeze(-1).to(delta.dtype)
+    grad = grad * mask
+    norms = grad.flatten(1).norm(dim=1).clamp_min(1e-8).view(-1, *([1] * (grad.dim() - 1)))
+    return (delta.detach() + step_size * grad / norms) * mask
 
 
 def pgd_perturb(model: nn.Module, batch: dict[str, torch.Tensor], cfg: AttackConfig, generator: torch.Generator):
@@ -95,17 +115,10 @@ def pgd_perturb(model: nn.Module, batch: dict[str, torch.Tensor], cfg: AttackCon
     ``delta`` the final perturbation (B, L, H), zero on padding, L2 norm <= ``cfg.radius`` per example."""
     labels = batch["labels"]
     extra = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
-    mask = batch["attention_mask"].unsqueeze(-1).float()
     with torch.no_grad():
         embeds = model.get_input_embeddings()(batch["input_ids"]).detach()
         clean = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.argmax(-1) == labels
-    if cfg.init_radius > 0:
-        lengths = batch["attention_mask"].sum(1).float()
-        delta = (torch.rand(embeds.shape, generator=generator) * 2 - 1).to(embeds) * mask
-        delta = delta * (cfg.init_radius / torch.sqrt(lengths * embeds.shape[-1])).view(-1, 1, 1)
-    else:
-        delta = torch.zeros_like(embeds)
-    delta = _project(delta, cfg.radius)
+    delta = project_l2(perturbation_start(embeds, batch["attention_mask"], cfg.init_radius, generator), cfg.radius)
     robust = clean.clone()
     for step in range(cfg.steps + 1):
         delta.requires_grad_(True)
@@ -114,20 +127,18 @@ def pgd_perturb(model: nn.Module, batch: dict[str, torch.Tensor], cfg: AttackCon
         if step == cfg.steps:
             break
         (grad,) = torch.autograd.grad(F.cross_entropy(logits.float(), labels), delta)
-        grad = grad * mask
-        norms = grad.flatten(1).norm(dim=1).clamp_min(1e-8).view(-1, 1, 1)
-        delta = _project((delta.detach() + cfg.step_size * grad / norms) * mask, cfg.radius)
+        delta = project_l2(ascent_step(delta, grad, batch["attention_mask"], cfg.step_size), cfg.radius)
     return delta.detach(), clean, robust
 
 
-def _check_inputs_embeds(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
+def check_inputs_embeds(model: nn.Module, batch: dict[str, torch.Tensor], what: str = "--attack pgd") -> None:
     extra = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
     try:
         with torch.no_grad():
             model(inputs_embeds=model.get_input_embeddings()(batch["input_ids"]), **extra)
     except (SlimtuneError, TypeError, ValueError) as exc:
         reason = " ".join(str(exc).split())
-        raise SlimtuneError(f"--attack pgd: this run's model cannot take inputs_embeds ({reason})") from None
+        raise SlimtuneError(f"{what}: this run's model cannot take inputs_embeds ({reason})") from None
 
 
 def pgd_eval(model: nn.Module, batches, cfg: AttackConfig) -> dict[str, float]:
@@ -139,7 +150,7 @@ def pgd_eval(model: nn.Module, batches, cfg: AttackConfig) -> dict[str, float]:
     try:
         for i, batch in enumerate(batches):
             if i == 0:
-                _check_inputs_embeds(model, batch)
+                check_inputs_embeds(model, batch)
             _, clean, robust = pgd_perturb(model, batch, cfg, generator)
             n += len(clean)
             clean_total += int(clean.sum())
