@@ -13,7 +13,8 @@ stop training by returning a reason from ``stop_reason``; its ``state_dict`` is 
 its ``report`` is merged into ``report.json`` under its ``name``.
 
 Optional capabilities are declared on the class, never sniffed: ``clips_gradients`` (the hook
-clips per-sample gradients itself, so the trainer's global-norm clipping is off),
+clips gradients itself, so the trainer's global-norm clipping is off; a property where that
+holds for one phase of a run, as a ticket search's),
 ``needs_independent_samples`` (each example's loss must not depend on the other examples of its
 batch, as DP's per-sample sensitivity requires: hooks that compute batch statistics, such as
 QAT's activation ranges, take them per example) and

@@ -38,7 +38,7 @@ from torch import nn
 
 from slimtune.core.hooks import Hook
 from slimtune.errors import SlimtuneError
-from slimtune.sparsity.masks import get_mask, masked_tensors, pin_to_optimizer
+from slimtune.sparsity.masks import dense_tensor, get_mask, masked_tensors, pin_to_optimizer
 from slimtune.sparsity.schedules import Targets, prune
 from slimtune.sparsity.storage import encode
 
@@ -53,6 +53,17 @@ def parse_rewind(spec: Any) -> int:
         if number.isdigit():
             return int(number)
     raise SlimtuneError(f"tickets.rewind: '{spec}' is not a rewinding point; valid: pretrained, step:K (K a step number >= 0)")
+
+
+def reinitialised(model: nn.Module, module: nn.Module, tensor_name: str) -> torch.Tensor:
+    """A fresh value for ``module.<tensor_name>`` from the model's own initializer
+    (transformers' ``_init_weights`` on a new module of the same kind and shape)."""
+    init = getattr(model, "_init_weights", None)
+    if init is None or not isinstance(module, nn.Linear):
+        raise SlimtuneError(f"tickets.init: random needs a transformers model and linear targets; {type(module).__name__} has no initializer here")
+    fresh = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    init(fresh)
+    return getattr(fresh, tensor_name).detach().to(getattr(module, tensor_name).dtype)
 
 
 def prune_steps(total_steps: int, rounds: int) -> list[int]:
@@ -120,6 +131,8 @@ class TicketsHook(Hook):
         # Rewind: the dense values of every rewound tensor (masked entries read zero through the mask).
         for name, param in self._rewound(trainer).items():
             param.copy_(self.snapshot[name])
+        if self.config.init == "random" and index == len(self.steps) - 1:
+            self.reinitialise_targets()
         # A fresh AdamW (the official re-creates it): no moments, step counts from 0.
         trainer.optimizer.state.clear()
         # The run's schedule from its step 0 again (the official re-creates it with the run's t_total).
@@ -134,6 +147,12 @@ class TicketsHook(Hook):
         if left:
             entry["left_dense"] = left
         self.history.append(entry)
+
+    @torch.no_grad()
+    def reinitialise_targets(self) -> None:
+        """The ticket's target weights from the model's initializer (``init: random``), masks kept."""
+        for module, tensor_name in self.targets.values():
+            dense_tensor(module, tensor_name).copy_(reinitialised(self.model, module, tensor_name))
 
     def measured_density(self) -> float:
         kept = total = 0
@@ -162,6 +181,7 @@ class TicketsHook(Hook):
             "mode": self.config.mode,
             "rounds": self.config.rounds,
             "rewind": self.config.rewind,
+            "init": self.config.init,
             "rounds_done": len(self.history),
             "final_density": self.measured_density(),
             "stored_bytes": stored,
@@ -171,8 +191,17 @@ class TicketsHook(Hook):
 
     @staticmethod
     def report_rows(section: dict[str, Any]) -> list[tuple[str, str]]:
-        rows = [("tickets", f"{section.get('mode', 'imp')}: {section.get('rounds_done', 0)} of {section.get('rounds', 0)} rounds, "
-                            f"rewind to {section.get('rewind', 'pretrained')}, density {section.get('final_density', 1.0):.3f}")]
+        mode = section.get("mode", "imp")
+        init = "random re-init" if section.get("init") == "random" else f"rewind to {section.get('rewind', 'pretrained')}"
+        if mode == "imp":
+            rows = [("tickets", f"imp: {section.get('rounds_done', 0)} of {section.get('rounds', 0)} rounds, "
+                                f"{init}, density {section.get('final_density', 1.0):.3f}")]
+        else:
+            phases = section.get("phases", {})
+            source = f"scores of {section['from_scores']}" if section.get("from_scores") else (
+                f"{phases.get('finetune', 0)} fine-tune + {phases.get('search', 0)} search steps")
+            rows = [("tickets", f"{mode} search ({source}), {phases.get('retrain', 0)} retrain steps, {init}, "
+                                f"density {section.get('final_density', 1.0):.3f}")]
         if section.get("dense_bytes"):
             rows.append(("tickets: stored", f"{section['stored_bytes'] / 1e6:.2f} MB sparse of {section['dense_bytes'] / 1e6:.2f} MB dense"))
         return rows

@@ -117,12 +117,7 @@ class Trainer:
         if not self.trainable:
             raise SlimtuneError(f"method '{delta.label}': nothing to train")
         self.optimizer = self._build_optimizer()
-        self.scheduler = get_scheduler(
-            {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[self.cfg.scheduler],
-            self.optimizer,
-            num_warmup_steps=int(self.cfg.warmup_ratio * self.total_steps),
-            num_training_steps=self.total_steps,
-        )
+        self.scheduler = self.make_scheduler(self.optimizer, self.total_steps, self.cfg.scheduler, self.cfg.warmup_ratio)
 
     # -- setup --------------------------------------------------------------------------------
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -134,19 +129,26 @@ class Trainer:
             groups.setdefault((lr, decay), []).append(param)
         return torch.optim.AdamW([{"params": p, "lr": lr, "weight_decay": wd} for (lr, wd), p in groups.items()])
 
-    def rebuild_optimizer(self, from_step: int | None = None) -> None:
-        """Re-read the delta's trainable parameters and start a fresh optimizer and learning-rate
-        schedule (warm-up included) for the steps after ``from_step`` (default: now): for a hook
-        that replaces the parameters mid-run (DSEE's prune-and-re-tune stage), also when it
+    def rebuild_optimizer(self, from_step: int | None = None, *, steps: int | None = None,
+                          parameters: dict[str, torch.nn.Parameter] | None = None) -> None:
+        """Start a fresh optimizer and learning-rate schedule (warm-up included) for the ``steps``
+        after ``from_step`` (default: now, and the rest of the run), over ``parameters`` (default:
+        the delta's trainable parameters, re-read): for a hook that replaces the parameters mid-run
+        (DSEE's prune-and-re-tune stage) or trains in phases (a ticket search), also when it
         rebuilds that state on resume."""
-        self.trainable = self.delta.trainable_parameters(self.model)
+        self.trainable = self.delta.trainable_parameters(self.model) if parameters is None else parameters
         self.optimizer = self._build_optimizer()
-        remaining = max(1, self.total_steps - (self.step if from_step is None else from_step))
-        self.scheduler = get_scheduler(
-            {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[self.cfg.scheduler],
-            self.optimizer,
-            num_warmup_steps=int(self.cfg.warmup_ratio * remaining),
-            num_training_steps=remaining,
+        remaining = max(1, steps if steps is not None else self.total_steps - (self.step if from_step is None else from_step))
+        self.scheduler = self.make_scheduler(self.optimizer, remaining, self.cfg.scheduler, self.cfg.warmup_ratio)
+
+    @staticmethod
+    def make_scheduler(optimizer: torch.optim.Optimizer, steps: int, kind: str = "linear", warmup_ratio: float = 0.0):
+        """``train.scheduler``'s schedule over ``steps`` steps, warm-up ``int(warmup_ratio * steps)``."""
+        return get_scheduler(
+            {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[kind],
+            optimizer,
+            num_warmup_steps=int(warmup_ratio * steps),
+            num_training_steps=steps,
         )
 
     def batch(self, split: str, indices: list[int]) -> dict[str, torch.Tensor]:
