@@ -120,7 +120,8 @@ class HardConcreteGate(nn.Module):
 
     def sample(self) -> torch.Tensor:
         u = torch.rand_like(self.log_alpha).clamp(_U_EPS, 1 - _U_EPS)
-        s = torch.sigmoid((u.log() - (1 - u).log() + self.log_alpha) / self.beta)
+        # logit(u) = log u - log(1 - u), in one op (the gate is sampled on every forward).
+        s = torch.sigmoid((torch.logit(u) + self.log_alpha) / self.beta)
         return (s * (self.r - self.l) + self.l).clamp(0.0, 1.0)
 
     def deterministic(self) -> torch.Tensor:

@@ -241,6 +241,21 @@ class TicketSearchHook(TicketsHook):
         self.log = list(state.get("log", []))
         self.scores = {k[len("scores."):]: v.clone() for k, v in tensors.items() if k.startswith("scores.")}
 
+    def _phase_seconds(self) -> dict[str, float]:
+        """Median seconds per step of each phase this process trained (a search step costs
+        ``adversary.steps`` forward/backward passes)."""
+        import statistics
+
+        result = getattr(self.trainer, "result", None)
+        if result is None or not result.step_seconds:
+            return {}
+        first = (result.resumed_from_step or 0) + 1
+        phases: dict[str, list[float]] = {}
+        for step, seconds in enumerate(result.step_seconds, start=first):
+            phase = "finetune" if step <= self.finetune_end else "search" if step <= self.search_end else "retrain"
+            phases.setdefault(phase, []).append(seconds)
+        return {phase: statistics.median(times) for phase, times in phases.items()}
+
     def report(self) -> dict[str, Any]:
         out = {k: v for k, v in super().report().items() if k not in ("rounds", "rounds_done")}
         total = getattr(self.trainer, "total_steps", 0)
@@ -249,6 +264,8 @@ class TicketSearchHook(TicketsHook):
             "adversarial": self.adversary is not None,
             "search_log": self.log,
         })
+        if (seconds := self._phase_seconds()):
+            out["step_seconds_median"] = seconds
         if self.config.from_scores:
             out["from_scores"] = str(self.config.from_scores)
         elif self.scores:

@@ -1,0 +1,248 @@
+"""Robust vs plain tickets (Zheng et al. 2022) and the rethinking-pruning controls (Liu et al.
+2019), side by side in one run; issue 20's benchmark.
+
+Parts (``--parts``, default all):
+
+* ``robust``: per task and seed, full fine-tuning with ``tickets: {mode: robust}`` and ``{mode:
+  plain}`` (the same gate search without the adversarial term): fine-tune F steps, search S steps,
+  draw the ticket at the first density and retrain R steps; the other densities are drawn from
+  the same search's saved scores (``from_scores``) and retrained R steps each, as the official
+  draws several sparsities from one search. The dense control is full fine-tuning for F + R steps.
+  Every model: clean test accuracy, PGD accuracy (L2 ``--pgd-radius``, 5 steps of 0.03 from a
+  0.05 start) and word-substitution attacked accuracy (20 neighbours, at most 20% of the words)
+  on the first ``--attack-examples`` test examples. Goal (issue 20): at density 0.6 the robust
+  ticket's attacked accuracy >= plain + 5 points with clean accuracy within 2 points.
+* ``cost``: one robust search step / one plain search step on the same batches, interleaved in
+  this process (goal: <= 1 + adversary steps).
+* ``rethinking``: IMP tickets with rewinding vs the same masks with random re-initialisation
+  (``init: random``) at densities 0.5 and 0.2.
+
+Settings are fixed up front, never tuned on test. Seeds: mean +- std over ``--seeds``.
+
+    python -m benchmarks.tickets --model minilm-l2 --tasks movie-sentiment --seeds 0,1,2
+    python -m benchmarks.tickets --quick            # a smoke run (a few steps)
+    python -m benchmarks.tickets --render-only      # print the tables from the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RESULTS, interleaved_medians, write_result
+
+NAME = "tickets"
+
+
+def base_recipe(model: str, task: str, seed: int, steps: int, quick: bool) -> dict[str, Any]:
+    return {
+        "model": {"name": model},
+        "task": {"name": task, "train_size": 64 if quick else 2000, "eval_size": 64 if quick else 1000},
+        "method": {"name": "full"},
+        "train": {"max_steps": steps, "batch_size": 32, "lr": 1.0e-4, "max_length": 64, "weight_decay": 0.01,
+                  "warmup_ratio": 0.06, "seed": seed, "eval_each_epoch": False},
+        "measure": {"flops": False, "latency": False, "memory": False},
+    }
+
+
+def train(recipe: dict[str, Any], out: Path, reuse: bool) -> dict[str, Any]:
+    from slimtune.io import read_json
+    from slimtune.recipe import validate_recipe
+    from slimtune.runner import train_run
+
+    if reuse and (out / "report.json").is_file():
+        return read_json(out / "report.json")
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    return train_run(validate_recipe(recipe), out, progress=False)
+
+
+def attacked(run: Path, args) -> dict[str, Any]:
+    """Clean / PGD / substitution accuracy of a run on the first ``--attack-examples`` test examples."""
+    from slimtune.measure.attacks import AttackConfig
+    from slimtune.runner import evaluate_run
+
+    out = {}
+    for attack in (AttackConfig("pgd", radius=args.pgd_radius, examples=args.attack_examples),
+                   AttackConfig("substitution", examples=args.substitution_examples)):
+        found = evaluate_run(run, attack=attack)
+        out["test_accuracy"] = found["metrics"]["accuracy"]
+        out[attack.name] = {k: v for k, v in found["attack"].items() if k != "config"}
+    return out
+
+
+def robust_part(args, runs: Path) -> list[dict[str, Any]]:
+    rows = []
+    densities = [float(d) for d in args.densities.split(",")]
+    f, s, r = args.finetune_steps, args.search_steps, args.retrain_steps
+    total = f + s + r
+    for task in args.tasks.split(","):
+        for seed in [int(x) for x in args.seeds.split(",")]:
+            where = runs / task / f"seed{seed}"
+            dense = train(base_recipe(args.model, task, seed, f + r, args.quick), where / "dense", args.reuse)
+            rows.append({"task": task, "seed": seed, "kind": "dense", "density": 1.0,
+                         "seconds": dense["train"]["seconds"], **attacked(where / "dense", args)})
+            print(rows[-1], flush=True)
+            for mode in ("robust", "plain"):
+                recipe = base_recipe(args.model, task, seed, total, args.quick)
+                recipe["tickets"] = {"mode": mode, "density": densities[0], "phases": [f / total, s / total, r / total]}
+                search = where / f"{mode}-{densities[0]}"
+                report = train(recipe, search, args.reuse)
+                rows.append({"task": task, "seed": seed, "kind": mode, "density": densities[0], "seconds": report["train"]["seconds"],
+                             "step_seconds": report["tickets"].get("step_seconds_median", {}), **attacked(search, args)})
+                print(rows[-1], flush=True)
+                for density in densities[1:]:
+                    recipe = base_recipe(args.model, task, seed, r, args.quick)
+                    recipe["tickets"] = {"mode": mode, "density": density, "from_scores": str(search)}
+                    out = where / f"{mode}-{density}"
+                    report = train(recipe, out, args.reuse)
+                    rows.append({"task": task, "seed": seed, "kind": mode, "density": density, "seconds": report["train"]["seconds"], **attacked(out, args)})
+                    print(rows[-1], flush=True)
+    return rows
+
+
+def cost_part(args) -> dict[str, Any]:
+    """Seconds per search step, robust vs plain, on the same batches, interleaved."""
+    import torch
+
+    from slimtune.recipe import validate_recipe
+    from slimtune.runner import build
+    from slimtune.sparsity.hard_concrete import apply_gate, gate_parameters
+    from slimtune.sparsity.schedules import select_targets
+    from slimtune.train.adversarial import FreeLB, freelb_backward
+    from slimtune.train.trainer import Trainer
+
+    recipe = validate_recipe(base_recipe(args.model, args.tasks.split(",")[0], 0, 10, args.quick))
+    built = build(recipe)
+    trainer = Trainer(model=built.model, tokenizer=built.tokenizer, task=built.task, delta=built.delta, recipe=recipe,
+                      objective="classification", hooks=[], progress=False)
+    model = built.model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module, tensor_name in select_targets(model, built.delta, "base").values():
+        apply_gate(module, tensor_name)
+    gates = gate_parameters(model)
+    optimizer = torch.optim.AdamW(gates, lr=0.1, weight_decay=1e-6)
+    model.train()
+    batch = trainer.batch("train", list(range(32)))
+    adversary = FreeLB()
+
+    def step(adversarial: bool):
+        if adversarial:
+            freelb_backward(model, batch, adversary)
+        else:
+            model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(gates, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    medians = interleaved_medians({"robust": lambda: step(True), "plain": lambda: step(False)}, repeats=args.repeats)
+    return {"seconds_per_step": medians, "ratio": medians["robust"] / medians["plain"], "adversary_steps": adversary.steps,
+            "goal": f"<= {1 + adversary.steps}", "load_average": os.getloadavg()}
+
+
+def rethinking_part(args, runs: Path) -> list[dict[str, Any]]:
+    rows = []
+    for task in args.tasks.split(","):
+        for seed in [int(x) for x in args.seeds.split(",")]:
+            for density in (0.5, 0.2):
+                for init in ("rewind", "random"):
+                    recipe = base_recipe(args.model, task, seed, args.imp_steps, args.quick)
+                    recipe["tickets"] = {"mode": "imp", "density": density, "rounds": 3, "init": init}
+                    out = runs / task / f"seed{seed}" / f"imp-{density}-{init}"
+                    report = train(recipe, out, args.reuse)
+                    rows.append({"task": task, "seed": seed, "density": density, "init": init,
+                                 "test_accuracy": report["metrics"]["accuracy"], "seconds": report["train"]["seconds"]})
+                    print(rows[-1], flush=True)
+    return rows
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = []
+    if rows := result.get("robust"):
+        lines += ["| task | model | density | clean | PGD | substitution | seeds |", "|---|---|---|---|---|---|---|"]
+        keys = sorted({(r["task"], r["kind"], r["density"]) for r in rows}, key=lambda k: (k[0], -k[2], k[1]))
+        for task, kind, density in keys:
+            group = [r for r in rows if (r["task"], r["kind"], r["density"]) == (task, kind, density)]
+            lines.append(f"| {task} | {kind} | {density} | {_mean_std([r['pgd']['clean_accuracy'] for r in group])} | "
+                         f"{_mean_std([r['pgd']['attacked_accuracy'] for r in group])} | "
+                         f"{_mean_std([r['substitution']['attacked_accuracy'] for r in group])} | {len(group)} |")
+    if cost := result.get("cost"):
+        s = cost["seconds_per_step"]
+        lines += ["", f"Search step: robust {s['robust']:.3f} s, plain {s['plain']:.3f} s, ratio {cost['ratio']:.2f} "
+                      f"(goal {cost['goal']}; load average {cost['load_average'][0]:.2f})."]
+    if rows := result.get("rethinking"):
+        lines += ["", "| task | density | IMP rewind | IMP random re-init | seeds |", "|---|---|---|---|---|"]
+        for task, density in sorted({(r["task"], r["density"]) for r in rows}, key=lambda k: (k[0], -k[1])):
+            acc = {init: [r["test_accuracy"] for r in rows if (r["task"], r["density"], r["init"]) == (task, density, init)] for init in ("rewind", "random")}
+            lines.append(f"| {task} | {density} | {_mean_std(acc['rewind'])} | {_mean_std(acc['random'])} | {len(acc['rewind'])} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="minilm-l2", help="minilm-l2 (the quick variant) or minilm-l6")
+    parser.add_argument("--tasks", default="movie-sentiment", help="comma-separated zoo tasks")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--densities", default="0.6,0.8,0.4", help="the first is drawn by the search run itself, the others from its scores")
+    parser.add_argument("--parts", default="robust,cost,rethinking")
+    parser.add_argument("--finetune-steps", type=int, default=60)
+    parser.add_argument("--search-steps", type=int, default=60)
+    parser.add_argument("--retrain-steps", type=int, default=120)
+    parser.add_argument("--imp-steps", type=int, default=240, help="IMP runs: total steps (3 rounds + the ticket's training)")
+    parser.add_argument("--pgd-radius", type=float, default=0.1)
+    parser.add_argument("--attack-examples", type=int, default=200, help="PGD: first N test examples")
+    parser.add_argument("--substitution-examples", type=int, default=100, help="substitution: first N test examples")
+    parser.add_argument("--repeats", type=int, default=10, help="cost part: interleaved repeats")
+    parser.add_argument("--runs", default="runs/bench-tickets", help="where the run directories go")
+    parser.add_argument("--reuse", action="store_true", help="reuse finished run directories (report.json present)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: a few steps on 64 examples")
+    parser.add_argument("--render-only", action="store_true", help="print the tables of benchmarks/results/tickets.json")
+    args = parser.parse_args(argv)
+    if args.render_only:
+        import json
+
+        result = json.loads((RESULTS / f"{NAME}.json").read_text())
+        print(render(result))
+        return result
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.finetune_steps, args.search_steps, args.retrain_steps, args.imp_steps = 2, 2, 2, 4
+        args.attack_examples = args.substitution_examples = 8
+        args.seeds, args.repeats = "0", 2
+    parts = args.parts.split(",")
+    runs = Path(args.runs) / args.model
+    settings = {k: v for k, v in vars(args).items() if k not in ("render_only",)}
+    result: dict[str, Any] = {"settings": settings, "load_average_start": os.getloadavg()}
+    if "cost" in parts:
+        result["cost"] = cost_part(args)
+        print(result["cost"], flush=True)
+    if "robust" in parts:
+        result["robust"] = robust_part(args, runs)
+    if "rethinking" in parts:
+        result["rethinking"] = rethinking_part(args, runs)
+    result["load_average_end"] = os.getloadavg()
+    if not args.quick:
+        write_result(NAME, result)
+    print(render(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
