@@ -239,6 +239,13 @@ def main(argv=None) -> dict[str, Any]:
         result["rethinking"] = rethinking_part(args, runs)
     result["load_average_end"] = os.getloadavg()
     if not args.quick:
+        # Parts run separately land in one file: keep the parts this run did not redo.
+        previous = RESULTS / f"{NAME}.json"
+        if previous.is_file():
+            import json
+
+            kept = {k: v for k, v in json.loads(previous.read_text()).items() if k in ("cost", "robust", "rethinking") and k not in result}
+            result = {**kept, **result, "settings_of_kept_parts": json.loads(previous.read_text()).get("settings")} if kept else result
         write_result(NAME, result)
     print(render(result))
     return result

@@ -14,6 +14,7 @@ from slimtune.errors import SlimtuneError
 from slimtune.io import read_json, read_safetensors
 from slimtune.recipe import validate_recipe
 from slimtune.runner import train_run
+from slimtune.sparsity.hard_concrete import gated_tensors
 from slimtune.sparsity.masks import get_mask, kept_from_scores
 from slimtune.train.adversarial import FreeLB, freelb_backward
 from slimtune.train.ticket_search import SCORES_FILE, l0_weight, phase_steps
@@ -283,3 +284,15 @@ def test_privacy_is_refused_with_a_search(tiny_recipe):
     with pytest.raises(SlimtuneError, match="use mode imp with privacy") as err:
         make_trainer(recipe, recipe_hooks=True)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("method", "target"), [({"name": "lora", "r": 4}, "base"), ({"name": "lora", "r": 4}, "delta"), ({"name": "pfeiffer"}, "delta")])
+def test_the_search_gates_any_methods_tensors(tiny_recipe, method, target):
+    recipe = search_recipe(tiny_recipe, target=target)
+    recipe["method"] = method
+    trainer, tickets, probe = run_with_probe(recipe)
+    assert tickets.targets and not list(gated_tensors(trainer.model))  # the gates are gone: fixed masks
+    kept = sum(int(get_mask(m, t).kept.sum()) for m, t in tickets.targets.values())
+    total = sum(get_mask(m, t).kept.numel() for m, t in tickets.targets.values())
+    assert kept == round(0.4 * total)
+    assert probe.forwards[4] == 3  # a search step: 3 FreeLB passes
