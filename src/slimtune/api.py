@@ -97,3 +97,38 @@ def load_exported(directory: str | Path) -> nn.Module:
     from slimtune.compress.loader import load_exported as _load_exported
 
     return _load_exported(directory)
+
+
+#: Liu et al. 2019's three trainings of one pruned structure: (model.init, train.budget).
+STRUCTURE_VARIANTS = {"inherited": ("inherited", "steps"), "scratch-e": ("scratch", "steps"), "scratch-b": ("scratch", "scratch-b")}
+
+
+def structure_variants(structure: str | Path, recipe: str | Path | dict[str, Any] | Recipe | None = None, *,
+                       variants: tuple[str, ...] = tuple(STRUCTURE_VARIANTS), overrides: list[str] | None = None) -> dict[str, Recipe]:
+    """The recipes that train the pruned architecture of the slim export ``structure`` three ways
+    (Liu et al. 2019, docs/rethinking.md): ``inherited`` (its weights, fine-tuned: the control),
+    ``scratch-e`` (re-initialised, the recipe's steps) and ``scratch-b`` (re-initialised, steps x
+    FLOPs_dense / FLOPs_pruned). ``recipe``: the training recipe (path, dict or Recipe; default: the
+    recipe of the run the export came from); its method should train every weight (``full``) for
+    the scratch variants. Run each with :func:`fit`; report.json's ``structure`` section says what
+    each did."""
+    from slimtune.errors import SlimtuneError
+    from slimtune.io import read_json
+
+    unknown = [v for v in variants if v not in STRUCTURE_VARIANTS]
+    if unknown:
+        raise SlimtuneError(f"structure_variants: unknown variant '{unknown[0]}'; valid: {', '.join(STRUCTURE_VARIANTS)}")
+    if recipe is None:
+        record = Path(structure) / "slimtune_export.json"
+        run_dir = (read_json(record).get("source") or {}).get("run_dir") if record.is_file() else None
+        if not run_dir or not (Path(run_dir) / "recipe.yaml").is_file():
+            raise SlimtuneError(f"structure_variants: {structure} names no run recipe to start from; pass recipe=")
+        recipe = Path(run_dir) / "recipe.yaml"
+    base = load_recipe(recipe).to_dict()
+    out = {}
+    for name in variants:
+        init, budget = STRUCTURE_VARIANTS[name]
+        data = {**base, "model": {**base["model"], "structure": str(structure), "init": init},
+                "train": {**base["train"], "budget": budget, **({} if budget == "scratch-b" else {"budget_cap": None})}}
+        out[name] = load_recipe(data, overrides)
+    return out

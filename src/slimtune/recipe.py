@@ -22,6 +22,17 @@ from slimtune.errors import SlimtuneError, did_you_mean
 
 class ModelSection(Section):
     name: str = Field("minilm-l6", description="a zoo model name (see `slimtune list models`) or a local HF model directory")
+    structure: str | None = Field(
+        None,
+        description="a slim export directory (`slimtune export RUN --slim ...`, or a DSEE prune: heads run with --merge) "
+        "exported from model.name: train its pruned architecture (Liu et al. 2019; docs/rethinking.md)",
+    )
+    init: Literal["inherited", "scratch"] = Field(
+        "inherited",
+        description="'inherited': the pre-trained weights, or with model.structure the export's weights (the pruned model, "
+        "fine-tuned: the paper's control); 'scratch': every weight re-initialised by the model's own initializer "
+        "(train.seed), architecture kept",
+    )
 
 
 class TaskSection(Section):
@@ -100,6 +111,20 @@ class TrainSection(Section):
     )
     log_every: int = Field(10, ge=1, description="steps between progress-bar loss updates")
     eval_batch_size: int = Field(64, ge=1, description="batch size for evaluation")
+    budget: Literal["steps", "scratch-b"] = Field(
+        "steps",
+        description="'steps': the steps max_steps or epochs give (Scratch-E with model.init: scratch); 'scratch-b': those "
+        "steps x FLOPs_dense / FLOPs_pruned of model.structure, the same compute as the dense model (Liu et al. 2019)",
+    )
+    budget_cap: float | None = Field(
+        None, ge=1, description="scratch-b: cap the step factor (the official ImageNet code caps it at 2; CIFAR does not: default none)"
+    )
+
+    @model_validator(mode="after")
+    def _budget_cap(self) -> TrainSection:
+        if self.budget_cap is not None and self.budget != "scratch-b":
+            raise ValueError(f"budget_cap caps the factor of budget: scratch-b; budget is '{self.budget}'")
+        return self
 
 
 class MeasureSection(Section):
@@ -345,6 +370,9 @@ def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
     if "task" not in data:
         raise RecipeFieldError(source, "task", "task: missing; e.g. task: {name: movie-sentiment} (see `slimtune list tasks`)")
     features = {name: _validate_section(cls, data[name], name, source) for name, cls in FEATURES.items() if data.get(name) is not None}
+    if sections["train"].budget == "scratch-b" and sections["model"].structure is None:
+        raise RecipeFieldError(source, "train.budget", "train.budget: scratch-b scales the steps by FLOPs_dense / FLOPs_pruned, "
+                               "which needs a pruned structure: model.structure (a `slimtune export --slim` directory)")
     return Recipe(methods=parse_methods(data.get("method"), source), features=features, source=source, **sections)
 
 

@@ -71,12 +71,23 @@ def build(recipe: Recipe, task_override: str | None = None, *, task: TaskData | 
     set_seed(recipe.train.seed)
     task = task if task is not None else recipe_task(recipe, task_override)
     objective = recipe.objective
-    model = load_model(recipe.model.name, objective=objective, num_labels=len(task.label_names))
+    structured = None
+    if recipe.model.structure is not None or recipe.model.init != "inherited":
+        # A pruned architecture (a slim export) and/or re-initialised weights: Liu et al. 2019's baselines.
+        from slimtune.compress.structure import build_on_structure
+
+        structured = build_on_structure(recipe.model.name, recipe.model.structure, recipe.model.init, objective=objective,
+                                        labels=list(task.label_names), seed=recipe.train.seed, seq_len=recipe.train.max_length)
+        model = structured.model
+    else:
+        model = load_model(recipe.model.name, objective=objective, num_labels=len(task.label_names))
     # An image task is fed by the model's image processor where a text task has its tokenizer.
     tokenizer = load_image_processor(recipe.model.name) if is_image_task(task) else load_tokenizer(recipe.model.name)
     fingerprint = base_fingerprint(recipe.model.name, model)
     base_params = param_counts(model)["total"]
     pooling = configure_pooling(model, recipe.head.pooling, objective)
+    if structured is not None:
+        structured.check_pooling(pooling)
     arch = Arch.of(model, objective)
     set_seed(recipe.train.seed)  # the delta's initialisation does not depend on how loading used the RNG
     specs = recipe.methods
@@ -85,6 +96,9 @@ def build(recipe: Recipe, task_override: str | None = None, *, task: TaskData | 
     delta = Delta.from_specs(specs, train_pooler=recipe.head.train_pooler and pooling == "cls")
     delta.attach(model, arch)
     hooks = delta.hooks()
+    if structured is not None:
+        structured.check_delta(model, delta)
+        hooks.append(structured.hook(recipe.train.budget, recipe.train.budget_cap))
     for feature in recipe.features.values():
         feature.check_methods(delta)
         hook = feature.build_hook(recipe=recipe, model=model, delta=delta, task=task)

@@ -10,7 +10,9 @@ The loop calls, per optimizer step::
 
 and ``on_train_begin``, ``on_epoch_end``, ``on_evaluate``, ``on_train_end`` around it. A hook may
 stop training by returning a reason from ``stop_reason``; its ``state_dict`` is checkpointed and
-its ``report`` is merged into ``report.json`` under its ``name``.
+its ``report`` is merged into ``report.json`` under its ``name``. Before any of that, when the
+trainer is built, ``budget_steps`` may change how many steps the run trains (Scratch-B trains a
+pruned model for the dense model's compute).
 
 Optional capabilities are declared on the class, never sniffed: ``clips_gradients`` (the hook
 clips gradients itself, so the trainer's global-norm clipping is off; a property where that
@@ -55,6 +57,11 @@ class Hook:
         super().__init_subclass__(**kwargs)
         if "name" in cls.__dict__:
             HOOK_CLASSES[cls.name] = cls
+
+    def budget_steps(self, steps: int) -> int:
+        """The number of optimizer steps to train, given the recipe's (``train.max_steps``, or its
+        epochs' steps); called once when the trainer is built, before the schedule is. Default: as given."""
+        return steps
 
     def on_train_begin(self, trainer: Trainer) -> None: ...
 

@@ -113,6 +113,8 @@ class Trainer:
         self.rows = {name: split_rows(task, tokenizer, name, self.cfg.max_length, objective) for name in ("train", "validation", "test")}
         self.plan = BatchPlan(len(self.rows["train"]), self.cfg.batch_size, self.cfg.seed, self.rank, self.world_size)
         self.total_steps = self.cfg.max_steps or max(1, math.ceil(self.cfg.epochs * self.plan.batches_per_epoch))
+        for hook in self.hooks:  # a hook may set the compute budget (e.g. Scratch-B)
+            self.total_steps = hook.budget_steps(self.total_steps)
         self.trainable = delta.trainable_parameters(model)
         if not self.trainable:
             raise SlimtuneError(f"method '{delta.label}': nothing to train")
