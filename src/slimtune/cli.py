@@ -207,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dry-run", action="store_true", help="list the cells and their overrides; run nothing")
     bench.add_argument("--report-only", action="store_true", help="rebuild report.md/html and the plots from DIR/results.jsonl; run nothing")
     bench.add_argument("--no-progress", action="store_true", help="hide the progress bar over the cells")
+    _add_attack_args(bench, "also attack every finished cell not yet measured under this attack (no retraining; merged into its "
+                     "report.json) and add its accuracy as a column")
+    bench.add_argument("--plot-y", metavar="metric|ATTACK", help="y-axis of the Pareto plots: the task metric (default) or the accuracy "
+                       "under an attack, named as its report.md column (e.g. pgd, pgd:radius=0.1)")
 
     ls = sub.add_parser(
         "list", help="list models, tasks, methods or recipes (--json for scripts)",
@@ -263,8 +267,10 @@ def cmd_train(args, recipe_path: Path | None) -> int:
 
 
 def cmd_bench(args) -> int:
-    from slimtune.bench import describe_cells, load_suite, read_results, run_suite
+    from slimtune.bench import describe_cells, expected_attack_keys, load_suite, read_results, run_suite
 
+    attack = _attack_config(args)
+    plot_y = _plot_y(args.plot_y)
     suite = load_suite(args.suite, args.overrides)
     out = args.out or Path("runs") / f"bench-{suite.name}"
     if args.dry_run:
@@ -272,18 +278,44 @@ def cmd_bench(args) -> int:
         for line in describe_cells(suite):
             print(f"  {line}")
         return 0
+    if args.report_only and attack is not None:
+        raise SlimtuneError("--attack with --report-only: --report-only runs nothing; drop one of them")
+    if plot_y is not None:
+        if args.report_only:
+            from slimtune.measure.robustness import attacked_accuracies
+
+            keys = {k for row in read_results(out) for k in attacked_accuracies(row.get("report") or {})}
+        else:
+            keys = expected_attack_keys(suite, out, attack)
+        if plot_y not in keys:
+            found = ", ".join(sorted(keys)) or "none (add --attack NAME, or a robustness section to the recipes)"
+            raise SlimtuneError(f"--plot-y {plot_y}: no cell is measured under this attack; measured: {found}")
     if args.report_only:
         from slimtune.measure.compare import write_reports
 
-        paths = write_reports(out, read_results(out), title=f"slimtune bench: {suite.name}", description=suite.description)
+        paths = write_reports(out, read_results(out), title=f"slimtune bench: {suite.name}", description=suite.description, plot_y=plot_y)
     else:
-        rows = run_suite(suite, out, only=args.only, progress=not args.no_progress)
+        rows = run_suite(suite, out, only=args.only, progress=not args.no_progress, attack=attack, plot_y=plot_y)
         failed = [r for r in rows if r["status"] == "failed"]
+        attack_failed = [r for r in rows if r.get("attack_error")]
         done = sum(r["status"] == "ok" for r in rows)
-        print(f"{done} of {len(rows)} cells finished" + (f", {len(failed)} failed (see report.md)" if failed else ""))
+        print(f"{done} of {len(rows)} cells finished" + (f", {len(failed)} failed (see report.md)" if failed else "")
+              + (f", {len(attack_failed)} could not be attacked (see report.md)" if attack_failed else ""))
         paths = {"markdown": out / "report.md", "html": out / "report.html"}
     print(f"results: {out / 'results.jsonl'}\nreport:  {paths['markdown']}\n         {paths['html']}")
     return 0
+
+
+def _plot_y(value: str | None) -> str | None:
+    """``--plot-y``: None for the task metric, else an attack key (checked: its attack exists)."""
+    if value is None or value == "metric":
+        return None
+    from slimtune.measure.attacks import ATTACKS
+
+    if value.split(":")[0] not in ATTACKS:
+        raise SlimtuneError(f"--plot-y {value}: give metric or an attack key, the name of a report.md column such as "
+                            f"pgd or pgd:radius=0.1 (attacks: {', '.join(ATTACKS)})")
+    return value
 
 
 def _parse_label_map(text: str) -> dict[str, str]:
