@@ -203,3 +203,65 @@ def test_list_form_groups_seeds_and_checks_per_method(tmp_path, tiny_recipe):
     assert [(c.id, c.group) for c in suite.cells] == [("lora__seed0", "lora"), ("lora__seed1", "lora"), ("small", "small")]
     with pytest.raises(SlimtuneError, match="per_method.ful: no cell uses this method"):
         load_suite(write_suite(tmp_path, {"recipe": tiny_recipe, "grid": {"method": ["lora", "full"]}, "per_method": {"ful": {"train.lr": 1}}}))
+
+
+def test_attacked_accuracy_columns_from_the_recipes_and_from_bench_attack(tmp_path, tiny_recipe, capsys):
+    from slimtune.cli import main
+    from slimtune.measure.attacks import AttackConfig
+
+    recipe = dict(tiny_recipe, robustness={"attacks": [{"name": "pgd", "radius": 0.0}], "examples": 4})
+    suite_path = write_suite(tmp_path, {"name": "robust", "recipe": recipe, "grid": {"method": [{"name": "lora", "r": 4}, "bitfit"], "train.seed": [0, 1]},
+                                        "set": {"train.max_steps": 2}})
+    out = tmp_path / "bench"
+    suite = load_suite(suite_path)
+    rows = run_suite(suite, out, progress=False, only=["*seed0"])
+    for row in rows[::2]:  # the seed-0 cells: radius 0 changes nothing
+        (entry,) = row["report"]["robustness"]["attacks"]
+        assert entry["key"] == "pgd:radius=0:examples=4" and entry["attacked_accuracy"] == entry["clean_accuracy"]
+    header = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("| method"))
+    assert "| accuracy (%), mean ± std | under pgd:radius=0:examples=4 (%) | trainable params |" in header
+    lora_row = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("| lora"))
+    acc = rows[0]["report"]["robustness"]["attacks"][0]["attacked_accuracy"]
+    assert f"| {acc * 100:.1f} |" in lora_row
+
+    # --attack: the finished cells are attacked where they are (no retraining), the others train first
+    train = CountingTrain()
+    attack = AttackConfig("pgd", radius=50.0, step_size=10.0, examples=4)
+    rows = run_suite(suite, out, progress=False, train=train, attack=attack, plot_y=attack.key)
+    assert [name for name, _ in train.calls] == ["lora__seed1", "bitfit__seed1"]
+    for row in rows:
+        keys = [e["key"] for e in row["report"]["robustness"]["attacks"]]
+        assert keys == ["pgd:radius=0:examples=4", "pgd:radius=50:step_size=10:examples=4"]
+        assert read_rows(out)[rows.index(row)]["report"]["robustness"] == row["report"]["robustness"]  # results.jsonl too
+    on_disk = json.loads((out / "runs" / "lora__seed0" / "report.json").read_text())
+    assert on_disk["robustness"] == rows[0]["report"]["robustness"]
+    report = (out / "report.md").read_text()
+    assert "under pgd:radius=50:step_size=10:examples=4 (%)" in report and "Y-axis: test accuracy under pgd:radius=50:step_size=10:examples=4" in report
+    assert (out / "plots" / "tradeoff_trainable_params.png").is_file()
+    # again: nothing left to attack, nothing trained
+    train = CountingTrain()
+    again = run_suite(suite, out, progress=False, train=train, attack=attack)
+    assert [r["report"] for r in again] == [r["report"] for r in rows] and train.calls == []
+
+    # --plot-y is checked before anything runs
+    assert main(["bench", str(suite_path), "--out", str(out), "--plot-y", "fgsm"]) == 2
+    assert "--plot-y fgsm: give metric or an attack key" in capsys.readouterr().err
+    assert main(["bench", str(suite_path), "--out", str(out), "--report-only", "--plot-y", "pgd:radius=3"]) == 2
+    err = capsys.readouterr().err
+    assert "--plot-y pgd:radius=3: no cell is measured under this attack; measured: pgd:radius=0:examples=4, pgd:radius=50" in err
+    assert main(["bench", str(suite_path), "--out", str(out), "--report-only", "--plot-y", "pgd:radius=0:examples=4"]) == 0
+    assert "Y-axis: test accuracy under pgd:radius=0:examples=4" in (out / "report.md").read_text()
+    assert main(["bench", str(suite_path), "--out", str(out), "--report-only", "--attack", "pgd"]) == 2
+    assert "--attack with --report-only" in capsys.readouterr().err
+
+
+def test_a_cell_that_cannot_be_attacked_is_reported_and_stays_finished(tmp_path, tiny_recipe):
+    from slimtune.measure.attacks import AttackConfig
+
+    suite = load_suite(write_suite(tmp_path, {"recipe": tiny_recipe, "grid": {"method": [{"name": "prompt", "num_tokens": 2}, "bitfit"]},
+                                              "set": {"train.max_steps": 1}}))
+    rows = run_suite(suite, tmp_path / "b", progress=False, attack=AttackConfig("pgd", examples=2))
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert "cannot take inputs_embeds" in rows[0]["attack_error"] and "attack_error" not in rows[1]
+    report = (tmp_path / "b" / "report.md").read_text()
+    assert "| prompt | attack: pgd: this run's model cannot take inputs_embeds" in report.replace("--attack ", "")

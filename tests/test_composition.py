@@ -34,6 +34,7 @@ SPARSITY_AT_INIT = {"target": "delta", "criterion": "magnitude", "scope": "local
 PRIVACY = {"epsilon": None, "noise_multiplier": 0.5, "max_grad_norm": 1.0, "physical_batch_size": 8}
 QAT = {"qat": {}}
 TICKETS = {"mode": "imp", "density": 0.5, "rounds": 1, "target": "base"}
+ROBUSTNESS = {"attacks": ["pgd", "substitution"], "examples": 2}
 FEATURES = {
     "none": {},
     "sparsity": {"sparsity": SPARSITY},
@@ -45,6 +46,7 @@ FEATURES = {
     "sparsity+privacy+qat": {"sparsity": SPARSITY, "privacy": PRIVACY, "compress": QAT},
     "tickets": {"tickets": TICKETS},
     "tickets+privacy": {"tickets": TICKETS, "privacy": PRIVACY},
+    "robustness": {"robustness": ROBUSTNESS},
 }
 #: Cells run on BERT; Llama and ViT run these (each feature once, and all of them together).
 OTHER_ARCH_FEATURES = ["privacy", "sparsity+privacy+qat"]
@@ -91,12 +93,15 @@ def run_cell(model_dir: Path, task: dict, method: str, feature: str, out: Path) 
         return {"outcome": "refused", "why": str(exc)}
     report = train_run(recipe, out, progress=False)
     assert report["train"]["steps"] == STEPS
-    wanted = [s for s in ("sparsity", "privacy", "compress", "tickets") if s in FEATURES[feature]]
+    wanted = [s for s in ("sparsity", "privacy", "compress", "tickets", "robustness") if s in FEATURES[feature]]
     rows = dict(report_rows(report))
     for section in wanted:
         key = {"compress": "qat"}.get(section, section)
         assert key in report, f"report.json has no '{key}' section"
-        assert any(k.lower() == key.lower() for k in rows), f"the report card has no '{key}' row"
+        if section == "robustness":  # a row per attack, named by it
+            assert sum(k.startswith("accuracy under ") for k in rows) == len(ROBUSTNESS["attacks"]), "the report card has no row per attack"
+        else:
+            assert any(k.lower() == key.lower() for k in rows), f"the report card has no '{key}' row"
     # The trained delta changes the outputs: the trained run against itself with the delta's own
     # tensors put back to their initial values (the trained head kept).
     trained = load_run(out)

@@ -407,9 +407,14 @@ def run_suite(
     train: Callable[..., dict[str, Any]] | None = None,
     on_cell: Callable[[dict[str, Any]], None] | None = None,
     report: bool = True,
+    attack: Any = None,
+    plot_y: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run every cell (skipping finished ones), keep results.jsonl current after each cell, and
-    write report.md/report.html/plots at the end (also after an interruption)."""
+    write report.md/report.html/plots at the end (also after an interruption). ``attack`` (an
+    :class:`slimtune.measure.attacks.AttackConfig`): also attack each finished cell that was not
+    yet measured under it (``slimtune bench --attack``; merged into its report.json, no retraining);
+    ``plot_y``: the y-axis of the plots (:func:`slimtune.measure.compare.write_reports`)."""
     from slimtune.progress import progress as progress_bar
     from slimtune.progress import write
 
@@ -432,11 +437,13 @@ def run_suite(
         for cell in bar:
             bar.set_postfix_str(cell.id)
             row = run_cell(cell, out, train=train)
+            if attack is not None and row["status"] == "ok":
+                row = attack_cell(row, cell, out, attack)
             rows[cell.id] = row
             write_results(out, ordered())
             counts["skipped" if row.get("reused") else row["status"]] += 1
             bar.set_postfix(ok=counts["ok"], failed=counts["failed"], skipped=counts["skipped"])
-            if progress and not row.get("reused"):
+            if progress and (not row.get("reused") or attack is not None):
                 write(_describe(row))
             if on_cell is not None:
                 on_cell(row)
@@ -445,8 +452,38 @@ def run_suite(
         if report:
             from slimtune.measure.compare import write_reports
 
-            write_reports(out, ordered(), title=f"slimtune bench: {suite.name}", description=suite.description)
+            write_reports(out, ordered(), title=f"slimtune bench: {suite.name}", description=suite.description, plot_y=plot_y)
     return ordered()
+
+
+def attack_cell(row: dict[str, Any], cell: Cell, out: Path, attack: Any) -> dict[str, Any]:
+    """A finished cell's row after :func:`slimtune.runner.attack_run` (a no-op when its report
+    already holds this attack); a failing attack is recorded in ``attack_error``, the cell stays ok."""
+    from slimtune import runner
+
+    try:
+        return {**row, "report": runner.attack_run(cell_dir(out, cell), [attack])}
+    except Exception as exc:  # e.g. a soft-prompt run refuses PGD: the other cells go on
+        return {**row, "attack_error": _error_message(exc)}
+    finally:
+        gc.collect()
+
+
+def expected_attack_keys(suite: Suite, out: Path, attack: Any = None) -> set[str]:
+    """The attack keys a bench will have results for: those its cells' recipes measure, ``attack``'s
+    (``--attack``) and those already in DIR/results.jsonl (for checking ``--plot-y`` up front)."""
+    from slimtune.measure.robustness import attacked_accuracies, recipe_attack_keys
+
+    keys = {attack.key} if attack is not None else set()
+    for cell in suite.cells:
+        try:
+            keys.update(recipe_attack_keys(cell.recipe()))
+        except SlimtuneError:  # the cell will fail with this message when it runs
+            pass
+    if (Path(out) / "results.jsonl").is_file():
+        for row in read_results(out):
+            keys.update(attacked_accuracies(row.get("report") or {}))
+    return keys
 
 
 def _describe(row: dict[str, Any]) -> str:
@@ -456,6 +493,11 @@ def _describe(row: dict[str, Any]) -> str:
     metric = rep["task"]["primary_metric"]
     value = rep["metrics"].get(metric)
     shown = f"{metric} {value:.4f}" if isinstance(value, (int, float)) else "no metric"
+    from slimtune.measure.robustness import attacked_accuracies
+
+    shown += "".join(f", under {key} {acc:.4f}" for key, acc in attacked_accuracies(rep).items())
+    if row.get("attack_error"):
+        shown += f", attack FAILED: {row['attack_error']}"
     return f"{row['cell']}: {shown} ({row['seconds']:.0f} s{', resumed' if row.get('resumed') else ''})"
 
 

@@ -1,4 +1,4 @@
-"""The ``slimtune`` command line: run | train | eval | export | bench | list.
+"""The ``slimtune`` command line: run | train | eval | report | export | bench | list.
 
 Every user error prints one line (``error: ...``) and exits with code 2; nothing is overwritten.
 """
@@ -24,6 +24,8 @@ examples:
   slimtune train recipes/lora.yaml --set train.lr=5e-4 --out runs/lora
   slimtune train recipes/lora.yaml --set method.r=16 --set task.name=trec-6
   slimtune eval runs/lora                        reload base + delta, re-evaluate the test split
+  slimtune eval runs/lora --attack pgd --attack-radius 0.1   accuracy under attack, merged into report.json
+  slimtune report runs/lora                      print a run's report card again (from its report.json)
   slimtune export runs/lora --peft lora-peft     the LoRA delta as a peft adapter directory
   slimtune export runs/lora --out ship --slim heads=0.5,ffn=0.5 --int8   a slim int8 model for load_exported
   slimtune export runs/lora --out runs/lora-r4 --lora-rank 4   the LoRA delta truncated to rank 4 (a run dir)
@@ -71,6 +73,31 @@ examples:
   slimtune bench suites/paper.yaml --out runs/paper --only 'lora__*'
   slimtune bench suites/quick.yaml --out runs/quick --report-only
 """
+
+
+def _add_attack_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """The --attack flags (eval, bench); their defaults are :class:`slimtune.measure.attacks.AttackConfig`'s."""
+    parser.add_argument("--attack", metavar="pgd|substitution", help=f"{what}: pgd (L2 PGD on the word embeddings) or "
+                        "substitution (greedy nearest-neighbour word swaps); see docs/robustness.md")
+    parser.add_argument("--attack-radius", type=float, default=1.0, help="pgd: L2 budget per example (default 1.0)")
+    parser.add_argument("--attack-steps", type=int, default=5, help="pgd: steps (default 5)")
+    parser.add_argument("--attack-step-size", type=float, default=0.03, help="pgd: step size (default 0.03)")
+    parser.add_argument("--attack-init-radius", type=float, default=0.05, help="pgd: scale of the random start (default 0.05)")
+    parser.add_argument("--attack-max-change", type=float, default=0.2, help="substitution: fraction of words that may change (default 0.2)")
+    parser.add_argument("--attack-candidates", type=int, default=20, help="substitution: neighbours tried per word (default 20)")
+    parser.add_argument("--attack-examples", type=int, help="attack only the first N test examples (attacks are slow on CPU)")
+    parser.add_argument("--attack-seed", type=int, default=0, help="seed of the pgd start (default 0)")
+
+
+def _attack_config(args):
+    """The checked :class:`AttackConfig` of the --attack flags, or None without --attack."""
+    if args.attack is None:
+        return None
+    from slimtune.measure.attacks import AttackConfig
+
+    return AttackConfig(args.attack, radius=args.attack_radius, steps=args.attack_steps, step_size=args.attack_step_size,
+                        init_radius=args.attack_init_radius, max_change=args.attack_max_change, candidates=args.attack_candidates,
+                        examples=args.attack_examples, seed=args.attack_seed).check()
 
 
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -127,15 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "e.g. --label-map ham=negative,spam=positive; labels with the same name need no entry")
     ev.add_argument("--force", action="store_true", help="load the delta even if its base fingerprint differs")
     ev.add_argument("--json", action="store_true", help="print JSON")
-    ev.add_argument("--attack", metavar="pgd|substitution", help="also measure accuracy under attack: pgd (L2 PGD on the word "
-                    "embeddings) or substitution (greedy nearest-neighbour word swaps); see docs/robustness.md")
-    ev.add_argument("--attack-radius", type=float, default=1.0, help="pgd: L2 budget per example (default 1.0)")
-    ev.add_argument("--attack-steps", type=int, default=5, help="pgd: steps (default 5)")
-    ev.add_argument("--attack-step-size", type=float, default=0.03, help="pgd: step size (default 0.03)")
-    ev.add_argument("--attack-max-change", type=float, default=0.2, help="substitution: fraction of words that may change (default 0.2)")
-    ev.add_argument("--attack-candidates", type=int, default=20, help="substitution: neighbours tried per word (default 20)")
-    ev.add_argument("--attack-examples", type=int, help="attack only the first N test examples (attacks are slow on CPU)")
-    ev.add_argument("--attack-seed", type=int, default=0, help="seed of the pgd start (default 0)")
+    _add_attack_args(ev, "also measure accuracy under attack on the test split and merge it into the run's report.json "
+                     "(section robustness; not with --task, --label-map or --force)")
+
+    rep = sub.add_parser(
+        "report", help="print a run's report card (from its report.json)",
+        description="Print the report card of a finished run from its report.json, with what was measured after "
+        "training (e.g. `slimtune eval RUN --attack pgd`).",
+    )
+    rep.add_argument("run_dir", type=Path, help="a run directory written by `slimtune train`/`run`")
+    rep.add_argument("--json", action="store_true", help="print report.json")
 
     export = sub.add_parser(
         "export", help="ship a run: merged / slimmed / int8 / bf16 model directory, or a peft adapter",
@@ -179,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dry-run", action="store_true", help="list the cells and their overrides; run nothing")
     bench.add_argument("--report-only", action="store_true", help="rebuild report.md/html and the plots from DIR/results.jsonl; run nothing")
     bench.add_argument("--no-progress", action="store_true", help="hide the progress bar over the cells")
+    _add_attack_args(bench, "also attack every finished cell not yet measured under this attack (no retraining; merged into its "
+                     "report.json) and add its accuracy as a column")
+    bench.add_argument("--plot-y", metavar="metric|ATTACK", help="y-axis of the Pareto plots: the task metric (default) or the accuracy "
+                       "under an attack, named as its report.md column (e.g. pgd, pgd:radius=0.1)")
 
     ls = sub.add_parser(
         "list", help="list models, tasks, methods or recipes (--json for scripts)",
@@ -235,8 +267,10 @@ def cmd_train(args, recipe_path: Path | None) -> int:
 
 
 def cmd_bench(args) -> int:
-    from slimtune.bench import describe_cells, load_suite, read_results, run_suite
+    from slimtune.bench import describe_cells, expected_attack_keys, load_suite, read_results, run_suite
 
+    attack = _attack_config(args)
+    plot_y = _plot_y(args.plot_y)
     suite = load_suite(args.suite, args.overrides)
     out = args.out or Path("runs") / f"bench-{suite.name}"
     if args.dry_run:
@@ -244,18 +278,44 @@ def cmd_bench(args) -> int:
         for line in describe_cells(suite):
             print(f"  {line}")
         return 0
+    if args.report_only and attack is not None:
+        raise SlimtuneError("--attack with --report-only: --report-only runs nothing; drop one of them")
+    if plot_y is not None:
+        if args.report_only:
+            from slimtune.measure.robustness import attacked_accuracies
+
+            keys = {k for row in read_results(out) for k in attacked_accuracies(row.get("report") or {})}
+        else:
+            keys = expected_attack_keys(suite, out, attack)
+        if plot_y not in keys:
+            found = ", ".join(sorted(keys)) or "none (add --attack NAME, or a robustness section to the recipes)"
+            raise SlimtuneError(f"--plot-y {plot_y}: no cell is measured under this attack; measured: {found}")
     if args.report_only:
         from slimtune.measure.compare import write_reports
 
-        paths = write_reports(out, read_results(out), title=f"slimtune bench: {suite.name}", description=suite.description)
+        paths = write_reports(out, read_results(out), title=f"slimtune bench: {suite.name}", description=suite.description, plot_y=plot_y)
     else:
-        rows = run_suite(suite, out, only=args.only, progress=not args.no_progress)
+        rows = run_suite(suite, out, only=args.only, progress=not args.no_progress, attack=attack, plot_y=plot_y)
         failed = [r for r in rows if r["status"] == "failed"]
+        attack_failed = [r for r in rows if r.get("attack_error")]
         done = sum(r["status"] == "ok" for r in rows)
-        print(f"{done} of {len(rows)} cells finished" + (f", {len(failed)} failed (see report.md)" if failed else ""))
+        print(f"{done} of {len(rows)} cells finished" + (f", {len(failed)} failed (see report.md)" if failed else "")
+              + (f", {len(attack_failed)} could not be attacked (see report.md)" if attack_failed else ""))
         paths = {"markdown": out / "report.md", "html": out / "report.html"}
     print(f"results: {out / 'results.jsonl'}\nreport:  {paths['markdown']}\n         {paths['html']}")
     return 0
+
+
+def _plot_y(value: str | None) -> str | None:
+    """``--plot-y``: None for the task metric, else an attack key (checked: its attack exists)."""
+    if value is None or value == "metric":
+        return None
+    from slimtune.measure.attacks import ATTACKS
+
+    if value.split(":")[0] not in ATTACKS:
+        raise SlimtuneError(f"--plot-y {value}: give metric or an attack key, the name of a report.md column such as "
+                            f"pgd or pgd:radius=0.1 (attacks: {', '.join(ATTACKS)})")
+    return value
 
 
 def _parse_label_map(text: str) -> dict[str, str]:
@@ -281,13 +341,7 @@ def cmd_eval(args) -> int:
     _require_run_dir(args.run_dir)
     from slimtune.runner import evaluate_run
 
-    attack = None
-    if args.attack is not None:
-        from slimtune.measure.attacks import AttackConfig
-
-        attack = AttackConfig(args.attack, radius=args.attack_radius, steps=args.attack_steps, step_size=args.attack_step_size,
-                              max_change=args.attack_max_change, candidates=args.attack_candidates,
-                              examples=args.attack_examples, seed=args.attack_seed).check()
+    attack = _attack_config(args)
     result = evaluate_run(args.run_dir, task=args.task, force=args.force, label_map=label_map, attack=attack)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -302,13 +356,33 @@ def cmd_eval(args) -> int:
     Console().print(table)
     if attack is not None:
         found = result["attack"]
-        shown = Table(title=f"--attack {attack.name} ({found['examples']} test examples)", title_justify="left")
+        shown = Table(title=f"--attack {found['key']} ({found['examples']} test examples)", title_justify="left")
         shown.add_column("metric")
         shown.add_column("value")
         for key, value in found.items():
-            if key != "config":
+            if key not in ("config", "key"):
                 shown.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
         Console().print(shown)
+        print(result["saved"], file=sys.stderr)
+    return 0
+
+
+def cmd_report(args) -> int:
+    import json
+
+    from slimtune.io import read_json
+
+    _require_run_dir(args.run_dir)
+    path = args.run_dir / "report.json"
+    if not path.is_file():
+        raise SlimtuneError(f"{args.run_dir}: no report.json there; the run has not finished (resume it with slimtune train RECIPE --resume {args.run_dir})")
+    report = read_json(path)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    from slimtune.measure.report import print_report
+
+    print_report(report, title=f"slimtune report card: {args.run_dir}")
     return 0
 
 
@@ -380,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args, args.recipe)
         if args.command == "eval":
             return cmd_eval(args)
+        if args.command == "report":
+            return cmd_report(args)
         if args.command == "export":
             return cmd_export(args)
         if args.command == "list":

@@ -290,42 +290,68 @@ def train_run(recipe: Recipe, out: Path, *, resume: bool = False, progress: bool
 
 
 def evaluate_run(run_dir: Path, *, task: str | None = None, force: bool = False, progress: bool = False,
-                 label_map: dict[str, str] | None = None, attack: Any = None) -> dict[str, Any]:
+                 label_map: dict[str, str] | None = None, attack: Any = None, save: bool = True) -> dict[str, Any]:
     """Rebuild base + delta from a run directory and evaluate on the test split (of ``task``, a zoo
     task with the run's labels or mapped onto them by ``label_map``); with ``attack`` (a
-    :class:`slimtune.measure.attacks.AttackConfig`) also its clean and attacked accuracy."""
+    :class:`slimtune.measure.attacks.AttackConfig`) also its clean and attacked accuracy, which
+    (``save``) is merged into the run's report.json (section ``robustness``) when it was measured
+    on the run's own task and base model; ``saved`` says where, or why not."""
     if attack is not None:
         attack.check()
     built = load_run(run_dir, task=task, force=force, label_map=label_map)
     metrics = evaluate_split(built, "test")
     report_path = Path(run_dir) / "report.json"
     saved = read_json(report_path) if report_path.is_file() else {}
-    extra = {"attack": attack_built(built, attack)} if attack is not None else {}
+    extra: dict[str, Any] = {}
+    if attack is not None:
+        extra["attack"] = attack_built(built, attack)
+        if save:
+            extra["saved"] = _save_attacks(report_path, [extra["attack"]], why_not=(
+                "--task evaluates another task" if task is not None else "--label-map relabels the task" if label_map
+                else "--force loaded the delta on another base model" if force else None))
     return {"run_dir": str(run_dir), "task": built.task.name, "n_test": len(built.task.splits["test"]), "metrics": metrics,
             "report_metrics": saved.get("metrics"), **({"label_map": label_map} if label_map else {}), **extra}
 
 
+def _save_attacks(report_path: Path, entries: list[dict[str, Any]], why_not: str | None = None) -> str:
+    """Merge attack results into a run's report.json (:func:`slimtune.measure.robustness.merge_attacks`);
+    returns what was done, for the user."""
+    from slimtune.measure.robustness import merge_attacks
+
+    if why_not is None and not report_path.is_file():
+        why_not = "the run has no report.json"
+    if why_not is not None:
+        return f"not saved to {report_path}: {why_not}"
+    report = read_json(report_path)
+    report["robustness"] = merge_attacks(report.get("robustness"), entries)
+    write_json(report_path, report)
+    return f"saved to {report_path} (robustness)"
+
+
 def attack_built(built: Built, attack: Any) -> dict[str, Any]:
-    """:mod:`slimtune.measure.attacks` on the first ``attack.examples`` test examples of a built run."""
-    from dataclasses import asdict
+    """:func:`slimtune.measure.attacks.attack_task` on the test split of a built run."""
+    from slimtune.measure.attacks import attack_task
 
-    from slimtune.measure.attacks import pgd_eval, substitution_eval
-    from slimtune.zoo.batches import eval_batches, pad_id_of, rows_batch, tokenize_split
-
-    if built.objective != "classification" or "text" not in built.task.splits["test"].column_names:
-        raise SlimtuneError(f"--attack: only text classification runs can be attacked (this run: {built.objective} on {built.task.name})")
-    test = built.task.splits["test"]
-    n = len(test) if attack.examples is None else min(attack.examples, len(test))
-    test = test.select(range(n))
     recipe = built.recipe
-    if attack.name == "pgd":
-        rows = tokenize_split(test, built.tokenizer, recipe.train.max_length, built.objective).to_list()
-        batches = (rows_batch(rows, idx, pad_id_of(built.tokenizer), built.objective)
-                   for idx in eval_batches(len(rows), recipe.train.eval_batch_size))
-        result = pgd_eval(built.model, batches, attack)
-    else:
-        result = substitution_eval(built.model, built.tokenizer, test, recipe.train.max_length, attack, recipe.train.eval_batch_size)
-    return {"config": asdict(attack), **result}
+    return attack_task(built.model, built.tokenizer, built.task, attack.check(), objective=built.objective,
+                       max_length=recipe.train.max_length, batch_size=recipe.train.eval_batch_size)
+
+
+def attack_run(run_dir: str | Path, attacks: list[Any]) -> dict[str, Any]:
+    """The attacks (:class:`slimtune.measure.attacks.AttackConfig`) a finished run's report.json
+    does not hold yet, run on its test split and merged into it; returns the report (as on
+    disk). Used by ``slimtune bench --attack``."""
+    report_path = Path(run_dir) / "report.json"
+    if not report_path.is_file():
+        raise SlimtuneError(f"{run_dir}: no report.json there; the run has not finished")
+    from slimtune.measure.robustness import attacked_accuracies
+
+    done = attacked_accuracies(read_json(report_path))
+    todo = [a.check() for a in attacks if a.key not in done]
+    if todo:
+        built = load_run(run_dir)
+        _save_attacks(report_path, [attack_built(built, a) for a in todo])
+    return read_json(report_path)
 
 
 def export_run(run_dir: str | Path, out: str | Path, *, force: bool = False, **options: Any) -> dict[str, Any]:

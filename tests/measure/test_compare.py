@@ -22,3 +22,24 @@ def test_summaries_group_seeds_by_task_and_variant():
     assert list(out) == ["a", "b"]
     assert [(s.label, s.n) for s in out["a"]] == [("lora", 2), ("bitfit", 1)]
     assert out["a"][0].score_mean == pytest.approx(0.85) and out["a"][0].cost("stored_bytes") == 40
+
+
+def test_attacked_accuracy_columns_per_attack_key():
+    from slimtune.measure.compare import table
+
+    def row(group, seed, attacks):
+        report = {"task": {"name": "a", "primary_metric": "accuracy"}, "method": {"name": group}, "metrics": {"accuracy": 0.8},
+                  "params": {}, "train": {}, "inference": {},
+                  "robustness": {"attacks": [{"key": k, "attacked_accuracy": v, "clean_accuracy": 0.8} for k, v in attacks.items()]}}
+        return {"cell": f"{group}__seed{seed}", "group": group, "status": "ok", "overrides": {"train.seed": seed}, "report": report}
+
+    rows = [row("lora", 0, {"pgd": 0.5, "substitution": 0.2}), row("lora", 1, {"pgd": 0.7}), row("bitfit", 0, {})]
+    (groups,) = summarize(rows).values()
+    assert groups[0].attacks == {"pgd": [0.5, 0.7], "substitution": [0.2]}
+    header, body = table(groups)
+    at = header.index("under pgd (%)")
+    assert header[at + 1] == "under substitution (%)" and header[at - 1] == "accuracy (%), mean ± std"
+    assert body[0][at:at + 2] == ["60.0 ± 14.1", "20.0 (1 of 2 seeds)"]
+    assert body[1][at:at + 2] == ["–", "–"]  # bitfit was not attacked
+    # no attack anywhere: no column
+    assert not [h for h in table(summarize([row("bitfit", 0, {})])["a"])[0] if h.startswith("under")]

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import math
 import string
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,15 @@ STOP_WORDS = frozenset(
 )
 
 
+#: The settings each attack reads (the others do not apply to it); ``examples`` applies to both.
+ATTACK_FIELDS = {"pgd": ("radius", "steps", "step_size", "init_radius", "seed"), "substitution": ("max_change", "candidates")}
+
+
+def cli_flag(field: str) -> str:
+    """The ``slimtune eval`` flag of an :class:`AttackConfig` field (``step_size`` -> ``--attack-step-size``)."""
+    return "--attack" if field == "name" else "--attack-" + field.replace("_", "-")
+
+
 @dataclass(frozen=True)
 class AttackConfig:
     name: str
@@ -64,21 +74,48 @@ class AttackConfig:
     examples: int | None = None  # attack only the first N test examples
     seed: int = 0
 
-    def check(self) -> AttackConfig:
+    def check(self, flag: Callable[[str], str] = cli_flag) -> AttackConfig:
+        """Self, or a one-line SlimtuneError naming the bad field as ``flag(field)`` says (the
+        command line's flags by default; a recipe names its fields)."""
         if self.name not in ATTACKS:
-            raise SlimtuneError(f"--attack: unknown attack '{self.name}'; valid: {', '.join(ATTACKS)}")
-        for field, value in (("--attack-radius", self.radius), ("--attack-step-size", self.step_size)):
+            raise SlimtuneError(f"{flag('name')}: unknown attack '{self.name}'; valid: {', '.join(ATTACKS)}")
+        for field in ("radius", "step_size", "init_radius"):
+            value = getattr(self, field)
             if not math.isfinite(value) or value < 0:
-                raise SlimtuneError(f"{field}: {value} must be a finite number >= 0")
+                raise SlimtuneError(f"{flag(field)}: {value} must be a finite number >= 0")
         if self.steps < 0:
-            raise SlimtuneError(f"--attack-steps: {self.steps} must be >= 0")
+            raise SlimtuneError(f"{flag('steps')}: {self.steps} must be >= 0")
         if not 0.0 <= self.max_change <= 1.0:
-            raise SlimtuneError(f"--attack-max-change: {self.max_change} must be in [0, 1]")
+            raise SlimtuneError(f"{flag('max_change')}: {self.max_change} must be in [0, 1]")
         if self.candidates < 0:
-            raise SlimtuneError(f"--attack-candidates: {self.candidates} must be >= 0")
+            raise SlimtuneError(f"{flag('candidates')}: {self.candidates} must be >= 0")
         if self.examples is not None and self.examples < 1:
-            raise SlimtuneError(f"--attack-examples: {self.examples} must be >= 1")
+            raise SlimtuneError(f"{flag('examples')}: {self.examples} must be >= 1")
         return self
+
+    @property
+    def key(self) -> str:
+        """A stable short name: the attack and the settings that differ from the defaults
+        (``pgd``, ``pgd:radius=0.1``, ``substitution:max_change=0.5:examples=200``); the key of
+        a report's result and of a bench column."""
+        parts = [self.name]
+        for field in (*ATTACK_FIELDS.get(self.name, ()), "examples"):
+            value = getattr(self, field)
+            if value != AttackConfig.__dataclass_fields__[field].default:
+                parts.append(f"{field}={value:g}" if isinstance(value, float) else f"{field}={value}")
+        return ":".join(parts)
+
+    def describe(self) -> str:
+        """For the report card: ``pgd, L2 0.1`` (steps and step size when not the defaults),
+        ``substitution, 20% of words`` (candidates when not the default)."""
+        default = AttackConfig(self.name)
+        if self.name == "pgd":
+            text = f"pgd, L2 {self.radius:g}"
+            if (self.steps, self.step_size, self.init_radius) != (default.steps, default.step_size, default.init_radius):
+                text += f", {self.steps} x {self.step_size:g} from {self.init_radius:g}"
+            return text
+        text = f"substitution, {self.max_change:.0%} of words"
+        return text + (f", {self.candidates} candidates" if self.candidates != default.candidates else "")
 
 
 # -- PGD -------------------------------------------------------------------------------------------
@@ -131,14 +168,28 @@ def pgd_perturb(model: nn.Module, batch: dict[str, torch.Tensor], cfg: AttackCon
     return delta.detach(), clean, robust
 
 
-def check_inputs_embeds(model: nn.Module, batch: dict[str, torch.Tensor], what: str = "--attack pgd") -> None:
+def check_inputs_embeds(model: nn.Module, batch: dict[str, torch.Tensor] | None = None, where: str = "--attack pgd") -> None:
+    """Refuse (one line) a model PGD cannot attack: one that cannot be called with
+    ``inputs_embeds`` (soft prompts take that path themselves), or whose logits carry no gradient
+    back to them (ladder side tuning runs the backbone without gradients and detaches its
+    embeddings). ``batch`` defaults to two tokens of id 1."""
+    if batch is None:
+        batch = {"input_ids": torch.ones(1, 2, dtype=torch.long), "attention_mask": torch.ones(1, 2, dtype=torch.long)}
     extra = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
+    was_training = model.training
+    model.eval()
     try:
-        with torch.no_grad():
-            model(inputs_embeds=model.get_input_embeddings()(batch["input_ids"]), **extra)
+        embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+        logits = model(inputs_embeds=embeds, **extra).logits
+        (grad,) = torch.autograd.grad(logits.float().sum(), embeds, allow_unused=True) if logits.requires_grad else (None,)
     except (SlimtuneError, TypeError, ValueError) as exc:
         reason = " ".join(str(exc).split())
-        raise SlimtuneError(f"{what}: this run's model cannot take inputs_embeds ({reason})") from None
+        raise SlimtuneError(f"{where}: this run's model cannot take inputs_embeds ({reason})") from None
+    finally:
+        model.train(was_training)
+    if grad is None:
+        raise SlimtuneError(f"{where}: this run's logits carry no gradient back to the input embeddings (its method runs the backbone "
+                            "without gradients, as ladder side tuning does), so a gradient attack cannot run; use substitution")
 
 
 def pgd_eval(model: nn.Module, batches, cfg: AttackConfig) -> dict[str, float]:
@@ -277,3 +328,31 @@ def substitution_eval(model: nn.Module, tokenizer, split, max_length: int, cfg: 
         "queries_per_example": sub.queries / max(len(correct), 1),
         "examples": n,
     }
+
+
+# -- a run's test split ----------------------------------------------------------------------------
+
+def check_attackable(objective: str, task, where: str = "--attack") -> None:
+    """Only text classification can be attacked: refused (one line) otherwise."""
+    test = task.splits["test"]
+    if objective != "classification" or "text" not in test.column_names:
+        raise SlimtuneError(f"{where}: only text classification runs can be attacked (this run: {objective} on {task.name})")
+
+
+def attack_task(model: nn.Module, tokenizer, task, cfg: AttackConfig, *, objective: str, max_length: int, batch_size: int) -> dict:
+    """``cfg`` on the first ``cfg.examples`` test examples of ``task`` (all by default), tokenised
+    as the run's recipe says: ``{"key", "config", clean_accuracy, attacked_accuracy, ...}``, the
+    entry a report's ``robustness.attacks`` holds (``slimtune eval --attack`` and the recipe's
+    ``robustness`` section both go through here)."""
+    from slimtune.zoo.batches import eval_batches, pad_id_of, rows_batch, tokenize_split
+
+    check_attackable(objective, task)
+    test = task.splits["test"]
+    test = test.select(range(len(test) if cfg.examples is None else min(cfg.examples, len(test))))
+    if cfg.name == "pgd":
+        rows = tokenize_split(test, tokenizer, max_length, objective).to_list()
+        batches = (rows_batch(rows, idx, pad_id_of(tokenizer), objective) for idx in eval_batches(len(rows), batch_size))
+        result = pgd_eval(model, batches, cfg)
+    else:
+        result = substitution_eval(model, tokenizer, test, max_length, cfg, batch_size)
+    return {"key": cfg.key, "config": asdict(cfg), **result}

@@ -19,6 +19,7 @@ from typing import Any
 
 from slimtune.io import atomic_write_text
 from slimtune.measure.report import fmt_bytes, fmt_count
+from slimtune.measure.robustness import attacked_accuracies
 
 #: Metrics in [0, 1] shown as percentages.
 PERCENT_METRICS = {"accuracy", "macro_f1", "micro_f1", "f1", "matthews", "auc"}
@@ -40,6 +41,8 @@ class Summary:
     scores: list[float] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
     costs: dict[str, list[float]] = field(default_factory=dict)
+    #: Accuracy under each attack (report.json's ``robustness``), by attack key, one per seed that measured it.
+    attacks: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -60,6 +63,10 @@ class Summary:
     @property
     def higher_is_better(self) -> bool:
         return self.metric not in LOWER_IS_BETTER
+
+    def values(self, y: str | None = None) -> list[float]:
+        """The per-seed values of ``y``: the task metric (None) or the accuracy under an attack (its key)."""
+        return self.scores if y is None else self.attacks.get(y, [])
 
 
 def _costs_of(report: dict[str, Any]) -> dict[str, float | None]:
@@ -96,6 +103,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, list[Summary]]:
         group.seeds.append(seed if seed is not None else len(group.seeds))
         for name, cost in _costs_of(report).items():
             group.costs.setdefault(name, []).append(cost)
+        for key, value in attacked_accuracies(report).items():
+            group.attacks.setdefault(key, []).append(value)
     return {task: list(groups.values()) for task, groups in by_task.items()}
 
 
@@ -110,11 +119,23 @@ def _seconds(value: float | None) -> str:
     return f"{value:.2f} s" if value >= 1 else f"{value * 1000:.0f} ms"
 
 
-def fmt_score(summary: Summary) -> str:
-    scale, digits = (100.0, 1) if summary.metric in PERCENT_METRICS else (1.0, 3)
-    mean = f"{summary.score_mean * scale:.{digits}f}"
-    std = summary.score_std
-    return mean if std is None else f"{mean} ± {std * scale:.{digits}f}"
+def fmt_score(summary: Summary, y: str | None = None) -> str:
+    """Mean ± std over seeds of the task metric (``y`` None) or of an accuracy under attack, in %."""
+    values = summary.values(y)
+    if not values:
+        return "–"
+    scale, digits = (100.0, 1) if y is not None or summary.metric in PERCENT_METRICS else (1.0, 3)
+    mean = f"{statistics.fmean(values) * scale:.{digits}f}"
+    return mean if len(values) < 2 else f"{mean} ± {statistics.stdev(values) * scale:.{digits}f}"
+
+
+def attack_keys(summaries: list[Summary]) -> list[str]:
+    """The attacks some of ``summaries`` were measured under, in first-appearance order."""
+    return list(dict.fromkeys(key for s in summaries for key in s.attacks))
+
+
+def attack_title(key: str) -> str:
+    return f"under {key} (%)"
 
 
 def metric_title(metric: str) -> str:
@@ -122,10 +143,12 @@ def metric_title(metric: str) -> str:
 
 
 def table(summaries: list[Summary]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of one task's table (ε only when some run is private; ∞ for the others)."""
+    """Header and rows of one task's table (accuracy under each attack some run was measured
+    under, "–" for the others; ε only when some run is private, ∞ for the others)."""
     metric = summaries[0].metric
     private = any(s.cost("epsilon") is not None for s in summaries)
-    header = ["method", "seeds", f"{metric_title(metric)}, mean ± std", "trainable params", "trainable %", "stored", "inference FLOPs/example", "train peak memory", "step time", "latency (batch)"]
+    attacks = attack_keys(summaries)
+    header = ["method", "seeds", f"{metric_title(metric)}, mean ± std", *map(attack_title, attacks), "trainable params", "trainable %", "stored", "inference FLOPs/example", "train peak memory", "step time", "latency (batch)"]
     if private:
         header.append("ε")
     rows = []
@@ -138,6 +161,7 @@ def table(summaries: list[Summary]) -> tuple[list[str], list[list[str]]]:
             s.label,
             str(s.n),
             fmt_score(s),
+            *(fmt_score(s, key) + (f" ({len(s.values(key))} of {s.n} seeds)" if 0 < len(s.values(key)) < s.n else "") for key in attacks),
             f"{trainable:,.0f}" if trainable is not None else "–",
             f"{pct:.3f}%" if pct is not None else "–",
             fmt_bytes(s.cost("stored_bytes")),
@@ -154,7 +178,9 @@ def table(summaries: list[Summary]) -> tuple[list[str], list[list[str]]]:
 
 
 def _failed(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    return [(r["cell"], r.get("error", "")) for r in rows if r.get("status") == "failed"]
+    """Failed cells, and finished cells whose ``bench --attack`` failed."""
+    return [(r["cell"], r.get("error", "")) if r.get("status") == "failed" else (r["cell"], f"attack: {r['attack_error']}")
+            for r in rows if r.get("status") == "failed" or r.get("attack_error")]
 
 
 def _pending(rows: list[dict[str, Any]]) -> list[str]:
@@ -187,7 +213,13 @@ def _setting_note(rows: list[dict[str, Any]]) -> str:
     return ""
 
 
-def markdown_report(rows: list[dict[str, Any]], plots: list[Path], title: str, description: str = "", base: Path | None = None) -> str:
+def _plots_note(plot_y: str | None) -> str:
+    y = f"Y-axis: test accuracy under {plot_y} (bench --plot-y). " if plot_y else ""
+    return y + "Pareto front (no other run is both better and cheaper) drawn as a step line; points are labelled by method."
+
+
+def markdown_report(rows: list[dict[str, Any]], plots: list[Path], title: str, description: str = "", base: Path | None = None,
+                    plot_y: str | None = None) -> str:
     summaries = summarize(rows)
     out = [f"# {title}", ""]
     if description:
@@ -200,7 +232,7 @@ def markdown_report(rows: list[dict[str, Any]], plots: list[Path], title: str, d
     for task, groups in summaries.items():
         out += [f"## {task}", "", markdown_table(*table(groups)), ""]
     if plots:
-        out += ["## Trade-offs", "", "Pareto front (no other run is both better and cheaper) drawn as a step line; points are labelled by method.", ""]
+        out += ["## Trade-offs", "", _plots_note(plot_y), ""]
         for plot in plots:
             rel = plot.relative_to(base) if base else plot
             out += [f"![{plot.stem}]({rel.as_posix()})", ""]
@@ -229,7 +261,8 @@ def html_table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def html_report(rows: list[dict[str, Any]], plots: list[Path], title: str, description: str = "", base: Path | None = None) -> str:
+def html_report(rows: list[dict[str, Any]], plots: list[Path], title: str, description: str = "", base: Path | None = None,
+                plot_y: str | None = None) -> str:
     summaries = summarize(rows)
     ok = sum(1 for r in rows if r.get("status") == "ok")
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{HTML_STYLE}</style></head><body>"]
@@ -244,7 +277,7 @@ def html_report(rows: list[dict[str, Any]], plots: list[Path], title: str, descr
         parts.append(f"<h2>{html.escape(task)}</h2>")
         parts.append(html_table(*table(groups)))
     if plots:
-        parts.append("<h2>Trade-offs</h2><p>Pareto front (no other run is both better and cheaper) drawn as a step line; points are labelled by method.</p>")
+        parts.append(f"<h2>Trade-offs</h2><p>{html.escape(_plots_note(plot_y))}</p>")
         for plot in plots:
             rel = plot.relative_to(base) if base else plot
             parts.append(f"<img src='{html.escape(rel.as_posix())}' alt='{html.escape(plot.stem)}'>")
@@ -258,14 +291,16 @@ def html_report(rows: list[dict[str, Any]], plots: list[Path], title: str, descr
     return "\n".join(parts)
 
 
-def write_reports(out: str | Path, rows: list[dict[str, Any]], title: str = "slimtune bench", description: str = "") -> dict[str, Any]:
-    """Write DIR/report.md, DIR/report.html and DIR/plots/*.png; return their paths."""
+def write_reports(out: str | Path, rows: list[dict[str, Any]], title: str = "slimtune bench", description: str = "",
+                  plot_y: str | None = None) -> dict[str, Any]:
+    """Write DIR/report.md, DIR/report.html and DIR/plots/*.png (y-axis: the task metric, or with
+    ``plot_y`` the accuracy under that attack); return their paths."""
     from slimtune.measure.plots import plot_tradeoffs
 
     out = Path(out)
-    plots = plot_tradeoffs(summarize(rows), out / "plots")
+    plots = plot_tradeoffs(summarize(rows), out / "plots", y=plot_y)
     md = out / "report.md"
     page = out / "report.html"
-    atomic_write_text(md, markdown_report(rows, plots, title, description, base=out))
-    atomic_write_text(page, html_report(rows, plots, title, description, base=out))
+    atomic_write_text(md, markdown_report(rows, plots, title, description, base=out, plot_y=plot_y))
+    atomic_write_text(page, html_report(rows, plots, title, description, base=out, plot_y=plot_y))
     return {"markdown": md, "html": page, "plots": plots}

@@ -10,6 +10,7 @@ reached at the higher cost. Matplotlib runs on the Agg backend (files only, no d
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,8 +71,10 @@ def _merge_labels(xs: list[float], ys: list[float], labels: list[str], log_x: bo
     return [tuple(p) for p in placed]
 
 
-def plot_tradeoffs(summaries: dict[str, list[Summary]], out_dir: str | Path) -> list[Path]:
-    """Write one PNG per cost axis that has data; return their paths."""
+def plot_tradeoffs(summaries: dict[str, list[Summary]], out_dir: str | Path, y: str | None = None) -> list[Path]:
+    """Write one PNG per cost axis that has data; return their paths. The y-axis is the task
+    metric, or with ``y`` (an attack key, e.g. ``pgd:radius=0.1``) the accuracy under that attack
+    (groups not measured under it are left out)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,18 +84,21 @@ def plot_tradeoffs(summaries: dict[str, list[Summary]], out_dir: str | Path) -> 
     written: list[Path] = []
     tasks = [t for t, groups in summaries.items() if groups]
     if not tasks:
+        for axis in AXES:
+            (out_dir / axis.filename).unlink(missing_ok=True)
         return written
     labels = sorted({s.label for t in tasks for s in summaries[t]})
     cmap = plt.get_cmap("tab20" if len(labels) > 10 else "tab10")
     colour = {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
     for axis in AXES:
-        panels = {t: [s for s in summaries[t] if s.cost(axis.cost) is not None and s.n] for t in tasks}
+        panels = {t: [s for s in summaries[t] if s.cost(axis.cost) is not None and s.values(y)] for t in tasks}
         panels = {t: groups for t, groups in panels.items() if groups}
         if not panels:
+            (out_dir / axis.filename).unlink(missing_ok=True)  # one drawn for another y or other runs must not linger
             continue
         fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.4), squeeze=False)
         for ax, (task, groups) in zip(axes[0], panels.items()):
-            _panel(ax, task, groups, axis, colour)
+            _panel(ax, task, groups, axis, colour, y)
         fig.tight_layout()
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / axis.filename
@@ -102,17 +108,18 @@ def plot_tradeoffs(summaries: dict[str, list[Summary]], out_dir: str | Path) -> 
     return written
 
 
-def _panel(ax, task: str, groups: list[Summary], axis: Axis, colour: dict) -> None:
+def _panel(ax, task: str, groups: list[Summary], axis: Axis, colour: dict, y_key: str | None = None) -> None:
     metric = groups[0].metric
-    percent = 100.0 if metric in PERCENT_METRICS else 1.0
+    percent = 100.0 if y_key is not None or metric in PERCENT_METRICS else 1.0
     xs = [groups[i].cost(axis.cost) / axis.scale for i in range(len(groups))]
-    ys = [g.score_mean * percent for g in groups]
-    errs = [(g.score_std or 0.0) * percent for g in groups]
+    values = [g.values(y_key) for g in groups]
+    ys = [statistics.fmean(v) * percent for v in values]
+    errs = [(statistics.stdev(v) if len(v) > 1 else 0.0) * percent for v in values]
     positive = all(x > 0 for x in xs)
     log_x = positive and (axis.log is True or (axis.log is None and max(xs) / min(xs) > LOG_SPAN))
     for g, x, y, e in zip(groups, xs, ys, errs):
         ax.errorbar([x], [y], yerr=[e] if e else None, fmt="o", color=colour[g.label], markersize=6, capsize=3, zorder=3)
-    front = pareto_front(list(zip(xs, ys)), groups[0].higher_is_better)
+    front = pareto_front(list(zip(xs, ys)), y_key is not None or groups[0].higher_is_better)
     fx, fy = [xs[i] for i in front], [ys[i] for i in front]
     ax.step(fx, fy, where="post", color="black", linewidth=1.4, alpha=0.8, zorder=2, label="Pareto front")
     ax.scatter(fx, fy, s=130, facecolors="none", edgecolors="black", linewidths=1.4, zorder=4)
@@ -131,7 +138,7 @@ def _panel(ax, task: str, groups: list[Summary], axis: Axis, colour: dict) -> No
     # The best metric of the front stays attainable at any higher cost: run the step to the edge.
     ax.plot([fx[-1], ax.get_xlim()[1]], [fy[-1], fy[-1]], color="black", linewidth=1.4, alpha=0.8, zorder=2)
     ax.set_xlabel(axis.title)
-    ax.set_ylabel(f"test {metric}{' (%)' if percent != 1.0 else ''}")
+    ax.set_ylabel(f"test accuracy under {y_key} (%)" if y_key is not None else f"test {metric}{' (%)' if percent != 1.0 else ''}")
     ax.set_title(task)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
