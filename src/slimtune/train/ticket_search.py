@@ -43,6 +43,8 @@ Deliberate deviations, labelled:
 
 from __future__ import annotations
 
+import statistics
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -85,6 +87,7 @@ class TicketSearchHook(TicketsHook):
         self.scores: dict[str, torch.Tensor] = {}
         self.log: list[dict[str, float]] = []
         self.in_search = False
+        self.gates: list[nn.Parameter] = []
 
     def _rewound(self, trainer) -> dict[str, nn.Parameter]:
         # Everything the method trains, the head included (the official retrain starts from a
@@ -148,6 +151,7 @@ class TicketSearchHook(TicketsHook):
         # Named as the model names them (so a delta's own state, which may list them, matches).
         ids = {id(gate.log_alpha) for _, _, _, gate in gated_tensors(self.model)}
         gates = {n: p for n, p in self.model.named_parameters() if id(p) in ids}
+        self.gates = list(gates.values())  # clipped every search step
         # The frozen fine-tuned weights stay in ``trainable`` so checkpoints keep them.
         trainer.trainable = {**self.base_trainable, **gates}
         s = self.config.search
@@ -156,8 +160,6 @@ class TicketSearchHook(TicketsHook):
         self.in_search = True
 
     def _load_scores(self) -> None:
-        from pathlib import Path
-
         path = Path(self.config.from_scores) / SCORES_FILE
         if not path.is_file():
             raise SlimtuneError(f"tickets.from_scores: {path} does not exist; give a run directory of a finished tickets search (mode robust or plain)")
@@ -183,6 +185,7 @@ class TicketSearchHook(TicketsHook):
         if self.config.init == "random":
             self.reinitialise_targets()
         self.in_search = False
+        self.gates = []
         trainer.rebuild_optimizer(self.search_end, parameters=self.base_trainable)
         self.pin = pin_to_optimizer(self.model, trainer.optimizer)
         self.history.append({"step": trainer.step, "density": self.config.density, "measured": self.measured_density()})
@@ -199,9 +202,8 @@ class TicketSearchHook(TicketsHook):
             loss.backward()
             loss = loss.detach().float()
         s = self.config.search
-        gates = [gate.log_alpha for _, _, _, gate in gated_tensors(self.model)]
         if s.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(gates, s.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.gates, s.max_grad_norm)
         search_step = trainer.step - self.finetune_end + 1
         weight = l0_weight(search_step, self.search_end - self.finetune_end, s.l0, s.l0_start, s.l0_warmup)
         l0 = gate_l0(self.model, reduction="mean")
@@ -244,8 +246,6 @@ class TicketSearchHook(TicketsHook):
     def _phase_seconds(self) -> dict[str, float]:
         """Median seconds per step of each phase this process trained (a search step costs
         ``adversary.steps`` forward/backward passes)."""
-        import statistics
-
         result = getattr(self.trainer, "result", None)
         if result is None or not result.step_seconds:
             return {}
