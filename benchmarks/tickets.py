@@ -1,7 +1,7 @@
 """Robust vs plain tickets (Zheng et al. 2022) and the rethinking-pruning controls (Liu et al.
 2019), side by side in one run; issue 20's benchmark.
 
-Parts (``--parts``, default all):
+Parts (``--parts``, default all; ``structured`` is the structured half of rethinking):
 
 * ``robust``: per task and seed, full fine-tuning with ``tickets: {mode: robust}`` and ``{mode:
   plain}`` (the same gate search without the adversarial term): fine-tune F steps, search S steps,
@@ -15,7 +15,13 @@ Parts (``--parts``, default all):
 * ``cost``: one robust search step / one plain search step on the same batches, interleaved in
   this process (goal: <= 1 + adversary steps).
 * ``rethinking``: IMP tickets with rewinding vs the same masks with random re-initialisation
-  (``init: random``) at densities 0.5 and 0.2.
+  (``init: random``) at densities 0.5 and 0.2; and for structured pruning, per removed share of
+  heads+FFN neurons (``--removed``, Taylor scores of the dense run, ``slimtune export --slim``),
+  the pruned architecture trained three ways (``slimtune.structure_variants``): inherited weights
+  fine-tuned, Scratch-E (re-initialised, the dense run's steps) and Scratch-B (re-initialised,
+  steps x FLOPs_dense / FLOPs_pruned). The dense run is full fine-tuning for F + R steps, and
+  every variant's recipe is the dense run's (the inherited model is fine-tuned as long as the
+  dense one; the official fine-tunes for fewer epochs than it trains from scratch).
 
 Settings are fixed up front, never tuned on test. Seeds: mean +- std over ``--seeds``.
 
@@ -35,6 +41,7 @@ from typing import Any
 from benchmarks.common import RESULTS, interleaved_medians, write_result
 
 NAME = "tickets"
+PARTS = ("cost", "robust", "rethinking", "structured")
 
 
 def base_recipe(model: str, task: str, seed: int, steps: int, quick: bool) -> dict[str, Any]:
@@ -48,9 +55,10 @@ def base_recipe(model: str, task: str, seed: int, steps: int, quick: bool) -> di
     }
 
 
-def train(recipe: dict[str, Any], out: Path, reuse: bool) -> dict[str, Any]:
+def train(recipe, out: Path, reuse: bool) -> dict[str, Any]:
+    """Train ``recipe`` (a dict or a Recipe) into ``out``; with ``reuse`` a finished run is read back."""
     from slimtune.io import read_json
-    from slimtune.recipe import validate_recipe
+    from slimtune.recipe import Recipe, validate_recipe
     from slimtune.runner import train_run
 
     if reuse and (out / "report.json").is_file():
@@ -59,7 +67,7 @@ def train(recipe: dict[str, Any], out: Path, reuse: bool) -> dict[str, Any]:
         import shutil
 
         shutil.rmtree(out)
-    return train_run(validate_recipe(recipe), out, progress=False)
+    return train_run(recipe if isinstance(recipe, Recipe) else validate_recipe(recipe), out, progress=False)
 
 
 def attacked(run: Path, args) -> dict[str, Any]:
@@ -106,7 +114,7 @@ def robust_part(args, runs: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def cost_part(args) -> dict[str, Any]:
+def cost_part(args, runs: Path) -> dict[str, Any]:
     """Seconds per search step, robust vs plain, on the same batches, interleaved."""
     import torch
 
@@ -162,6 +170,39 @@ def rethinking_part(args, runs: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def structured_part(args, runs: Path) -> list[dict[str, Any]]:
+    """Inherited vs Scratch-E vs Scratch-B on the architectures left by removing a share of every
+    layer's heads and FFN neurons from a dense fine-tuned run."""
+    import slimtune
+    from slimtune.runner import export_run
+
+    rows = []
+    steps = args.finetune_steps + args.retrain_steps
+    for task in args.tasks.split(","):
+        for seed in [int(x) for x in args.seeds.split(",")]:
+            where = runs / task / f"seed{seed}"
+            recipe = base_recipe(args.model, task, seed, steps, args.quick)
+            dense = train(recipe, where / "dense", args.reuse)
+            rows.append({"task": task, "seed": seed, "removed": 0.0, "variant": "dense", "test_accuracy": dense["metrics"]["accuracy"],
+                         "steps": steps, "seconds": dense["train"]["seconds"]})
+            print(rows[-1], flush=True)
+            for removed in [float(x) for x in args.removed.split(",")]:
+                slim = where / f"slim-{removed}"
+                if not (args.reuse and (slim / "slimtune_export.json").is_file()):
+                    if slim.exists():
+                        import shutil
+
+                        shutil.rmtree(slim)
+                    export_run(where / "dense", slim, slim=f"heads={removed},ffn={removed}", measure=False)
+                for variant, variant_recipe in slimtune.structure_variants(slim, recipe).items():
+                    report = train(variant_recipe, where / f"structure-{removed}-{variant}", args.reuse)
+                    rows.append({"task": task, "seed": seed, "removed": removed, "variant": variant,
+                                 "test_accuracy": report["metrics"]["accuracy"], "steps": report["structure"]["steps"],
+                                 "flops_ratio": report["structure"]["flops_ratio"], "seconds": report["train"]["seconds"]})
+                    print(rows[-1], flush=True)
+    return rows
+
+
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "-"
@@ -172,7 +213,7 @@ def _mean_std(values: list[float]) -> str:
 
 def render(result: dict[str, Any]) -> str:
     lines = []
-    if rows := result.get("robust"):
+    if rows := result.get("robust", {}).get("rows"):
         lines += ["| task | model | density | clean | PGD | substitution | seeds |", "|---|---|---|---|---|---|---|"]
         keys = sorted({(r["task"], r["kind"], r["density"]) for r in rows}, key=lambda k: (k[0], -k[2], k[1]))
         for task, kind, density in keys:
@@ -180,15 +221,26 @@ def render(result: dict[str, Any]) -> str:
             lines.append(f"| {task} | {kind} | {density} | {_mean_std([r['pgd']['clean_accuracy'] for r in group])} | "
                          f"{_mean_std([r['pgd']['attacked_accuracy'] for r in group])} | "
                          f"{_mean_std([r['substitution']['attacked_accuracy'] for r in group])} | {len(group)} |")
-    if cost := result.get("cost"):
+    if cost := result.get("cost", {}).get("result"):
         s = cost["seconds_per_step"]
         lines += ["", f"Search step: robust {s['robust']:.3f} s, plain {s['plain']:.3f} s, ratio {cost['ratio']:.2f} "
                       f"(goal {cost['goal']}; load average {cost['load_average'][0]:.2f})."]
-    if rows := result.get("rethinking"):
+    if rows := result.get("rethinking", {}).get("rows"):
         lines += ["", "| task | density | IMP rewind | IMP random re-init | seeds |", "|---|---|---|---|---|"]
         for task, density in sorted({(r["task"], r["density"]) for r in rows}, key=lambda k: (k[0], -k[1])):
             acc = {init: [r["test_accuracy"] for r in rows if (r["task"], r["density"], r["init"]) == (task, density, init)] for init in ("rewind", "random")}
             lines.append(f"| {task} | {density} | {_mean_std(acc['rewind'])} | {_mean_std(acc['random'])} | {len(acc['rewind'])} |")
+    if rows := result.get("structured", {}).get("rows"):
+        variants = ("inherited", "scratch-e", "scratch-b")
+        lines += ["", "| task | heads+FFN removed | FLOPs dense/pruned | dense | inherited + fine-tuned | Scratch-E | Scratch-B (steps) | seeds |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for task, removed in sorted({(r["task"], r["removed"]) for r in rows if r["variant"] != "dense"}):
+            group = [r for r in rows if (r["task"], r["removed"]) == (task, removed)]
+            acc = {v: [r["test_accuracy"] for r in group if r["variant"] == v] for v in variants}
+            dense = [r["test_accuracy"] for r in rows if r["task"] == task and r["variant"] == "dense"]
+            b_steps = sorted({r["steps"] for r in group if r["variant"] == "scratch-b"})
+            lines.append(f"| {task} | {removed:.0%} | {group[0]['flops_ratio']:.2f} | {_mean_std(dense)} | {_mean_std(acc['inherited'])} | "
+                         f"{_mean_std(acc['scratch-e'])} | {_mean_std(acc['scratch-b'])} ({'/'.join(map(str, b_steps))}) | {len(acc['inherited'])} |")
     return "\n".join(lines)
 
 
@@ -198,10 +250,11 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--tasks", default="movie-sentiment", help="comma-separated zoo tasks")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--densities", default="0.6,0.8,0.4", help="the first is drawn by the search run itself, the others from its scores")
-    parser.add_argument("--parts", default="robust,cost,rethinking")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     parser.add_argument("--finetune-steps", type=int, default=60)
     parser.add_argument("--search-steps", type=int, default=60)
     parser.add_argument("--retrain-steps", type=int, default=120)
+    parser.add_argument("--removed", default="0.25,0.5,0.75", help="structured part: shares of heads and FFN neurons removed")
     parser.add_argument("--imp-steps", type=int, default=240, help="IMP runs: total steps (3 rounds + the ticket's training)")
     parser.add_argument("--pgd-radius", type=float, default=0.1)
     parser.add_argument("--attack-examples", type=int, default=200, help="PGD: first N test examples")
@@ -211,12 +264,12 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--reuse", action="store_true", help="reuse finished run directories (report.json present)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a smoke run: a few steps on 64 examples")
-    parser.add_argument("--render-only", action="store_true", help="print the tables of benchmarks/results/tickets.json")
+    parser.add_argument("--render-only", action="store_true", help="print the tables of benchmarks/results/tickets-MODEL.json")
     args = parser.parse_args(argv)
     if args.render_only:
         import json
 
-        result = json.loads((RESULTS / f"{NAME}.json").read_text())
+        result = json.loads((RESULTS / f"{result_name(args.model)}.json").read_text())
         print(render(result))
         return result
     import torch
@@ -227,28 +280,47 @@ def main(argv=None) -> dict[str, Any]:
         args.attack_examples = args.substitution_examples = 8
         args.seeds, args.repeats = "0", 2
     parts = args.parts.split(",")
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        parser.error(f"--parts: unknown part '{unknown[0]}'; valid: {', '.join(PARTS)}")
     runs = Path(args.runs) / args.model
     settings = {k: v for k, v in vars(args).items() if k not in ("render_only",)}
-    result: dict[str, Any] = {"settings": settings, "load_average_start": os.getloadavg()}
-    if "cost" in parts:
-        result["cost"] = cost_part(args)
-        print(result["cost"], flush=True)
-    if "robust" in parts:
-        result["robust"] = robust_part(args, runs)
-    if "rethinking" in parts:
-        result["rethinking"] = rethinking_part(args, runs)
-    result["load_average_end"] = os.getloadavg()
-    if not args.quick:
-        # Parts run separately land in one file: keep the parts this run did not redo.
-        previous = RESULTS / f"{NAME}.json"
-        if previous.is_file():
-            import json
-
-            kept = {k: v for k, v in json.loads(previous.read_text()).items() if k in ("cost", "robust", "rethinking") and k not in result}
-            result = {**kept, **result, "settings_of_kept_parts": json.loads(previous.read_text()).get("settings")} if kept else result
-        write_result(NAME, result)
+    result: dict[str, Any] = {}
+    for part in parts:
+        start = os.getloadavg()
+        found = PART_FUNCTIONS[part](args, runs)
+        entry = {"settings": settings, "load_average": [start, os.getloadavg()],
+                 **({"rows": found} if isinstance(found, list) else {"result": found})}
+        # Written after every part: a long run that breaks keeps what it finished.
+        result = {**result, part: entry} if args.quick else merge_and_write(args, part, entry)
     print(render(result))
     return result
+
+
+def merge_and_write(args, part: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """Parts and tasks run separately land in one file per model: a part this run redid replaces
+    the previous rows of its tasks and keeps the others (with their own settings)."""
+    import json
+
+    path = RESULTS / f"{result_name(args.model)}.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    tasks = set(args.tasks.split(","))
+    merged = {name: previous[name] for name in PARTS if name in previous}
+    old = merged.get(part)
+    if "rows" in entry and old and "rows" in old:
+        kept = [r for r in old["rows"] if r["task"] not in tasks]
+        if kept:
+            entry = {**entry, "rows": kept + entry["rows"], "settings_of_kept_rows": old.get("settings_of_kept_rows") or old["settings"]}
+    merged[part] = entry
+    write_result(result_name(args.model), merged)
+    return merged
+
+
+def result_name(model: str) -> str:
+    return f"{NAME}-{model}"
+
+
+PART_FUNCTIONS = {"cost": cost_part, "robust": robust_part, "rethinking": rethinking_part, "structured": structured_part}
 
 
 if __name__ == "__main__":
