@@ -35,6 +35,9 @@ PRIVACY = {"epsilon": None, "noise_multiplier": 0.5, "max_grad_norm": 1.0, "phys
 QAT = {"qat": {}}
 TICKETS = {"mode": "imp", "density": 0.5, "rounds": 1, "target": "base"}
 ROBUSTNESS = {"attacks": ["pgd", "substitution"], "examples": 2}
+#: The cell's own model as the teacher (no task head: hidden-state and attention distillation).
+MODEL_DIR = "<the cell's model directory>"
+DISTILL = {"teacher": MODEL_DIR, "alpha_kd": 0.0, "hidden": 1.0, "attention": 1.0}
 FEATURES = {
     "none": {},
     "sparsity": {"sparsity": SPARSITY},
@@ -47,6 +50,7 @@ FEATURES = {
     "tickets": {"tickets": TICKETS},
     "tickets+privacy": {"tickets": TICKETS, "privacy": PRIVACY},
     "robustness": {"robustness": ROBUSTNESS},
+    "distill": {"distill": DISTILL},
 }
 #: Cells run on BERT; Llama and ViT run these (each feature once, and all of them together).
 OTHER_ARCH_FEATURES = ["privacy", "sparsity+privacy+qat"]
@@ -74,7 +78,7 @@ def cell_recipe(model_dir: Path, task: dict, method: str, feature: str) -> dict:
         "method": {"name": method, **TINY_FIELDS.get(method, {})},
         "train": {"max_steps": STEPS, "batch_size": 8, "lr": 2e-2, "max_length": 16, "warmup_ratio": 0.0, "eval_each_epoch": False},
         "measure": {"latency": False, "memory": False, "flops": False},
-        **json.loads(json.dumps(FEATURES[feature])),
+        **json.loads(json.dumps(FEATURES[feature]).replace(MODEL_DIR, json.dumps(str(model_dir))[1:-1])),
     }
 
 
@@ -93,7 +97,7 @@ def run_cell(model_dir: Path, task: dict, method: str, feature: str, out: Path) 
         return {"outcome": "refused", "why": str(exc)}
     report = train_run(recipe, out, progress=False)
     assert report["train"]["steps"] == STEPS
-    wanted = [s for s in ("sparsity", "privacy", "compress", "tickets", "robustness") if s in FEATURES[feature]]
+    wanted = [s for s in ("sparsity", "privacy", "compress", "tickets", "robustness", "distill") if s in FEATURES[feature]]
     rows = dict(report_rows(report))
     for section in wanted:
         key = {"compress": "qat"}.get(section, section)
@@ -253,6 +257,8 @@ def render(results: dict[tuple[str, str], dict]) -> str:
 
 
 def main() -> None:
+    """Run every BERT cell and rewrite the table; ``python -m tests.test_composition FEATURE ...``
+    runs only those features' columns and keeps the other cells as the table has them."""
     import tempfile
 
     from tests.fixtures import write_tiny_bert_dir, write_tiny_reviews
@@ -262,9 +268,14 @@ def main() -> None:
         root = Path(tmp)
         model_dir = write_tiny_bert_dir(root / "tiny-bert")
         task = {"file": str(write_tiny_reviews(root / "reviews.csv")), "text": "text", "label": "label"}
-        results = {}
+        only = sys.argv[1:]
+        unknown = [f for f in only if f not in FEATURES]
+        if unknown:
+            sys.exit(f"unknown feature '{unknown[0]}'; valid: {', '.join(FEATURES)}")
+        results = {cell: ({"outcome": "runs"} if text == "✓" else {"outcome": "refused", "why": text.removeprefix("refused: ")})
+                   for cell, text in read_table().items()} if only else {}
         for method in methods():
-            for feature in FEATURES:
+            for feature in only or FEATURES:
                 try:
                     results[(method, feature)] = run_cell(model_dir, task, method, feature, root / f"{method}-{feature}")
                 except BaseException as exc:  # a cell that neither runs nor is refused: no table

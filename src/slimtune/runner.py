@@ -22,6 +22,7 @@ from slimtune.errors import SlimtuneError
 from slimtune.measure.params import param_counts
 from slimtune.io import atomic_write_text, read_json, write_json
 from slimtune.core.arch import Arch
+from slimtune.core.features import AuxiliaryModel
 from slimtune.methods.delta import Delta, base_fingerprint, check_fingerprint, read_delta
 from slimtune.core.hooks import Hook
 from slimtune.measure.evaluate import evaluate_split
@@ -101,10 +102,52 @@ def build(recipe: Recipe, task_override: str | None = None, *, task: TaskData | 
         hooks.append(structured.hook(recipe.train.budget, recipe.train.budget_cap))
     for feature in recipe.features.values():
         feature.check_methods(delta)
-        hook = feature.build_hook(recipe=recipe, model=model, delta=delta, task=task)
+        models = {name: load_auxiliary(source, tokenizer, objective, len(task.label_names), where=f"{feature.section}.{name}")
+                  for name, source in feature.auxiliary_models().items()}
+        hook = feature.build_hook(recipe=recipe, model=model, delta=delta, task=task, models=models)
         if hook is not None:
             hooks.append(hook)
     return Built(recipe, model, tokenizer, task, delta, arch, objective, fingerprint, hooks, base_params, pooling)
+
+
+def load_auxiliary(source: str, tokenizer: Any, objective: str, num_labels: int, *, where: str) -> AuxiliaryModel:
+    """A model a feature runs beside the trained one (``Feature.auxiliary_models``), frozen in eval
+    mode: a run directory (its trained delta attached), a ``slimtune export`` directory, or a zoo
+    model name / model directory (no trained task head). Refused (one line, prefixed ``where``)
+    when its tokenizer is not the run's: the two models must read the same token ids. The global
+    random state is left as it was, so a run builds the same with or without it."""
+    import random
+
+    import numpy as np
+
+    from slimtune.compress.loader import load_exported
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    path = Path(source)
+    valid = ""
+    try:
+        if (path / "slimtune_export.json").is_file():
+            model, kind = load_exported(path), "export"
+            labels, its_tokenizer = model.slimtune_export.get("labels"), load_tokenizer(path)
+        elif (path / "recipe.yaml").is_file():
+            built = load_run(path)
+            model, kind, labels, its_tokenizer = built.model, "run", _run_labels(read_run(path)), built.tokenizer
+        else:
+            valid = " (a run directory, a `slimtune export` directory, a zoo model name or a model directory)"
+            model, kind, labels = load_model(source, objective=objective, num_labels=num_labels), "model", None
+            its_tokenizer = load_tokenizer(source)
+    except SlimtuneError as error:
+        raise SlimtuneError(f"{where} {source}: {error}{valid}") from None
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+    if its_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise SlimtuneError(f"{where} {source}: its tokenizer is not the run's ({len(its_tokenizer)} vs {len(tokenizer)} tokens, "
+                            "or the same size with other ids); both models must read the same token ids")
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return AuxiliaryModel(model.eval(), kind, [str(x) for x in labels] if labels is not None else None)
 
 
 def read_run(run_dir: str | Path, *, what: str | None = None) -> RunFiles:

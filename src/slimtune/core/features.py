@@ -9,9 +9,13 @@ order and names no feature:
 2. ``check_methods(delta)``: refuse methods the feature cannot work with; by default those that
    restructure the model mid-run (``Method.restructuring_reason``) when the feature sets
    ``refuses_restructuring`` (its reason), with one shared message.
-3. ``build_hook(recipe=, model=, delta=, task=)``: the trainer hook that does the work, or None;
-   other refusals of incompatible combinations happen here, as one-line ``SlimtuneError``s.
-4. The hook's ``report()`` becomes the report section of the same name, and the hook class's
+3. ``auxiliary_models()``: other models the feature runs beside the trained one (a
+   distillation teacher), by name; the runner loads each, frozen in eval mode, as an
+   :class:`AuxiliaryModel` (refusing one whose tokenizer is not the run's); default none.
+4. ``build_hook(recipe=, model=, delta=, task=, models=)``: the trainer hook that does the work,
+   or None (``models``: the loaded auxiliary models); other refusals of incompatible
+   combinations happen here, as one-line ``SlimtuneError``s.
+5. The hook's ``report()`` becomes the report section of the same name, and the hook class's
    ``report_rows`` its lines on the report card (:mod:`slimtune.core.hooks`).
 
 Registration is one decorator line, ``@register_feature`` on the class (whose ``section`` is
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -33,6 +38,15 @@ if TYPE_CHECKING:
     from torch import nn
 
     from slimtune.core.hooks import Hook
+
+
+@dataclass
+class AuxiliaryModel:
+    """A model a feature runs beside the trained one, as the runner loaded it."""
+
+    model: nn.Module  # frozen, in eval mode
+    kind: str  # "run", "export" or "model" (a zoo model / model directory: no trained task head)
+    labels: list[str] | None  # its task's label names; None without a trained task head
 
 
 class Section(BaseModel):
@@ -56,7 +70,13 @@ class Feature(Section):
     def adjust_methods(self, specs: list[Any], model: nn.Module) -> list[Any]:
         return specs
 
-    def build_hook(self, *, recipe: Any, model: nn.Module, delta: Any, task: Any) -> Hook | None:
+    def auxiliary_models(self) -> dict[str, str]:
+        """Models to load beside the trained one: name -> a run directory, a ``slimtune export``
+        directory, a zoo model name or a model directory."""
+        return {}
+
+    def build_hook(self, *, recipe: Any, model: nn.Module, delta: Any, task: Any,
+                   models: dict[str, AuxiliaryModel] | None = None) -> Hook | None:
         return None
 
     def check_methods(self, delta: Any) -> None:

@@ -33,5 +33,5 @@ class CompressSection(Feature):
                     f"needs, so QAT would train for an export that is refused; QAT works with {', '.join(usable)}"
                 )
 
-    def build_hook(self, *, recipe, model, delta, task) -> Hook:
+    def build_hook(self, *, recipe, model, delta, task, models=None) -> Hook:
         return QATHook(self.qat)

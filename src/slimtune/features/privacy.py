@@ -43,7 +43,7 @@ class PrivacySection(Feature):
             raise ValueError("give privacy.epsilon (a budget) or privacy.noise_multiplier (or both)")
         return self
 
-    def build_hook(self, *, recipe, model, delta, task) -> PrivacyHook:
+    def build_hook(self, *, recipe, model, delta, task, models=None) -> PrivacyHook:
         if self.linear_probe.steps:
             probe_target(model, delta.head_names)  # fails now, with one line, when there is no head
             if self.epsilon is not None and self.linear_probe.epsilon >= self.epsilon:

@@ -94,7 +94,7 @@ class RobustnessSection(Feature):
     def configs(self) -> list[AttackConfig]:
         return [spec.config(self.examples, self.seed) for spec in self.attacks]
 
-    def build_hook(self, *, recipe, model, delta, task) -> RobustnessHook:
+    def build_hook(self, *, recipe, model, delta, task, models=None) -> RobustnessHook:
         # Refused now, not after training: what cannot be attacked.
         check_attackable(recipe.objective, task, where="robustness")
         if any(c.name == "pgd" for c in self.configs()):

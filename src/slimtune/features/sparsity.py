@@ -75,7 +75,7 @@ class SparsitySection(Feature):
             return self.start_step == 0 and self.initial_sparsity > 0
         return True  # iterative: its first round prunes at step 0
 
-    def build_hook(self, *, recipe, model, delta, task) -> SparsityHook:
+    def build_hook(self, *, recipe, model, delta, task, models=None) -> SparsityHook:
         private = [f.section for f in getattr(recipe, "features", {}).values() if f.private_training_data]
         if private and self.criterion in criteria.DATA_CRITERIA and (self.criterion != "movement" or self.first_prunes_before_training()):
             why = ("scores batches of the training data without noise" if self.criterion != "movement"

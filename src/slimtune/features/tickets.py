@@ -146,7 +146,7 @@ class TicketsSection(Feature):
             return iterative_densities(self.density, self.rounds)
         return [max(self.density, (1 - self.rate) ** k) for k in range(1, self.rounds)] + [self.density]
 
-    def build_hook(self, *, recipe, model, delta, task) -> TicketsHook:
+    def build_hook(self, *, recipe, model, delta, task, models=None) -> TicketsHook:
         features = getattr(recipe, "features", {}) or {}
         if "sparsity" in features:
             raise SlimtuneError("tickets: the sparsity section masks the same weights on its own schedule; use tickets or sparsity, not both")
