@@ -11,6 +11,7 @@ from torch import nn
 from slimtune.core.features import Feature, register_feature
 from slimtune.errors import SlimtuneError
 from slimtune.sparsity import criteria
+from slimtune.sparsity.masks import dense_tensor
 from slimtune.sparsity.schedules import SparsityHook, large_sparse_specs, select_targets
 
 
@@ -36,10 +37,22 @@ class SparsitySection(Feature):
     rounds: int = Field(3, ge=1, description="iterative: prune -> retrain rounds")
     batches: int = Field(4, ge=1, description="batches of the training split scored by data criteria (snip, grasp, movement)")
     seed: int = Field(0, ge=0, description="seed of the random criterion and of the scoring batches")
+    lock: bool = Field(False, description="pattern lock (Prune Once for All's sparse transfer): keep the zeros the loaded model has in every target "
+                       "weight at zero and train the rest; no density, schedule or criterion (the model's zeros are the mask); target defaults to base")
     large_sparse: bool = Field(False, description="Large-Sparse (He et al. 2022): widen the adapter (houlsby, pfeiffer) or LoRA rank so that its non-zeros at this density equal the dense method's parameters (target: delta only). LoRA: r becomes r / density and alpha is kept, so the update scale alpha / r shrinks by the density (raise alpha to keep it); train_a: false (FFA-LoRA, A frozen and unpruned) is refused")
 
     @model_validator(mode="after")
     def _density(self) -> SparsitySection:
+        if self.lock:
+            # Compared with the defaults, not by being set: a saved recipe.yaml spells out every field.
+            given = [f for f in ("density", "sparsity", "schedule", "at", "criterion", "scope", "initial_sparsity", "start_step",
+                                 "end_step", "frequency", "rounds", "large_sparse") if getattr(self, f) != type(self).model_fields[f].default]
+            if given:
+                raise ValueError(f"sparsity.lock keeps the loaded model's zeros, so '{given[0]}' has no meaning with it; drop it "
+                                 "(the density is the model's)")
+            if "target" not in self.model_fields_set:
+                object.__setattr__(self, "target", "base")
+            return self
         if self.density is None and self.sparsity is None:
             raise ValueError("give sparsity.density (fraction kept, in (0, 1]) or sparsity.sparsity (= 1 - density)")
         if self.sparsity is not None:
@@ -69,6 +82,8 @@ class SparsitySection(Feature):
 
     def first_prunes_before_training(self) -> bool:
         """Whether a pruning step falls at step 0, before any (noised) gradient exists."""
+        if self.lock:
+            return True
         if self.schedule == "one_shot":
             return self.at == "init" or self.at == 0
         if self.schedule == "gradual":
@@ -90,14 +105,19 @@ class SparsitySection(Feature):
                 raise SlimtuneError(f"sparsity.criterion: '{self.criterion}' needs training data, and the task has none; use random, magnitude or synflow")
         targets = select_targets(model, delta, self.target, self.include)
         if private and self.criterion == "movement":
-            from slimtune.sparsity.masks import dense_tensor
-
             frozen = [n for n, (module, tensor) in targets.items() if not dense_tensor(module, tensor).requires_grad]
             if frozen:
                 raise SlimtuneError(
                     f"sparsity.criterion: 'movement' on '{frozen[0]}', which does not train, would score raw training batches, "
                     f"which {private[0]} keeps private; with privacy prune it by magnitude, random or synflow"
                 )
+        if self.lock:
+            zeros = sum(int((dense_tensor(m, t) == 0).sum()) for m, t in targets.values())
+            if not zeros:
+                total = sum(dense_tensor(m, t).numel() for m, t in targets.values())
+                raise SlimtuneError(f"sparsity.lock: {recipe.model.name} has no zero in its {len(targets)} target weights ({total:,} entries), "
+                                    "so there is no pattern to lock; load a sparse model (model.name: a sparse model directory) or prune "
+                                    "with sparsity.density instead")
         hook = SparsityHook(self, model, delta, targets)
         hook.private = bool(private)
         if self.large_sparse:

@@ -41,6 +41,7 @@ from slimtune.sparsity.masks import (
     apply_mask,
     check_density,
     clean_name,
+    dense_tensor,
     get_mask,
     kept_from_scores,
     masked_tensors,
@@ -268,6 +269,8 @@ class SparsityHook(Hook):
     def density_at(self, step: int) -> float | None:
         """The density to prune to after ``step`` (0 = before training), or None."""
         c = self.config
+        if c.lock:
+            return None  # the mask is the loaded zeros, set once (lock_pattern)
         if c.schedule == "one_shot":
             at = 0 if c.at == "init" else int(c.at)
             return c.density if step == at else None
@@ -289,14 +292,15 @@ class SparsityHook(Hook):
         if self.pin is None:
             self.pin = pin_to_optimizer(self.model, trainer.optimizer)
         if not self.history:  # a resumed run has its masks back already
-            self._maybe_prune(0)
+            if self.config.lock:
+                self.lock_pattern()
+            else:
+                self._maybe_prune(0)
 
     def on_before_optimizer_step(self, trainer) -> None:
         if self.config.criterion != "movement":
             return
         for name, (module, tensor_name) in self.targets.items():
-            from slimtune.sparsity.masks import dense_tensor
-
             dense = dense_tensor(module, tensor_name)
             if dense.grad is not None:
                 contribution = -(dense.grad.detach() * getattr(module, tensor_name).detach())
@@ -350,6 +354,14 @@ class SparsityHook(Hook):
                 write(f"sparsity: {c.scope} {c.criterion} pruning {when} removed every entry of {len(emptied)} tensor(s) ({_by_leaf(emptied)}), "
                       "so the updates they factor are now zero; scope: local keeps part of each tensor")
         self.history.append(entry)
+
+    def lock_pattern(self) -> None:
+        """Pattern lock (IntelLabs/Model-Compression-Research-Package
+        ``pruning/methods/pattern_lock.py``: the mask is ``weight != 0`` of the loaded model, set
+        once): every target's zeros are masked, so they stay zero through the optimizer."""
+        for module, tensor_name in self.targets.values():
+            apply_mask(module, tensor_name, dense_tensor(module, tensor_name).detach() != 0)
+        self.history.append({"step": 0, "locked": True, "measured": self.measured_density()})
 
     def _all_rankable(self, scores, batches, step: int, when: str) -> dict[str, torch.Tensor]:
         """The scores, when the criterion can rank every target; Large-Sparse needs that, since
