@@ -79,3 +79,24 @@ def test_bad_locks_are_one_line(tiny_recipe, tiny_model_dir, sparse_model_dir):
     for field, value in (("density", 0.5), ("schedule", "gradual"), ("criterion", "snip")):
         with pytest.raises(SlimtuneError, match=f"sparsity.lock keeps the loaded model's zeros, so '{field}' has no meaning"):
             validate_recipe(lock_recipe(tiny_recipe, sparse_model_dir, **{field: value}))
+
+
+def test_lora_on_a_locked_sparse_model_merges_into_the_same_zeros(tmp_path, tiny_recipe, sparse_model_dir):
+    """The sparsity survives the merge: LoRA trained on the locked model is masked by it, and the
+    merged export has exactly the loaded zeros and the run's outputs."""
+    import slimtune
+    from slimtune.runner import export_run
+    from tests.fixtures import text_logits
+
+    recipe = lock_recipe(tiny_recipe, sparse_model_dir)
+    recipe["method"] = {"name": "lora", "r": 4}
+    train_run(validate_recipe(recipe), tmp_path / "run", progress=False)
+    export_run(tmp_path / "run", tmp_path / "merged", merge=True, measure=False)
+    exported = slimtune.load_exported(tmp_path / "merged")
+    loaded = BertForSequenceClassification.from_pretrained(sparse_model_dir)
+    before, after = linear_weights(loaded), linear_weights(exported)
+    assert len(after) == 12
+    for name, weight in after.items():
+        assert torch.equal(weight != 0, before[name] != 0), f"{name}: the merge moved the zeros"
+    run = load_run(tmp_path / "run")
+    torch.testing.assert_close(text_logits(exported, run.tokenizer), text_logits(run.model.eval(), run.tokenizer), rtol=1e-4, atol=1e-5)

@@ -65,7 +65,7 @@ def fake_quant_activation(x: torch.Tensor, per_sample: bool = False) -> torch.Te
 def effective_weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(module, LinearUpdate):
         base = module.base
-        weight = base.weight if module.merged_from is not None else base.weight + module.delta_weight().to(base.weight.dtype)
+        weight = base.weight if module.merged_from is not None else base.weight + module.effective_delta_weight().to(base.weight.dtype)
         return weight, base.bias
     return module.weight, module.bias
 
@@ -188,6 +188,12 @@ class FakeQuantLoRARule(_FakeQuantRule):
     kind = "qat-lora"
     layer_type = LoRALinear
 
+    @classmethod
+    def accepts(cls, module):
+        # The factor formulas assume W_eff = W + s B A: on a masked base (the update masked too)
+        # the next rule pulls G back through the masked update instead.
+        return super().accepts(module) and module.base_kept() is None
+
     def contributions(self, dtype):
         layer = self.module
         a_name, b_name = self.name_of("lora_A"), self.name_of("lora_B")
@@ -234,7 +240,7 @@ class FakeQuantLinearUpdateRule(_FakeQuantRule):
                 out.setdefault(name, []).extend(items)
             per_sample = Masked(GhostLinear(x, b), passed).dense()  # (B, out, in)
             with torch.enable_grad():
-                update = self.module.delta_weight()
+                update = self.module.effective_delta_weight()
                 grads = torch.autograd.grad(update, [self.params[n] for n in names], grad_outputs=per_sample.to(update.dtype),
                                             is_grads_batched=True, allow_unused=True)
             for name, grad in zip(names, grads):

@@ -120,6 +120,10 @@ class SparsitySection(Feature):
                                     "with sparsity.density instead")
         hook = SparsityHook(self, model, delta, targets)
         hook.private = bool(private)
+        if self.lock:
+            # Masked when the run is built, not when it starts training: a run loaded back (eval,
+            # export) has its lock too, so a delta on the locked weights acts and merges masked.
+            hook.lock_pattern()
         if self.large_sparse:
             hook.large_sparse = large_sparse_specs(recipe.methods, int(model.config.hidden_size), self.density)[1]
         return hook

@@ -46,10 +46,16 @@ class LoRALinear(LinearUpdate):
         # Scale the tiny B (out x r) rather than the large output.
         return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B * self.scaling)
 
+    def masked_update(self, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        return super().masked_update(self.dropout(x), kept)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if self.merged_from is not None:
             return out
+        kept = self.base_kept()
+        if kept is not None:  # a masked base: the update is (s B A) ⊙ mask (linear_update.py)
+            return out + self.masked_update(x, kept)
         # Add in place: F.linear does not save its output for backward, so this is safe for
         # autograd and spares one activation-sized allocation per wrapped layer.
         return out.add_(self.update(x))

@@ -222,6 +222,12 @@ class LoRARule(Rule):
 
     kind = "lora"
 
+    @classmethod
+    def accepts(cls, module) -> bool:
+        # On a masked base the update is (s B A) ⊙ mask (methods/linear_update.py), which these
+        # factor formulas do not cover: the generic rule differentiates that forward exactly.
+        return module.base_kept() is None
+
     def __init__(self, module, params, tensors=None, **options):
         super().__init__(module, params, tensors)
         self.branch_inputs: list[torch.Tensor] = []

@@ -291,11 +291,8 @@ class SparsityHook(Hook):
         self.total_steps = trainer.total_steps
         if self.pin is None:
             self.pin = pin_to_optimizer(self.model, trainer.optimizer)
-        if not self.history:  # a resumed run has its masks back already
-            if self.config.lock:
-                self.lock_pattern()
-            else:
-                self._maybe_prune(0)
+        if not self.history:  # a resumed run has its masks back already (a lock: since it was built)
+            self._maybe_prune(0)
 
     def on_before_optimizer_step(self, trainer) -> None:
         if self.config.criterion != "movement":
@@ -358,7 +355,8 @@ class SparsityHook(Hook):
     def lock_pattern(self) -> None:
         """Pattern lock (IntelLabs/Model-Compression-Research-Package
         ``pruning/methods/pattern_lock.py``: the mask is ``weight != 0`` of the loaded model, set
-        once): every target's zeros are masked, so they stay zero through the optimizer."""
+        once, when the run is built): every target's zeros are masked, so they stay zero through
+        the optimizer, and a linear update on them acts (and merges) masked."""
         for module, tensor_name in self.targets.values():
             apply_mask(module, tensor_name, dense_tensor(module, tensor_name).detach() != 0)
         self.history.append({"step": 0, "locked": True, "measured": self.measured_density()})

@@ -30,6 +30,7 @@ from slimtune.errors import SlimtuneError
 from slimtune.measure.evaluate import evaluate
 from slimtune.methods.delta import Delta
 from slimtune.progress import progress as progress_bar
+from slimtune.sparsity.masks import clean_name
 from slimtune.train import checkpoint as ckpt
 from slimtune.zoo.batches import BatchPlan, eval_batches, fixed_length_batch, pad_id_of, rows_batch, split_rows
 from slimtune.core.hooks import Hook
@@ -364,8 +365,11 @@ class Trainer:
         )
 
     def _delta_only_state(self) -> dict[str, torch.Tensor]:
-        """Saved delta tensors that are not trainable parameters (e.g. a method's masks)."""
-        return {k: v for k, v in self.delta.state_dict(self.model).items() if k not in self.trainable}
+        """Saved delta tensors that are not trainable parameters (e.g. a method's masks); the delta
+        names a masked tensor plainly, the parameters by its parametrisation (a lock masks them
+        before the trainer is built)."""
+        trainable = {clean_name(n) for n in self.trainable}
+        return {k: v for k, v in self.delta.state_dict(self.model).items() if k not in trainable}
 
     def _restore_delta_only_state(self, state: dict[str, Any], extra: dict[str, torch.Tensor]) -> None:
         saved = {k[len("delta."):]: v for k, v in extra.items() if k.startswith("delta.")}
