@@ -1,4 +1,4 @@
-"""A linear update (LoRA, KAdaptation, FacT) on a masked base weight acts as ``ΔW ⊙ mask``
+"""A linear update (LoRA, KAdaptation, FacT, DSEE) on a masked base weight acts as ``ΔW ⊙ mask``
 (methods/linear_update.py): its output is the formula, merging keeps exactly the base's zeros
 and the unmerged outputs, and DP-SGD's and QAT's per-sample gradients stay exact (against a loop
 of one-sample backward passes)."""
@@ -13,7 +13,7 @@ from tests.compress.test_qat import _check_under_qat
 from tests.fixtures import attach, disable_dropout, make_batch, randomize, tiny_bert
 from tests.privacy.test_per_sample import check
 
-METHODS = [("lora", {"r": 3}), ("kadaptation", {}), ("fact-tt", {})]
+METHODS = [("lora", {"r": 3}), ("kadaptation", {}), ("fact-tt", {}), ("dsee", {"r": 2, "num_sparse": 4})]
 
 
 def masked_model(method, seed=0):
@@ -78,5 +78,5 @@ def test_dp_per_sample_gradients_of_lora_on_a_masked_base_are_exact():
 def test_qat_per_sample_gradients_on_a_masked_base_are_exact(method):
     model, delta, _ = masked_model(method)
     disable_dropout(model)
-    part = {"lora": "lora_A", "kadaptation": "kadapt_u", "fact-tt": "fact_core"}[method[0]]
+    part = {"lora": "lora_A", "kadaptation": "kadapt_u", "fact-tt": "fact_core", "dsee": "sparse_values"}[method[0]]
     _check_under_qat(model, delta, make_batch(3, 6), {part: "qat-linear-update"})

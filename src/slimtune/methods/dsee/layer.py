@@ -11,7 +11,6 @@ from torch import nn
 
 from slimtune.errors import SlimtuneError
 from slimtune.methods.linear_update import LinearUpdate
-from slimtune.sparsity.masks import dense_tensor, get_mask
 
 # --------------------------------------------------------------------------------------------
 # The decomposition that picks S's support.
@@ -88,35 +87,10 @@ class DSEELinear(LinearUpdate):
         low_rank = F.linear(F.linear(x, self.lora_A), self.lora_B * self.scaling)
         return low_rank + F.linear(x, self.sparse_matrix() * self.scaling)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        if self.merged_from is not None:
-            return out
-        mask = get_mask(self.base, "weight")
-        if mask is not None:
-            return out + F.linear(self.dropout(x), self.delta_weight() * mask.kept.to(out.dtype))
-        return out + self.update(x)
-
-    # A masked base weight is read through its parametrisation: merge into the dense tensor.
-    def merge(self, keep_original: bool = True) -> None:
-        if self.merged_from is not None:
-            return
-        weight = dense_tensor(self.base, "weight")
-        with torch.no_grad():
-            original = weight.detach().clone() if keep_original else torch.empty(0)
-            weight.add_(self.delta_weight().to(weight.dtype))
-        self.merged_from = original
-
-    def unmerge(self) -> None:
-        if self.merged_from is None:
-            return
-        weight = dense_tensor(self.base, "weight")
-        with torch.no_grad():
-            if self.merged_from.numel():
-                weight.copy_(self.merged_from)
-            else:
-                weight.sub_(self.delta_weight().to(weight.dtype))
-        self.merged_from = None
+    # Forward, merge and unmerge are LinearUpdate's: on a masked base weight (stage 2's pruned
+    # heads, or a locked sparse model) the update acts as ΔW ⊙ mask.
+    def masked_update(self, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        return super().masked_update(self.dropout(x), kept)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, sparse={self.sparse_indices.numel()}, scaling={self.scaling:g}"
