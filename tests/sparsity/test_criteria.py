@@ -1,4 +1,4 @@
-"""Pruning criteria (slimtune.sparsity.criteria) against hand computations: SNIP, movement, GraSP, SynFlow, magnitude, random."""
+"""Pruning criteria (slimtune.sparsity.criteria) against hand computations: SNIP, movement, GraSP, SynFlow, Wanda, magnitude, random."""
 
 import pytest
 import torch
@@ -95,3 +95,41 @@ def test_scores_see_the_mask_and_data_criteria_need_data():
     for name in ("snip", "grasp", "movement"):
         with pytest.raises(SlimtuneError, match="needs|batches"):
             criteria.score(name, model, targets)
+
+
+def test_wanda_is_weight_magnitude_times_the_input_feature_norm_over_real_tokens():
+    model, _, _, targets = setup()
+    g = torch.Generator().manual_seed(1)
+    batches = [{"x": torch.randn(2, 3, 4, generator=g), "attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]])} for _ in range(2)]
+    loss_fn = lambda b: model(b["x"]).sum()  # noqa: E731
+    W1, W2 = model.fc1.weight.detach(), model.fc2.weight.detach()
+    real_x = torch.cat([b["x"][b["attention_mask"].bool()] for b in batches])  # (tokens, 4), padding dropped
+    norm1 = real_x.pow(2).sum(0).sqrt()
+    norm2 = (real_x @ W1.T).pow(2).sum(0).sqrt()
+    wanda = criteria.score("wanda", model, targets, batches=batches, loss_fn=loss_fn)
+    torch.testing.assert_close(wanda["fc1.weight"], W1.abs() * norm1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(wanda["fc2.weight"], W2.abs() * norm2, rtol=1e-5, atol=1e-6)
+    with pytest.raises(SlimtuneError, match="data"):
+        criteria.score("wanda", model, targets)
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return x * self.scale
+
+    other = Scaled()
+    with pytest.raises(SlimtuneError, match="'wanda' scores the weight of a Linear layer.*'scale' is not one"):
+        criteria.score("wanda", other, {"scale": (other, "scale")}, batches=batches, loss_fn=lambda b: other(b["x"]).sum())
+
+
+def test_row_scope_prunes_the_same_count_in_every_output_row():
+    from slimtune.sparsity.masks import kept_from_scores
+
+    g = torch.Generator().manual_seed(0)
+    scores = {"w": torch.rand(5, 10, generator=g)}
+    kept = kept_from_scores(scores, 0.65, "row")["w"]
+    assert kept.sum(1).tolist() == [10 - int(10 * 0.35)] * 5  # the official int(columns * sparsity) removed per row
+    for row, mask in zip(scores["w"], kept):
+        assert row[mask].min() > row[~mask].max()  # the highest scores of each row kept

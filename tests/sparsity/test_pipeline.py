@@ -93,3 +93,20 @@ def test_pruned_run_resumes_to_the_same_delta(tmp_path, tiny_recipe):
     crash_run(recipe, run, 5)  # pruned at steps 0 and 4, checkpointed at 3
     train_run(recipe, run, resume=True, progress=False)
     assert_same_delta(tmp_path / "whole", run)
+
+
+def test_one_shot_wanda_by_rows_of_the_base_weights(tmp_path, tiny_recipe):
+    """llm-compressor's one-shot baseline: Wanda scores on training batches, every output row of
+    every backbone Linear pruned to the density."""
+    import torch
+
+    from slimtune.runner import load_run
+
+    recipe = copy.deepcopy(tiny_recipe)
+    recipe["method"] = {"name": "bitfit"}
+    recipe["sparsity"] = {"target": "base", "criterion": "wanda", "scope": "row", "density": 0.5, "batches": 2}
+    report = train_run(validate_recipe(recipe), tmp_path / "run", progress=False)
+    assert abs(report["sparsity"]["weight_density"] - 0.5) < 1e-6
+    model = load_run(tmp_path / "run").model
+    linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "classifier" not in n]
+    assert linears and all(((m.weight != 0).sum(1) == m.in_features // 2).all() for m in linears)

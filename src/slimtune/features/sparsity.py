@@ -24,8 +24,8 @@ class SparsitySection(Feature):
 
     target: Literal["delta", "base"] = Field("delta", description="what to prune: 'delta' (the weights the methods train: adapters, LoRA factors, ...) or 'base' (the backbone's linear weights)")
     include: list[str] | None = Field(None, description="optional tensor-name patterns (suffix or 're:') narrowing the target")
-    criterion: str = Field("magnitude", description=f"score: {', '.join(criteria.CRITERIA)} (snip, grasp, movement need data)")
-    scope: Literal["global", "local"] = Field("global", description="rank all target tensors together (global) or each tensor on its own (local)")
+    criterion: str = Field("magnitude", description=f"score: {', '.join(criteria.CRITERIA)} (snip, grasp, movement, wanda need data)")
+    scope: Literal["global", "local", "row"] = Field("global", description="rank all target tensors together (global), each tensor on its own (local), or within each output row of each tensor (row: Wanda's comparison group)")
     density: float | None = Field(None, description="fraction of entries KEPT at the end, in (0, 1]")
     sparsity: float | None = Field(None, description="alias: 1 - density (fraction removed)")
     schedule: Literal["one_shot", "gradual", "iterative"] = Field("one_shot", description="one_shot (once, at 'at'), gradual (Zhu & Gupta cubic), iterative (prune -> retrain rounds)")

@@ -14,6 +14,10 @@ synflow     |w ⊙ dR/dw|, R = sum of the outputs of the network with      nothi
             all-ones input (Tanaka 2020; one round here)
 movement    -w ⊙ sum of dL/dw (Sanh 2020; during training the schedule   data
             accumulates it over the training steps instead)
+wanda       |w_ij| * ||x_j||_2, x_j the layer's j-th input feature over  data
+            the real tokens of a few batches (Sun et al. 2024, Wanda;
+            official locuslab/wanda ``lib/prune.py`` ``prune_wanda``,
+            which compares within each output row: ``scope: row``)
 ==========  ==========================================================  ================
 
 ``w`` is the tensor as the network sees it (masked entries are 0). Gradients are taken with
@@ -33,8 +37,8 @@ from torch import nn
 from slimtune.errors import SlimtuneError, did_you_mean
 from slimtune.sparsity.masks import dense_tensor
 
-CRITERIA = ("random", "magnitude", "snip", "grasp", "synflow", "movement")
-DATA_CRITERIA = frozenset({"snip", "grasp", "movement"})
+CRITERIA = ("random", "magnitude", "snip", "grasp", "synflow", "movement", "wanda")
+DATA_CRITERIA = frozenset({"snip", "grasp", "movement", "wanda"})
 
 Targets = dict[str, tuple[nn.Module, str]]
 LossFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
@@ -112,7 +116,47 @@ def score(
         return {name: -(grads[name] * w) for name, w in weights.items()}
     if criterion == "grasp":
         return _grasp(model, targets, batches, loss_fn, weights)
+    if criterion == "wanda":
+        norms = _input_norms(model, targets, batches, loss_fn)
+        return {name: w.abs() * norms[name].to(w.dtype) for name, w in weights.items()}
     return _synflow(model, targets, weights, synflow_forward)
+
+
+def _input_norms(model: nn.Module, targets: Targets, batches: list[dict[str, torch.Tensor]], loss_fn: LossFn) -> dict[str, torch.Tensor]:
+    """Per target Linear weight, the L2 norm of each input feature over the real tokens of
+    ``batches`` (Wanda's ``scaler_row``: the sum of squares over the calibration tokens, then its
+    square root), shaped to broadcast over the weight's rows. Padding tokens are left out (the
+    official code calibrates on unpadded segments)."""
+    for name, (module, tensor_name) in targets.items():
+        if not isinstance(module, nn.Linear) or tensor_name != "weight":
+            raise SlimtuneError(f"sparsity.criterion: 'wanda' scores the weight of a Linear layer by that layer's inputs; '{name}' is not one "
+                                "(use target: base, or another criterion)")
+    sums = {name: torch.zeros(module.in_features, dtype=torch.float64) for name, (module, _) in targets.items()}
+    real: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def record(module, args):
+            x = args[0].detach().double()
+            mask = real.get("mask")
+            if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+                x = x[mask]
+            sums[name] += x.reshape(-1, x.shape[-1]).pow(2).sum(0)
+        return record
+
+    handles = [module.register_forward_pre_hook(hook(name)) for name, (module, _) in targets.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                mask = batch.get("attention_mask")
+                real["mask"] = mask.bool() if mask is not None else None
+                loss_fn(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return {name: total.sqrt().float().unsqueeze(0) for name, total in sums.items()}
 
 
 def _grasp(model, targets: Targets, batches, loss_fn, weights) -> dict[str, torch.Tensor]:

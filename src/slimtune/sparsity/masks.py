@@ -186,10 +186,19 @@ def pin_to_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> Opti
 
 
 def kept_from_scores(scores: dict[str, torch.Tensor], density: float, scope: str) -> dict[str, torch.Tensor]:
-    """Boolean masks keeping the top ``density`` fraction by score: per tensor (``local``) or over
-    all tensors together (``global``). Exactly ``round(density * n)`` entries are kept (at
-    least one per tensor for ``local``); ties are broken in a fixed random order."""
+    """Boolean masks keeping the top ``density`` fraction by score: per tensor (``local``), over
+    all tensors together (``global``), or within each output row of each tensor (``row``, Wanda's
+    comparison group: every row loses ``int(columns * (1 - density))`` entries, as the official
+    ``prune_wanda``). Exactly ``round(density * n)`` entries are kept (at least one per tensor for
+    ``local``); ties are broken in a fixed random order."""
     check_density(density)
+    if scope == "row":
+        out = {}
+        for name, s in scores.items():
+            rows = s.reshape(s.shape[0], -1) if s.dim() > 1 else s.reshape(1, -1)
+            k = rows.shape[1] - int(rows.shape[1] * (1 - density))
+            out[name] = torch.stack([_top_k_mask(row.float(), k) for row in rows]).view_as(s)
+        return out
     if scope == "local":
         out = {}
         for name, s in scores.items():
@@ -197,7 +206,7 @@ def kept_from_scores(scores: dict[str, torch.Tensor], density: float, scope: str
             out[name] = _top_k_mask(s.flatten().float(), k).view_as(s)
         return out
     if scope != "global":
-        raise SlimtuneError(f"sparsity.scope: '{scope}' is not a scope; valid: global, local")
+        raise SlimtuneError(f"sparsity.scope: '{scope}' is not a scope; valid: global, local, row")
     flat = torch.cat([s.flatten().float() for s in scores.values()])
     k = max(1, round(density * flat.numel()))
     kept = _top_k_mask(flat, k)

@@ -7,7 +7,9 @@ than 32,768 entries, else int32), ``name::sparse_values`` and ``name::sparse_sha
 When a bitmap (1 bit per entry) is smaller than the index list — at density above 1/16 for
 int16 indices, 1/32 for int32 — ``name::sparse_bitmap`` (packed uint8) replaces the indices;
 and when neither beats the dense tensor (values alone cost ``density`` of it), the tensor stays
-dense. Reading restores the dense tensor (zeros where masked) and the mask itself.
+dense. Reading restores the dense tensor (zeros where masked) and the mask itself. A masked
+tensor of the model that the delta does not hold (a pruned frozen base weight) is saved as its
+mask alone, ``name::sparse_mask`` (a bitmap) and ``name::sparse_shape``.
 """
 
 from __future__ import annotations
@@ -58,7 +60,10 @@ def encode(name: str, value: torch.Tensor, kept: torch.Tensor) -> dict[str, torc
 
 
 def encode_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Replace every masked tensor of ``state`` (clean names) by its sparse form."""
+    """Replace every masked tensor of ``state`` (clean names) by its sparse form, and add the mask
+    alone (a bitmap, ``name::sparse_mask``) of every masked tensor of the model that ``state``
+    does not hold: a pruned base weight under a method that does not train it (BitFit, LoRA),
+    whose values the base model has, so that the run loads back pruned."""
     masks = {name: mask.kept for name, _, _, mask in masked_tensors(model)}
     out: dict[str, torch.Tensor] = {}
     for name, value in state.items():
@@ -67,6 +72,11 @@ def encode_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, 
             out.update(encode(name, value, kept))
         else:
             out[name] = value
+    held = {clean_name(name) for name in state}
+    for name, kept in masks.items():
+        if name not in held:
+            out[f"{name}{SEP}mask"] = _packbits(kept.flatten())
+            out[f"{name}{SEP}shape"] = torch.tensor(list(kept.shape), dtype=torch.int64)
     return out
 
 
@@ -82,6 +92,10 @@ def decode_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
         else:
             dense[key] = value
     for name, parts in groups.items():
+        if "mask" in parts and "shape" in parts:  # a mask alone: the values are the base model's
+            shape = [int(v) for v in parts["shape"].tolist()]
+            kept[name] = _unpackbits(parts["mask"], math.prod(shape)).view(shape)
+            continue
         if "values" not in parts or "shape" not in parts or not ({"indices", "bitmap"} & parts.keys()):
             raise SlimtuneError(f"delta: sparse tensor '{name}' lacks its values, shape or positions")
         shape = [int(s) for s in parts["shape"].tolist()]
