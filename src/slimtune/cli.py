@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "with the smaller delta (slimtune eval DIR reads it); with --merge/--slim/--int8/--bf16: merged after")
     export.add_argument("--int8", action="store_true", help="dynamic int8 Linear layers (CPU inference)")
     export.add_argument("--bf16", action="store_true", help="bfloat16 weights")
+    export.add_argument("--sparse", action="store_true", help="store Linear weights that have zeros as positions + values "
+                        "(float32, or int8 with --int8); export_report.json gets the encoder compression (dense fp32 bytes / stored)")
     export.add_argument("--threads", type=int, default=2, help="torch threads for the latency measurement (default 2)")
     export.add_argument("--no-measure", dest="measure", action="store_false", help="skip the accuracy/latency report (faster)")
     export.add_argument("--force", action="store_true", help="load the delta even if its base fingerprint differs")
@@ -387,7 +389,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    model_flags = args.out or args.merge or args.slim or args.int8 or args.bf16 or args.lora_rank is not None
+    model_flags = args.out or args.merge or args.slim or args.int8 or args.bf16 or args.sparse or args.lora_rank is not None
     if args.peft is not None:
         if model_flags:
             raise SlimtuneError("export: --peft OUT exports the delta alone; it does not combine with --out/--merge/--slim/--int8/--bf16/--lora-rank")
@@ -410,13 +412,16 @@ def cmd_export(args) -> int:
         from slimtune.compress.lora_rank import parse_lora_rank, summary_lines
 
         rank = parse_lora_rank(args.lora_rank)
-        if not (args.merge or spec or args.int8 or args.bf16):
+        if not (args.merge or spec or args.int8 or args.bf16 or args.sparse):
             report = export_lora_rank(args.run_dir, args.out, rank, measure=args.measure, force=args.force)
             print("\n".join(summary_lines(report, args.out)))
             return 0
-    report = export_run(args.run_dir, args.out, merge=args.merge, slim=spec, int8=args.int8, bf16=args.bf16,
+    report = export_run(args.run_dir, args.out, merge=args.merge, slim=spec, int8=args.int8, bf16=args.bf16, sparse=args.sparse,
                         measure=args.measure, threads=args.threads, force=args.force, lora_rank=rank)
     print(f"exported ({'+'.join(report['export']['kinds'])}, {report['export']['layout']} layout) to {args.out}")
+    if sparse := report["export"].get("sparse"):
+        print(f"  encoder: {sparse['encoder_dense_fp32_bytes'] / 1e6:.2f} MB dense fp32 -> {sparse['encoder_stored_bytes'] / 1e6:.2f} MB stored "
+              f"({sparse['encoder_compression']:.1f}x; Linear weights {sparse['linear_weight_sparsity']:.1%} zero)")
     if "exported" in report:
         ref, new = report["reference"], report["exported"]
         metric = "accuracy" if "accuracy" in new["metrics"] else next(iter(new["metrics"]))

@@ -100,3 +100,54 @@ def test_lora_on_a_locked_sparse_model_merges_into_the_same_zeros(tmp_path, tiny
         assert torch.equal(weight != 0, before[name] != 0), f"{name}: the merge moved the zeros"
     run = load_run(tmp_path / "run")
     torch.testing.assert_close(text_logits(exported, run.tokenizer), text_logits(run.model.eval(), run.tokenizer), rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def locked_lora_run(tmp_path_factory, tiny_model_dir, tiny_data_file, sparse_model_dir):
+    recipe = {
+        "model": {"name": str(sparse_model_dir)},
+        "task": {"file": str(tiny_data_file), "text": "text", "label": "label"},
+        "method": {"name": "lora", "r": 4},
+        "train": {"max_steps": 4, "batch_size": 16, "lr": 5e-3, "max_length": 16, "warmup_ratio": 0.0},
+        "measure": {"latency": False},
+        "sparsity": {"lock": True},
+    }
+    run = tmp_path_factory.mktemp("locked") / "run"
+    train_run(validate_recipe(recipe), run, progress=False)
+    return run
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
+def test_sparse_storage_round_trips_and_reports_the_encoder_compression(locked_lora_run, sparse_model_dir, tmp_path, int8):
+    """export --sparse: the same tensors as the dense export, in fewer bytes; the encoder's
+    compression is its float32 bytes over the stored ones."""
+    import slimtune
+    from slimtune.io import read_json, read_safetensors
+    from slimtune.runner import export_run
+    from tests.fixtures import text_logits
+
+    export_run(locked_lora_run, tmp_path / "dense", merge=True, int8=int8, measure=False)
+    report = export_run(locked_lora_run, tmp_path / "sparse", merge=True, int8=int8, sparse=True, measure=False)
+    record = report["export"]
+    assert "sparse" in record["kinds"] and record["sparse"]["format"] == "slimtune-sparse/1"
+    stored = read_safetensors(tmp_path / "sparse" / "slimtune_model.safetensors")
+    assert any("::sparse_" in k for k in stored) and not any(k.startswith("classifier.weight::") for k in stored)
+    tokenizer = load_run(locked_lora_run).tokenizer
+    dense, sparse = slimtune.load_exported(tmp_path / "dense"), slimtune.load_exported(tmp_path / "sparse")
+    assert torch.equal(text_logits(sparse, tokenizer), text_logits(dense, tokenizer))
+    layers = [k for k in stored if ".layer." in k]
+    assert record["sparse"]["encoder_stored_bytes"] == sum(stored[k].numel() * stored[k].element_size() for k in layers)
+    base = BertForSequenceClassification.from_pretrained(sparse_model_dir)  # the same shapes, dense float32
+    dense_fp32 = sum(p.numel() * 4 for n, p in base.state_dict().items() if ".layer." in n)
+    assert record["sparse"]["encoder_dense_fp32_bytes"] == dense_fp32
+    assert record["sparse"]["encoder_compression"] == pytest.approx(dense_fp32 / record["sparse"]["encoder_stored_bytes"])
+    assert record["sparse"]["encoder_compression"] > (3.0 if int8 else 1.5)  # 70% zeros in the Linears
+    assert read_json(tmp_path / "sparse" / "slimtune_export.json")["sparse"] == record["sparse"]
+
+
+def test_sparse_export_refuses_bf16(locked_lora_run, tmp_path):
+    from slimtune.runner import export_run
+
+    with pytest.raises(SlimtuneError, match="--sparse and --bf16"):
+        export_run(locked_lora_run, tmp_path / "x", sparse=True, bf16=True)
+    assert not (tmp_path / "x").exists()

@@ -12,6 +12,7 @@ adapter export lives in ``slimtune.compress.peft_export``. Loading the run is th
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +173,7 @@ def _describe(config, model, *, pooling: str, labels: list[str] | None) -> None:
         config.label2id = {name: i for i, name in enumerate(labels)}
 
 
-def _plain_hf(model, layout: str, *, pooling: str, int8: bool) -> str:
+def _plain_hf(model, layout: str, *, pooling: str, int8: bool, sparse: bool = False) -> str:
     """The ``plain_hf`` note of the export record: which transformers class reproduces the export
     from the directory alone, or why none does."""
     if layout == "hf":
@@ -182,13 +183,61 @@ def _plain_hf(model, layout: str, *, pooling: str, int8: bool) -> str:
                "(theirs read [CLS] through a pooler this run never trained)")
     elif int8:
         why = "its Linear layers are int8"
+    elif sparse:
+        why = "its Linear weights are stored sparse (positions + values)"
     else:
         why = "its per-layer shapes (shapes.json) are not expressible in config.json"
     return f"no: {why}; the weights are in a file transformers does not look for, so use slimtune.load_exported(DIR)"
 
 
-def _write_model(model, staging: Path, *, int8: bool, pooling: str, labels: list[str] | None) -> dict[str, Any]:
-    """Write the weights and config; returns the layout part of the export record."""
+#: The sparse weights of ``export --sparse`` (``slimtune_model.safetensors``): every Linear weight
+#: with zeros (float32, or int8 values with their dense per-channel scales) as the positions of
+#: its non-zeros (int16/int32 indices or a bitmap, whichever is smaller) + their values, in the
+#: delta's sparse format (``slimtune.sparsity.storage``); a tensor that would not get smaller stays dense.
+SPARSE_FORMAT = "slimtune-sparse/1"
+#: Tensors of the transformer layers, what "encoder compression" counts (embeddings and head excluded).
+LAYER_TENSOR = re.compile(r"(^|\.)(layer|layers|h)\.\d+\.")
+
+
+def sparse_weights(model, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with every Linear weight that has zeros in the sparse format (see SPARSE_FORMAT)."""
+    import torch
+
+    from slimtune.compress.quantize import is_int8_linear
+    from slimtune.sparsity.storage import encode
+
+    linear = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) or is_int8_linear(m)}
+    out: dict[str, Any] = {}
+    for name, value in state.items():
+        if name in linear and value.dim() == 2 and bool((value == 0).any()):
+            out.update(encode(name, value, value != 0))
+        else:
+            out[name] = value
+    return out
+
+
+def compression(state: dict[str, Any], dense_model) -> dict[str, Any]:
+    """Encoder compression (Prune Once for All's measure): the transformer layers' float32 bytes
+    in ``dense_model`` / their bytes as stored in ``state``; and the weight sparsity of its Linears."""
+    import torch
+
+    from slimtune.sparsity.storage import SEP
+
+    def in_layers(name: str) -> bool:
+        return bool(LAYER_TENSOR.search(name.partition(SEP)[0]))
+
+    dense = sum(p.numel() * 4 for n, p in dense_model.state_dict().items() if in_layers(n) and p.is_floating_point())
+    stored = sum(t.numel() * t.element_size() for n, t in state.items() if in_layers(n))
+    weights = [m.weight for m in dense_model.modules() if isinstance(m, torch.nn.Linear)]
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    return {"encoder_dense_fp32_bytes": dense, "encoder_stored_bytes": stored, "encoder_compression": dense / stored if stored else None,
+            "linear_weight_sparsity": zeros / sum(w.numel() for w in weights) if weights else 0.0}
+
+
+def _write_model(model, staging: Path, *, int8: bool, pooling: str, labels: list[str] | None, sparse: bool = False,
+                 dense_model=None) -> dict[str, Any]:
+    """Write the weights and config; returns the layout part of the export record (with
+    ``sparse``: the sparse format and the compression against ``dense_model``, the float32 twin)."""
     import copy
 
     from slimtune.compress.loader import HF_WEIGHTS, REBUILT_WEIGHTS, SHAPES_FILE
@@ -199,7 +248,7 @@ def _write_model(model, staging: Path, *, int8: bool, pooling: str, labels: list
     # Mean pooling is written in the rebuilt layout: under model.safetensors,
     # AutoModelForSequenceClassification would load it with a random [CLS] pooler in front of the
     # classifier and predict near-constant logits without an error.
-    config = None if int8 or pooling == "mean" else hf_config(model)
+    config = None if int8 or sparse or pooling == "mean" else hf_config(model)
     if config is not None:
         # The Hugging Face layout: config.json + model.safetensors under the model's own names.
         _describe(config, model, pooling=pooling, labels=labels)
@@ -209,14 +258,18 @@ def _write_model(model, staging: Path, *, int8: bool, pooling: str, labels: list
     config = copy.deepcopy(model.config)  # the dense config; shapes.json says what was removed
     _describe(config, model, pooling=pooling, labels=labels)
     config.save_pretrained(staging)
-    state = int8_state(model) if int8 else dict(model.state_dict())
-    write_safetensors(staging / REBUILT_WEIGHTS, _dedupe_shared(state), metadata={"format": "pt"})
+    state = _dedupe_shared(int8_state(model) if int8 else dict(model.state_dict()))
+    sparse_record = None
+    if sparse:
+        state = sparse_weights(model, state)
+        sparse_record = {"format": SPARSE_FORMAT, **compression(state, dense_model if dense_model is not None else model)}
+    write_safetensors(staging / REBUILT_WEIGHTS, state, metadata={"format": "pt"})
     shapes = None
     if not is_dense(record):
         write_json(staging / SHAPES_FILE, record)
         shapes = SHAPES_FILE
-    return {"layout": "rebuilt", "shapes": shapes, "int8": INT8_FORMAT if int8 else None,
-            "plain_hf": _plain_hf(model, "rebuilt", pooling=pooling, int8=int8)}
+    return {"layout": "rebuilt", "shapes": shapes, "int8": INT8_FORMAT if int8 else None, "sparse": sparse_record,
+            "plain_hf": _plain_hf(model, "rebuilt", pooling=pooling, int8=int8, sparse=sparse)}
 
 
 def save_exported(
@@ -229,12 +282,16 @@ def save_exported(
     tokenizer=None,
     kinds: list[str] | None = None,
     extra: dict[str, Any] | None = None,
+    sparse: bool = False,
+    dense_model=None,
 ) -> dict[str, Any]:
     """Write an in-memory model (plain Linears: merged, possibly slimmed by
     ``slimtune.sparsity.structured``, possibly int8 or bf16) as an export directory that
     ``slimtune.load_exported`` loads; returns the export record. ``directory`` must not exist
     or be empty. ``pooling``: what feeds a classification head (``mean`` re-installs slimtune's
-    masked-mean pooler at load time)."""
+    masked-mean pooler at load time). ``sparse``: Linear weights with zeros stored as positions +
+    values (``SPARSE_FORMAT``), the record's ``sparse`` holding the encoder compression against
+    ``dense_model`` (the float32 model, when ``model`` is int8)."""
     import torch
 
     from slimtune.compress.loader import EXPORT_FORMAT, EXPORT_RECORD
@@ -248,9 +305,10 @@ def save_exported(
     float_params = [p for p in model.parameters() if p.is_floating_point()]
     bf16 = bool(float_params) and float_params[0].dtype == torch.bfloat16
     if kinds is None:
-        kinds = ["merged"] + ([] if is_dense(shape_record(model)) else ["slimmed"]) + (["int8"] if int8 else []) + (["bf16"] if bf16 else [])
+        kinds = (["merged"] + ([] if is_dense(shape_record(model)) else ["slimmed"]) + (["int8"] if int8 else []) + (["bf16"] if bf16 else [])
+                 + (["sparse"] if sparse else []))
     layout = _write_model(model, directory, int8=int8, pooling=pooling,
-                          labels=labels if objective == "classification" else None)
+                          labels=labels if objective == "classification" else None, sparse=sparse, dense_model=dense_model)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     record = {
@@ -296,16 +354,18 @@ def check_out(out: Path) -> None:
 
 
 def check_export_request(out: Path, *, merge: bool = False, slim: str | dict[str, Any] | None = None, int8: bool = False,
-                         bf16: bool = False, **options: Any) -> dict[str, Any]:
+                         bf16: bool = False, sparse: bool = False, **options: Any) -> dict[str, Any]:
     """Validate an export's options before anything loads (one-line errors); the options for
     :func:`export_model`, ``slim`` parsed."""
     spec = parse_slim_spec(slim) if isinstance(slim, str) else slim
     if int8 and bf16:
         raise SlimtuneError("--int8 and --bf16: choose one (int8 Linears run on float32 activations)")
-    if not (merge or spec or int8 or bf16):
-        raise SlimtuneError("export: give --merge, --slim SPEC, --int8 and/or --bf16 (or --peft OUT for a peft adapter)")
+    if sparse and bf16:
+        raise SlimtuneError("--sparse and --bf16: the sparse format stores float32 or int8 weights; choose one")
+    if not (merge or spec or int8 or bf16 or sparse):
+        raise SlimtuneError("export: give --merge, --slim SPEC, --int8, --bf16 and/or --sparse (or --peft OUT for a peft adapter)")
     check_out(out)
-    return {"merge": merge, "slim": spec, "int8": int8, "bf16": bf16, **options}
+    return {"merge": merge, "slim": spec, "int8": int8, "bf16": bf16, "sparse": sparse, **options}
 
 
 def export_model(
@@ -316,6 +376,7 @@ def export_model(
     slim: dict[str, Any] | None = None,
     int8: bool = False,
     bf16: bool = False,
+    sparse: bool = False,
     measure: bool = True,
     threads: int = 2,
     batch_size: int = 32,
@@ -369,7 +430,7 @@ def export_model(
     slimming = None
     if spec:
         slimming = _slim(model, built, spec, rows["train"], pad_id)
-    kinds = ["merged"] + (["slimmed"] if spec else []) + (["int8"] if int8 else []) + (["bf16"] if bf16 else [])
+    kinds = ["merged"] + (["slimmed"] if spec else []) + (["int8"] if int8 else []) + (["bf16"] if bf16 else []) + (["sparse"] if sparse else [])
     float_twin = None
     if int8:
         import copy
@@ -384,7 +445,7 @@ def export_model(
     with staged_directory(out) as staging:
         record = save_exported(
             model, staging, objective=objective, pooling=built.pooling, labels=list(built.task.label_names),
-            tokenizer=built.tokenizer, kinds=kinds,
+            tokenizer=built.tokenizer, kinds=kinds, sparse=sparse, dense_model=float_twin,
             extra={"slim": slimming, "max_length": max_length, "lora_rank": lora_info,
                    "source": {"run_dir": str(run_dir), "model": recipe.model.name, "method": built.delta.label, "task": built.task.name}},
         )

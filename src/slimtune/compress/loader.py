@@ -15,7 +15,8 @@ and the tokenizer. Its weights come in one of two layouts:
   model; ``shapes.json`` is the per-layer shape record of ``slimtune.sparsity.structured``
   (kept original head / KV-head / neuron indices per layer). The loader builds the dense
   skeleton from the config, shrinks it to those shapes, quantises it if the export is int8 and
-  loads the tensors. The file name differs from ``model.safetensors`` on purpose: a plain
+  loads the tensors; ``export --sparse`` stores its Linear weights as positions + values
+  (``slimtune.compress.export.SPARSE_FORMAT``), decoded here. The file name differs from ``model.safetensors`` on purpose: a plain
   ``from_pretrained`` fails loudly instead of loading mismatched tensors.
 
 Classification exports trained with mean pooling (the default for MiniLM/MPNet) record
@@ -111,6 +112,10 @@ def _load_rebuilt(model: nn.Module, directory: Path, record: dict[str, Any], dty
         apply_shape_record(model, read_json(directory / SHAPES_FILE), str(directory / SHAPES_FILE))
     weights = directory / REBUILT_WEIGHTS
     state = read_safetensors(weights)
+    if record.get("sparse"):  # positions + values back to dense tensors (zeros elsewhere)
+        from slimtune.sparsity.storage import decode_state
+
+        state = decode_state(state)[0]
     if record.get("int8"):
         from slimtune.compress.quantize import load_int8_state
 
