@@ -91,6 +91,8 @@ TITLES = {
     "sparse_adapter": "SparseAdapter",
     "dsee": "DSEE",
     "vision": "Vision",
+    "tickets": "Lottery tickets: robust vs plain, and the rethinking controls",
+    "sparse_kernels": "Sparse kernels on this CPU",
 }
 
 

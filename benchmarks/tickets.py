@@ -323,5 +323,9 @@ def result_name(model: str) -> str:
 PART_FUNCTIONS = {"cost": cost_part, "robust": robust_part, "rethinking": rethinking_part, "structured": structured_part}
 
 
+#: docs/benchmarks.md's section (benchmarks/readme.py).
+render_markdown = render
+
+
 if __name__ == "__main__":
     main()
