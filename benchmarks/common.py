@@ -33,6 +33,13 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int, warmup:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def print_saved(name: str, render: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    """``--render-only``: print ``render`` of ``results/<name>.json`` and return the result."""
+    result = json.loads((RESULTS / f"{name}.json").read_text())
+    print(render(result))
+    return result
+
+
 def write_result(name: str, data: dict[str, Any]) -> Path:
     import torch
 

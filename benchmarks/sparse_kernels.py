@@ -13,11 +13,10 @@ this measures it (``export --sparse`` today stores sparse and computes dense).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from typing import Any
 
-from benchmarks.common import RESULTS, interleaved_medians, write_result
+from benchmarks.common import interleaved_medians, print_saved, write_result
 
 NAME = "sparse_kernels"
 
@@ -114,9 +113,7 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args(argv)
     if args.render_only:
-        result = json.loads((RESULTS / f"{NAME}.json").read_text())
-        print(render(result))
-        return result
+        return print_saved(NAME, render)
     import torch
 
     torch.set_num_threads(args.threads)

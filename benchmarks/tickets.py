@@ -38,7 +38,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, interleaved_medians, write_result
+from benchmarks.common import RESULTS, interleaved_medians, print_saved, write_result
 
 NAME = "tickets"
 PARTS = ("cost", "robust", "rethinking", "structured")
@@ -267,11 +267,7 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--render-only", action="store_true", help="print the tables of benchmarks/results/tickets-MODEL.json")
     args = parser.parse_args(argv)
     if args.render_only:
-        import json
-
-        result = json.loads((RESULTS / f"{result_name(args.model)}.json").read_text())
-        print(render(result))
-        return result
+        return print_saved(result_name(args.model), render)
     import torch
 
     torch.set_num_threads(args.threads)
