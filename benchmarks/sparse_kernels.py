@@ -21,11 +21,9 @@ from benchmarks.common import interleaved_medians, print_saved, write_result
 NAME = "sparse_kernels"
 
 
-def pruned(weight, sparsity: float, block: int | None, seed: int):
+def pruned(weight, sparsity: float, block: int | None):
     """``weight`` with the smallest-magnitude ``sparsity`` share zeroed: per entry, or per
     ``block`` x ``block`` tile (by the tile's L2 norm)."""
-    import torch
-
     if block is None:
         k = int(weight.numel() * sparsity)
         threshold = weight.abs().flatten().kthvalue(k).values
@@ -47,8 +45,8 @@ def layer_pair(args, sparsity: float, block: int | None) -> dict[str, Any]:
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch * args.tokens, args.hidden, generator=g)
-    up = pruned(torch.randn(args.ffn, args.hidden, generator=g) * 0.02, sparsity, block, 1)
-    down = pruned(torch.randn(args.hidden, args.ffn, generator=g) * 0.02, sparsity, block, 2)
+    up = pruned(torch.randn(args.ffn, args.hidden, generator=g) * 0.02, sparsity, block)
+    down = pruned(torch.randn(args.hidden, args.ffn, generator=g) * 0.02, sparsity, block)
     csr = (up.to_sparse_csr(), down.to_sparse_csr())
     contenders = {
         "dense fp32": lambda: F.linear(F.linear(x, up), down),
