@@ -151,3 +151,18 @@ def test_sparse_export_refuses_bf16(locked_lora_run, tmp_path):
     with pytest.raises(SlimtuneError, match="--sparse and --bf16"):
         export_run(locked_lora_run, tmp_path / "x", sparse=True, bf16=True)
     assert not (tmp_path / "x").exists()
+
+
+def test_locked_transfer_with_task_distillation_from_a_dense_teacher(tmp_path, tiny_recipe, tiny_model_dir, sparse_model_dir, tiny_data_file):
+    """Prune Once for All's transfer: the sparse model fine-tuned with its pattern locked while a
+    dense fine-tuned teacher of the task is distilled into it."""
+    from tests.fixtures import train_tiny_lora
+
+    teacher = train_tiny_lora(tmp_path / "teacher", tiny_model_dir, tiny_data_file)
+    recipe = lock_recipe(tiny_recipe, sparse_model_dir)
+    recipe["distill"] = {"teacher": str(teacher)}
+    report = train_run(validate_recipe(recipe), tmp_path / "run", progress=False)
+    assert report["distill"]["teacher_kind"] == "run" and set(report["distill"]["last_losses"]) == {"ce", "kd"}
+    before = linear_weights(BertForSequenceClassification.from_pretrained(sparse_model_dir))
+    after = linear_weights(load_run(tmp_path / "run").model)
+    assert all(bool((after[n][before[n] == 0] == 0).all()) for n in after)
