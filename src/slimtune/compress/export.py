@@ -12,7 +12,6 @@ adapter export lives in ``slimtune.compress.peft_export``. Loading the run is th
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -190,50 +189,6 @@ def _plain_hf(model, layout: str, *, pooling: str, int8: bool, sparse: bool = Fa
     return f"no: {why}; the weights are in a file transformers does not look for, so use slimtune.load_exported(DIR)"
 
 
-#: The sparse weights of ``export --sparse`` (``slimtune_model.safetensors``): every Linear weight
-#: with zeros (float32, or int8 values with their dense per-channel scales) as the positions of
-#: its non-zeros (int16/int32 indices or a bitmap, whichever is smaller) + their values, in the
-#: delta's sparse format (``slimtune.sparsity.storage``); a tensor that would not get smaller stays dense.
-SPARSE_FORMAT = "slimtune-sparse/1"
-#: Tensors of the transformer layers, what "encoder compression" counts (embeddings and head excluded).
-LAYER_TENSOR = re.compile(r"(^|\.)(layer|layers|h)\.\d+\.")
-
-
-def sparse_weights(model, state: dict[str, Any]) -> dict[str, Any]:
-    """``state`` with every Linear weight that has zeros in the sparse format (see SPARSE_FORMAT)."""
-    import torch
-
-    from slimtune.compress.quantize import is_int8_linear
-    from slimtune.sparsity.storage import encode
-
-    linear = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) or is_int8_linear(m)}
-    out: dict[str, Any] = {}
-    for name, value in state.items():
-        if name in linear and value.dim() == 2 and bool((value == 0).any()):
-            out.update(encode(name, value, value != 0))
-        else:
-            out[name] = value
-    return out
-
-
-def compression(state: dict[str, Any], dense_model) -> dict[str, Any]:
-    """Encoder compression (Prune Once for All's measure): the transformer layers' float32 bytes
-    in ``dense_model`` / their bytes as stored in ``state``; and the weight sparsity of its Linears."""
-    import torch
-
-    from slimtune.sparsity.storage import SEP
-
-    def in_layers(name: str) -> bool:
-        return bool(LAYER_TENSOR.search(name.partition(SEP)[0]))
-
-    dense = sum(p.numel() * 4 for n, p in dense_model.state_dict().items() if in_layers(n) and p.is_floating_point())
-    stored = sum(t.numel() * t.element_size() for n, t in state.items() if in_layers(n))
-    weights = [m.weight for m in dense_model.modules() if isinstance(m, torch.nn.Linear)]
-    zeros = sum(int((w == 0).sum()) for w in weights)
-    return {"encoder_dense_fp32_bytes": dense, "encoder_stored_bytes": stored, "encoder_compression": dense / stored if stored else None,
-            "linear_weight_sparsity": zeros / sum(w.numel() for w in weights) if weights else 0.0}
-
-
 def _write_model(model, staging: Path, *, int8: bool, pooling: str, labels: list[str] | None, sparse: bool = False,
                  dense_model=None) -> dict[str, Any]:
     """Write the weights and config; returns the layout part of the export record (with
@@ -261,6 +216,8 @@ def _write_model(model, staging: Path, *, int8: bool, pooling: str, labels: list
     state = _dedupe_shared(int8_state(model) if int8 else dict(model.state_dict()))
     sparse_record = None
     if sparse:
+        from slimtune.compress.sparse_weights import SPARSE_FORMAT, compression, sparse_weights
+
         state = sparse_weights(model, state)
         sparse_record = {"format": SPARSE_FORMAT, **compression(state, dense_model if dense_model is not None else model)}
     write_safetensors(staging / REBUILT_WEIGHTS, state, metadata={"format": "pt"})
@@ -290,7 +247,7 @@ def save_exported(
     ``slimtune.load_exported`` loads; returns the export record. ``directory`` must not exist
     or be empty. ``pooling``: what feeds a classification head (``mean`` re-installs slimtune's
     masked-mean pooler at load time). ``sparse``: Linear weights with zeros stored as positions +
-    values (``SPARSE_FORMAT``), the record's ``sparse`` holding the encoder compression against
+    values (``compress.sparse_weights``), the record's ``sparse`` holding the encoder compression against
     ``dense_model`` (the float32 model, when ``model`` is int8)."""
     import torch
 

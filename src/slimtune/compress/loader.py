@@ -16,7 +16,7 @@ and the tokenizer. Its weights come in one of two layouts:
   (kept original head / KV-head / neuron indices per layer). The loader builds the dense
   skeleton from the config, shrinks it to those shapes, quantises it if the export is int8 and
   loads the tensors; ``export --sparse`` stores its Linear weights as positions + values
-  (``slimtune.compress.export.SPARSE_FORMAT``), decoded here. The file name differs from ``model.safetensors`` on purpose: a plain
+  (``slimtune.compress.sparse_weights``), decoded here. The file name differs from ``model.safetensors`` on purpose: a plain
   ``from_pretrained`` fails loudly instead of loading mismatched tensors.
 
 Classification exports trained with mean pooling (the default for MiniLM/MPNet) record
