@@ -294,17 +294,18 @@ def main(argv=None) -> dict[str, Any]:
 
 
 def merge_and_write(args, part: str, entry: dict[str, Any]) -> dict[str, Any]:
-    """Parts and tasks run separately land in one file per model: a part this run redid replaces
-    the previous rows of its tasks and keeps the others (with their own settings)."""
+    """Parts, tasks and seeds run separately land in one file per model: a part this run redid
+    replaces the previous rows of its (task, seed) pairs and keeps the others (with their own
+    settings), so the seeds of a long model can be run one invocation at a time."""
     import json
 
     path = RESULTS / f"{result_name(args.model)}.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
-    tasks = set(args.tasks.split(","))
+    redone = {(task, int(seed)) for task in args.tasks.split(",") for seed in args.seeds.split(",")}
     merged = {name: previous[name] for name in PARTS if name in previous}
     old = merged.get(part)
     if "rows" in entry and old and "rows" in old:
-        kept = [r for r in old["rows"] if r["task"] not in tasks]
+        kept = [r for r in old["rows"] if (r["task"], r["seed"]) not in redone]
         if kept:
             entry = {**entry, "rows": kept + entry["rows"], "settings_of_kept_rows": old.get("settings_of_kept_rows") or old["settings"]}
     merged[part] = entry
