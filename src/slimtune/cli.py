@@ -425,8 +425,9 @@ def cmd_export(args) -> int:
               f"({sparse['encoder_compression']:.1f}x; Linear weights {sparse['linear_weight_sparsity']:.1%} zero)")
     if "exported" in report:
         ref, new = report["reference"], report["exported"]
-        metric = "accuracy" if "accuracy" in new["metrics"] else next(iter(new["metrics"]))
-        print(f"  {metric}: {ref['metrics'][metric]:.4f} -> {new['metrics'][metric]:.4f}")
+        # A bare model (a pre-training stage, objective features) has no task metric.
+        if metric := "accuracy" if "accuracy" in new["metrics"] else next(iter(new["metrics"]), None):
+            print(f"  {metric}: {ref['metrics'][metric]:.4f} -> {new['metrics'][metric]:.4f}")
         for key, label in (("params", "params"), ("flops_per_example", "FLOPs/example"), ("latency_ms_median", "latency ms")):
             print(f"  {label}: {ref[key]:.4g} -> {new[key]:.4g} ({report['ratios'].get(key, float('nan')):.2f}x)")
         print(f"  size on disk: {report['size_bytes'] / 1e6:.1f} MB  (report: {args.out / 'export_report.json'})")

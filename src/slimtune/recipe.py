@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from slimtune.core.features import FEATURES, Feature, Section, all_features
 from slimtune.errors import SlimtuneError, did_you_mean
+from slimtune.zoo.corpus import CORPUS_TASK
 
 
 class ModelSection(Section):
@@ -49,8 +50,10 @@ class TaskSection(Section):
     train_size: int | None = Field(None, ge=1, description="use a seeded stratified subset of this many training rows")
     eval_size: int | None = Field(None, ge=1, description="cap validation and test at this many rows (seeded)")
     split_seed: int = Field(0, ge=0, description="seed of the train/validation/test split (fixed, independent of train.seed)")
-    objective: Literal["auto", "classification", "lm"] = Field(
-        "auto", description="'classification', or 'lm' (causal-LM loss on the task's texts; decoders only); auto: classification"
+    objective: Literal["auto", "classification", "lm", "features"] = Field(
+        "auto", description="'classification', 'lm' (causal-LM loss on the task's texts; decoders only) or 'features' (the bare "
+        "model's hidden states, no head and no labels: the loss is the distill section's hidden/attention distillation from a "
+        "dense teacher, the sparse pre-training of an encoder without an LM head); auto: classification"
     )
 
     @model_validator(mode="after")
@@ -63,6 +66,9 @@ class TaskSection(Section):
             raise ValueError("give either task.protocol (vtab-1k) or task.shots (k per class), not both")
         if self.file is not None and (self.text is None or self.label is None):
             raise ValueError("a task.file needs task.text and task.label (column names)")
+        if self.name == CORPUS_TASK and self.objective in ("auto", "classification"):
+            raise ValueError(f"task '{CORPUS_TASK}' is unlabelled text: set task.objective to 'lm' (a decoder's causal-LM loss) "
+                             "or 'features' (an encoder's hidden-state distillation, with a distill section)")
         return self
 
     def loader_spec(self) -> str | dict[str, Any]:

@@ -11,6 +11,8 @@ Per training step, on the same batch::
   ``kl_div(log_softmax(s / T), softmax(t / T), reduction="batchmean") * T**2``, the student loss
   scaled by ``alpha_student``); Prune Once for All's defaults are alpha_ce = alpha_kd = 0.5, T = 2
   (``research/prune-once-for-all/*.sh``: ``--ce_alpha 0.5 --ce_temperature 2``).
+  For a causal LM (``task.objective: lm``) the KD is token-level: the same loss over the vocabulary
+  at every real (non-padding) position, averaged over those positions, and CE is the causal-LM loss.
 - **Hidden-state distillation** (TinyBERT, Jiao et al. 2020, ``L_hidn``): the mean squared error
   between the student's and the teacher's hidden states, embeddings output included (index 0),
   over the real (non-padding) tokens, averaged over the mapped layers.
@@ -30,6 +32,11 @@ when the hook is built, by running both models on three tokens).
 
 The teacher runs in eval mode under ``torch.no_grad`` with its parameters frozen; its forward
 time and parameter count are reported (report.json ``distill``, and the report card).
+
+With ``task.objective: features`` (a bare encoder, no head: Prune Once for All's pre-training stage
+for a checkpoint without an MLM head) hidden/attention distillation is the whole loss, and every
+evaluation of the run is that loss on the split (metrics ``distill_loss``, ``hidden_mse``,
+``attention_kl``), since the model has no task metric of its own.
 """
 
 from __future__ import annotations
@@ -45,8 +52,13 @@ from slimtune.core.hooks import Hook
 from slimtune.errors import SlimtuneError
 
 
-def logits_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T^2 * KL(softmax(t / T) || softmax(s / T))`` summed over classes, averaged over the batch."""
+def logits_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``T^2 * KL(softmax(t / T) || softmax(s / T))`` summed over classes, averaged over the batch;
+    token logits [batch, tokens, vocab] are averaged over the real tokens (``attention_mask``)."""
+    if student_logits.dim() == 3:
+        keep = attention_mask.bool() if attention_mask is not None else torch.ones(student_logits.shape[:2], dtype=torch.bool)
+        student_logits, teacher_logits = student_logits[keep], teacher_logits[keep]
     return F.kl_div(F.log_softmax(student_logits / temperature, dim=-1), F.softmax(teacher_logits / temperature, dim=-1),
                     reduction="batchmean") * temperature**2
 
@@ -134,8 +146,9 @@ class DistillHook(Hook):
     name: ClassVar[str] = "distill"
 
     def __init__(self, teacher: nn.Module, *, source: str, kind: str, alpha_ce: float, alpha_kd: float, temperature: float,
-                 hidden: float, attention: float, layers: str | list[int], student: nn.Module):
+                 hidden: float, attention: float, layers: str | list[int], student: nn.Module, objective: str = "classification"):
         self.teacher = teacher.eval()
+        self.objective = objective
         for parameter in self.teacher.parameters():
             parameter.requires_grad_(False)
         self.source, self.kind = source, kind
@@ -156,29 +169,65 @@ class DistillHook(Hook):
         inputs = batch if with_labels else {k: v for k, v in batch.items() if k != "labels"}
         return model(**inputs, output_hidden_states=bool(self.hidden), output_attentions=bool(self.attention))
 
-    def backward(self, trainer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def losses(self, student_model: nn.Module, batch: dict[str, torch.Tensor], autocast) -> dict[str, torch.Tensor]:
+        """The weighted loss terms of one batch (the teacher's forward timed, without gradient)."""
         start = time.perf_counter()
-        with torch.no_grad(), trainer.autocast():
+        with torch.no_grad(), autocast():
             teacher = self._outputs(self.teacher, batch, with_labels=False)
         self.teacher_seconds += time.perf_counter() - start
-        with trainer.autocast():
-            student = self._outputs(trainer.model, batch, with_labels=True)
+        with autocast():
+            student = self._outputs(student_model, batch, with_labels=True)
         mask = batch.get("attention_mask")
         parts: dict[str, torch.Tensor] = {}
         if self.alpha_ce:
             parts["ce"] = self.alpha_ce * student.loss
         if self.alpha_kd:
-            parts["kd"] = self.alpha_kd * logits_kd_loss(student.logits.float(), teacher.logits.float(), self.temperature)
+            parts["kd"] = self.alpha_kd * logits_kd_loss(student.logits.float(), teacher.logits.float(), self.temperature, mask)
         if self.hidden:
             parts["hidden"] = self.hidden * hidden_mse_loss(student.hidden_states, teacher.hidden_states, [(0, 0), *self.pairs], mask)
         if self.attention:
             parts["attention"] = self.attention * attention_kl_loss(
                 student.attentions, teacher.attentions, [(m - 1, t - 1) for m, t in self.pairs], mask)
+        return parts
+
+    def backward(self, trainer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        parts = self.losses(trainer.model, batch, trainer.autocast)
         loss = sum(parts.values())
         loss.backward()
         self.steps += 1
         self.last = {k: float(v.detach()) for k, v in parts.items()}
         return loss.detach()
+
+    def on_evaluate(self, trainer, split: str, metrics: dict[str, float]) -> None:
+        """A bare model (objective features) is evaluated by the distillation loss itself: the
+        example-weighted mean of each term over the split (unweighted names: hidden_mse, attention_kl)."""
+        if self.objective != "features":
+            return
+        from slimtune.zoo.batches import eval_batches
+
+        names = {"hidden": ("hidden_mse", self.hidden), "attention": ("attention_kl", self.attention)}
+        sums = torch.zeros(len(names) + 2, dtype=torch.float64)  # per term, the total, the example count
+        was_training = trainer.model.training
+        trainer.model.eval()
+        seconds = self.teacher_seconds  # evaluation is not training cost
+        try:
+            with torch.no_grad():
+                for indices in eval_batches(len(trainer.rows[split]), trainer.cfg.eval_batch_size, trainer.rank, trainer.world_size):
+                    parts = self.losses(trainer.model, trainer.batch(split, indices), trainer.autocast)
+                    for i, (key, (_, weight)) in enumerate(names.items()):
+                        if key in parts:
+                            sums[i] += float(parts[key]) / weight * len(indices)
+                    sums[-2] += float(sum(parts.values())) * len(indices)
+                    sums[-1] += len(indices)
+        finally:
+            trainer.model.train(was_training)
+            self.teacher_seconds = seconds
+        totals = trainer.gather(sums).view(-1, len(sums)).sum(0)
+        count = max(float(totals[-1]), 1.0)
+        metrics["distill_loss"] = float(totals[-2]) / count
+        for i, (name, weight) in enumerate(names.values()):
+            if weight:
+                metrics[name] = float(totals[i]) / count
 
     def state_dict(self) -> dict[str, Any]:
         return {"teacher_seconds": self.teacher_seconds, "steps": self.steps}

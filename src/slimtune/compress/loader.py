@@ -46,13 +46,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _auto_class(objective: str):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if objective == "classification":
         return AutoModelForSequenceClassification
     if objective == "lm":
         return AutoModelForCausalLM
-    raise SlimtuneError(f"{EXPORT_RECORD}: objective '{objective}' must be 'classification' or 'lm'")
+    if objective == "features":
+        return AutoModel
+    raise SlimtuneError(f"{EXPORT_RECORD}: objective '{objective}' must be 'classification', 'lm' or 'features'")
 
 
 def read_export_record(directory: Path) -> dict[str, Any]:

@@ -59,6 +59,9 @@ DEFAULT_TARGETS: dict[str, dict[str, list[str]]] = {
 
 #: Modules that make up the task head (newly initialised, trained by every classification run).
 HEAD_MODULE_NAMES = ("classifier", "score")
+#: Every output head: the task heads and a causal LM's vocabulary projection (tied to the input
+#: embeddings in most checkpoints), which pruning the base's Linears leaves alone.
+OUTPUT_HEAD_NAMES = (*HEAD_MODULE_NAMES, "lm_head")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,10 @@ temperature, hidden-state and attention distillation; the machinery: :mod:`slimt
 ```yaml
 distill: {teacher: runs/dense-teacher, alpha_ce: 0.5, alpha_kd: 0.5, temperature: 2}
 ```
+
+With ``task.objective: lm`` the KD is token-level (the teacher a causal LM of the same tokenizer);
+with ``task.objective: features`` (a bare encoder, no head) the loss is hidden/attention
+distillation alone: alpha_ce and alpha_kd default to 0 there.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ class DistillSection(Feature):
 
     teacher: str = Field(description="the teacher: a run directory or a `slimtune export` directory of the same task (logits KD), "
                          "or a zoo model name / model directory (no task head: hidden/attention distillation only)")
-    alpha_ce: float = Field(0.5, ge=0, description="weight of the student's own task loss (cross-entropy with the labels)")
-    alpha_kd: float = Field(0.5, ge=0, description="weight of the logits KD loss T^2 KL(teacher || student) at temperature T")
+    alpha_ce: float | None = Field(None, ge=0, description="weight of the student's own task loss (cross-entropy with the labels); "
+                                   "default 0.5, and 0 with task.objective features")
+    alpha_kd: float | None = Field(None, ge=0, description="weight of the logits KD loss T^2 KL(teacher || student) at temperature T; "
+                                   "default 0.5, and 0 with task.objective features")
     temperature: float = Field(2.0, gt=0, description="softmax temperature T of the logits KD loss")
     hidden: float = Field(0.0, ge=0, description="weight of the hidden-state MSE (embeddings + mapped layers; equal widths)")
     attention: float = Field(0.0, ge=0, description="weight of the attention-distribution KL of the mapped layers (same heads; runs eager attention)")
@@ -35,7 +41,7 @@ class DistillSection(Feature):
         "uniform", description="student layer -> teacher layer for hidden/attention: 'uniform' (m -> m N/M) or one teacher layer (1-based) per student layer")
 
     def model_post_init(self, context) -> None:
-        if not (self.alpha_ce or self.alpha_kd or self.hidden or self.attention):
+        if self.alpha_ce == 0 and self.alpha_kd == 0 and not (self.hidden or self.attention):
             raise SlimtuneError("distill: every loss weight (alpha_ce, alpha_kd, hidden, attention) is 0; give at least one")
 
     def check_methods(self, delta) -> None:
@@ -51,14 +57,21 @@ class DistillSection(Feature):
         return {"teacher": self.teacher}
 
     def build_hook(self, *, recipe, model, delta, task, models=None) -> DistillHook:
-        if recipe.objective != "classification":
-            raise SlimtuneError(f"distill: the {recipe.objective} objective is not supported yet; distillation works with classification runs")
+        alpha_ce, alpha_kd = (0.5 if weight is None else weight for weight in (self.alpha_ce, self.alpha_kd))
+        if recipe.objective == "features":
+            given = [f"{k} {getattr(self, k):g}" for k in ("alpha_ce", "alpha_kd") if getattr(self, k)]
+            if given:
+                raise SlimtuneError(f"distill: {given[0]} with task.objective features, whose model has no head (no task loss, no logits); "
+                                    "set it to 0 and distil hidden states/attention")
+            if not (self.hidden or self.attention):
+                raise SlimtuneError("distill: task.objective features trains on hidden/attention distillation alone; give hidden or attention > 0")
+            alpha_ce = alpha_kd = 0.0
         for other, why in (("privacy", "DP-SGD computes per-example gradients of the task loss alone"),
                            ("tickets", "a ticket search computes its own loss")):
             if other in recipe.features and (other != "tickets" or recipe.features[other].mode != "imp"):
                 raise SlimtuneError(f"distill: cannot be combined with {other} ({why}); use one of the two")
         teacher: AuxiliaryModel = models["teacher"]
-        if self.alpha_kd:
+        if alpha_kd and recipe.objective == "classification":
             if teacher.labels is None:
                 raise SlimtuneError(f"distill.teacher {self.teacher}: a {teacher.kind} has no task head, so logits KD has no teacher "
                                     "logits; give a run or export of this task, or set alpha_kd: 0 and distil hidden states/attention")
@@ -66,5 +79,6 @@ class DistillSection(Feature):
             if teacher.labels != labels:
                 raise SlimtuneError(f"distill.teacher {self.teacher}: its labels ({', '.join(teacher.labels)}) are not the task's "
                                     f"({', '.join(labels)}); logits KD needs a teacher of the same task")
-        return DistillHook(teacher.model, source=self.teacher, kind=teacher.kind, alpha_ce=self.alpha_ce, alpha_kd=self.alpha_kd,
-                           temperature=self.temperature, hidden=self.hidden, attention=self.attention, layers=self.layers, student=model)
+        return DistillHook(teacher.model, source=self.teacher, kind=teacher.kind, alpha_ce=alpha_ce, alpha_kd=alpha_kd,
+                           temperature=self.temperature, hidden=self.hidden, attention=self.attention, layers=self.layers, student=model,
+                           objective=recipe.objective)

@@ -24,7 +24,7 @@ from slimtune.measure.robustness import attacked_accuracies
 #: Metrics in [0, 1] shown as percentages.
 PERCENT_METRICS = {"accuracy", "macro_f1", "micro_f1", "f1", "matthews", "auc"}
 #: Metrics where lower is better (the Pareto front flips).
-LOWER_IS_BETTER = {"perplexity", "loss"}
+LOWER_IS_BETTER = {"perplexity", "loss", "distill_loss"}
 
 #: The cost columns: (field of Summary, column title, formatter name).
 COST_FIELDS = ("trainable", "trainable_pct", "stored_bytes", "flops", "peak_memory", "step_seconds", "latency_ms", "epsilon")

@@ -2,7 +2,8 @@
 export, ``--lora-rank``, warm starts and the intrinsic-dimension search.
 
 Classification: argmax of the logits against the labels (:func:`slimtune.zoo.tasks.compute_metrics`);
-causal LM: token-weighted mean next-token loss and its perplexity.
+causal LM: token-weighted mean next-token loss and its perplexity; features (a bare model, no head):
+no metric of its own (the distill hook adds its losses on the split, ``Hook.on_evaluate``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def evaluate(
     """Metrics of ``model`` over labelled ``batches`` (eval mode for the loop, restored after).
     ``gather`` joins the per-process predictions (or loss sums) of a multi-process evaluation;
     ``autocast`` is the context each forward runs in (bf16)."""
+    if objective == "features":
+        return {}
     gather = gather or (lambda t: t)
     autocast = autocast or contextlib.nullcontext
     was_training = model.training

@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 VERSIONED_PACKAGES = ("slimtune", "torch", "transformers", "accelerate", "datasets", "safetensors", "peft", "opacus")
 
 
+#: The primary metric where the objective, not the task, decides it (classification: the task's).
+PRIMARY_METRIC_OF_OBJECTIVE = {"lm": "perplexity", "features": "distill_loss"}
+
+
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
     for name in VERSIONED_PACKAGES:
@@ -84,7 +88,7 @@ def build_report(
             "n_validation": len(task.splits["validation"]),
             "n_test": len(task.splits["test"]),
             "labels": task.label_names,
-            "primary_metric": task.metric if built.objective == "classification" else "perplexity",
+            "primary_metric": PRIMARY_METRIC_OF_OBJECTIVE.get(built.objective, task.metric),
             "objective": built.objective,
             "pooling": built.pooling,
         },

@@ -35,7 +35,7 @@ from torch import nn
 
 from slimtune.errors import SlimtuneError
 from slimtune.progress import write
-from slimtune.core.arch import HEAD_MODULE_NAMES, pattern_matches
+from slimtune.core.arch import OUTPUT_HEAD_NAMES, pattern_matches
 from slimtune.sparsity import criteria
 from slimtune.sparsity.masks import (
     apply_mask,
@@ -157,7 +157,7 @@ def select_targets(model: nn.Module, delta: Any, target: str, include: list[str]
         for module_name, module in model.named_modules():
             if getattr(module, "merged_from", None) is not None:  # a method wrapper (LoRA, ...) with its update merged
                 raise SlimtuneError(f"sparsity.target: '{module_name}' has its update merged into the weight; prune before merging or unmerge first")
-            if not isinstance(module, nn.Linear) or module_name.split(".")[0] in HEAD_MODULE_NAMES or module_name.split(".")[-1] in HEAD_MODULE_NAMES:
+            if not isinstance(module, nn.Linear) or module_name.split(".")[0] in OUTPUT_HEAD_NAMES or module_name.split(".")[-1] in OUTPUT_HEAD_NAMES:
                 continue
             chosen[f"{module_name}.weight"] = (module, "weight")
     else:
@@ -477,7 +477,7 @@ def sparsity_report(model: nn.Module, delta: Any, config: dict[str, Any] | None 
         out["delta_total"] = total
     w_nnz = w_total = 0
     for module_name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and module_name.split(".")[-1] not in HEAD_MODULE_NAMES and not module_name.startswith(HEAD_MODULE_NAMES):
+        if isinstance(module, nn.Linear) and module_name.split(".")[-1] not in OUTPUT_HEAD_NAMES and not module_name.startswith(OUTPUT_HEAD_NAMES):
             w = module.weight
             w_nnz += _nonzero(w)
             w_total += w.numel()

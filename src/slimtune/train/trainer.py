@@ -336,12 +336,13 @@ class Trainer:
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, split: str = "test") -> dict[str, float]:
         batches = (self.batch(split, indices) for indices in eval_batches(len(self.rows[split]), self.cfg.eval_batch_size, self.rank, self.world_size))
-        metrics = evaluate(self.model, batches, self.objective, len(self.task.label_names), gather=self._gather, autocast=self.autocast)
+        metrics = evaluate(self.model, batches, self.objective, len(self.task.label_names), gather=self.gather, autocast=self.autocast)
         for hook in self.hooks:
             hook.on_evaluate(self, split, metrics)
         return metrics
 
-    def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every process's ``tensor``, concatenated (itself with one process)."""
         if self.world_size == 1:
             return tensor
         parts: list[Any] = [None] * self.world_size

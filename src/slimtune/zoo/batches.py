@@ -52,7 +52,7 @@ def collate(rows: list[dict], pad_id: int, objective: str) -> dict[str, torch.Te
         batch[key] = torch.tensor([r[key] + [fill] * (longest - len(r[key])) for r in rows], dtype=torch.long)
     if objective == "classification":
         batch["labels"] = torch.tensor([r["labels"] for r in rows], dtype=torch.long)
-    else:
+    elif objective == "lm":
         labels = batch["input_ids"].clone()
         labels[batch["attention_mask"] == 0] = IGNORE_INDEX
         batch["labels"] = labels

@@ -11,6 +11,10 @@ the hash of the whole corpus.
 
 A downstream recipe with another ``task.split_seed`` draws other test rows; the corpus then
 overlaps them, which ``overlap_with_test_split`` counts (and a pre-training record names split seed 0).
+
+As a task (``task: {name: corpus, objective: lm | features}``, :func:`load_corpus_task`) it has no
+labels; its own validation and test splits are corpus sentences held out by the hash of their text
+(:data:`HELD_OUT_PERCENT` each), so they do not move when sources are added.
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from slimtune.zoo.tasks import DEFAULT_SPLIT_SEED, load_task
-from slimtune.zoo.text_sources import TASKS, is_task_installed
-
-#: The splits a corpus never takes a sentence from.
+#: The task name of the corpus (unlabelled: ``task.objective`` lm or features).
+CORPUS_TASK = "corpus"
+#: The downstream splits a corpus never takes a sentence from.
 HELD_OUT = ("validation", "test")
+#: Per cent of the corpus, by text hash, held out as the corpus task's validation and, as much again, its test split.
+HELD_OUT_PERCENT = 2
+#: The split seed the corpus excludes the downstream held-out splits under (``zoo.tasks.DEFAULT_SPLIT_SEED``).
+SPLIT_SEED = 0
 
 
 def text_hash(text: str) -> str:
@@ -40,20 +47,26 @@ class Corpus:
 
     def record(self) -> dict[str, Any]:
         digest = hashlib.sha256("\n".join(self.texts).encode("utf-8")).hexdigest()
-        return {"sentences": len(self.texts), "sources": self.sources, "split_seed": DEFAULT_SPLIT_SEED,
+        return {"sentences": len(self.texts), "sources": self.sources, "split_seed": SPLIT_SEED,
                 "held_out_splits": list(HELD_OUT), "dropped_held_out": self.dropped_held_out,
                 "dropped_duplicates": self.dropped_duplicates, "sha256": digest}
 
 
 def installed_text_tasks() -> list[str]:
+    # zoo.tasks and text_sources read pandas: imported when a corpus is built, so that the recipe
+    # can name CORPUS_TASK cheaply.
+    from slimtune.zoo.text_sources import TASKS, is_task_installed
+
     return sorted(name for name, spec in TASKS.items() if is_task_installed(spec))
 
 
 def build_corpus(tasks: list[str] | None = None) -> Corpus:
     """The corpus of the module docstring over ``tasks`` (default: every installed text task;
     the held-out sentences are always those of every installed task)."""
+    from slimtune.zoo.tasks import load_task
+
     every = installed_text_tasks()
-    loaded = {name: load_task(name, split_seed=DEFAULT_SPLIT_SEED) for name in every}
+    loaded = {name: load_task(name, split_seed=SPLIT_SEED) for name in every}
     held_out = {text_hash(t) for data in loaded.values() for split in HELD_OUT for t in _texts(data, split)}
     texts: list[str] = []
     seen: set[str] = set()
@@ -77,6 +90,8 @@ def build_corpus(tasks: list[str] | None = None) -> Corpus:
 
 def overlap_with_test_split(corpus: Corpus, task: str, split_seed: int) -> int:
     """How many sentences of ``task``'s test split under ``split_seed`` the corpus holds."""
+    from slimtune.zoo.tasks import load_task
+
     hashes = {text_hash(t) for t in corpus.texts}
     return sum(text_hash(t) in hashes for t in _texts(load_task(task, split_seed=split_seed), "test"))
 
@@ -87,3 +102,42 @@ def _texts(data, split: str) -> list[str]:
     if "text_pair" in rows.column_names:
         texts += [t for t in rows["text_pair"] if t]
     return texts
+
+
+def corpus_split_of(text: str) -> str:
+    """The corpus task's split of one sentence, fixed by its hash."""
+    bucket = int(text_hash(text)[:8], 16) % 100
+    return "validation" if bucket < HELD_OUT_PERCENT else "test" if bucket < 2 * HELD_OUT_PERCENT else "train"
+
+
+def load_corpus_task(*, train_size: int | None = None, eval_size: int | None = None, seed: int = 0):
+    """The corpus as an unlabelled task (``zoo.tasks.TaskData`` with no label names): every split
+    a ``text`` column; ``train_size`` / ``eval_size`` keep a seeded sample of the training split /
+    of validation and test (in corpus order)."""
+    import numpy as np
+    from datasets import Dataset, DatasetDict
+
+    from slimtune.zoo.tasks import TaskData
+
+    corpus = build_corpus()
+    texts: dict[str, list[str]] = {"train": [], "validation": [], "test": []}
+    for text in corpus.texts:
+        texts[corpus_split_of(text)].append(text)
+    policy = f"{HELD_OUT_PERCENT}% validation and {HELD_OUT_PERCENT}% test by the SHA-256 of the text, the rest train"
+    for split, limit in (("train", train_size), ("validation", eval_size), ("test", eval_size)):
+        if limit is not None and limit < len(texts[split]):
+            kept = np.sort(np.random.default_rng(seed).choice(len(texts[split]), limit, replace=False))
+            texts[split] = [texts[split][i] for i in kept]
+    if train_size is not None or eval_size is not None:
+        policy += f"; then a sample by seed={seed}: train_size={train_size}, eval_size={eval_size}"
+    sources = ", ".join(f"{name} {count:,}" for name, count in corpus.sources.items())
+    return TaskData(
+        name=CORPUS_TASK,
+        splits=DatasetDict({split: Dataset.from_dict({"text": rows}) for split, rows in texts.items()}),
+        label_names=[],
+        metric="loss",
+        source=f"the training splits of the installed text tasks, labels dropped ({sources} sentences)",
+        split_policy=policy,
+        filtering=(f"dropped {corpus.dropped_held_out:,} sentences of a downstream validation/test split (split seed {SPLIT_SEED}) "
+                   f"and {corpus.dropped_duplicates:,} duplicates"),
+    )

@@ -1,6 +1,7 @@
 """Loading named or local models offline: config (with the registry's layer truncation, e.g.
 minilm-l2 keeps 2 of MiniLM-L6's layers), tokenizer (with a pad token), and the model for an
-objective (classification / causal LM; ViT-like configs load as image classifiers), safetensors
+objective (classification / causal LM / the bare encoder's features; ViT-like configs load as image
+classifiers), safetensors
 weights only. This is the zoo's model API: the registry's names (:mod:`slimtune.zoo.model_registry`)
 are re-exported here, so ``from slimtune.zoo.models import MODELS, model_dir, load_model`` works.
 """
@@ -49,8 +50,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Objective = Literal["classification", "lm"]
-OBJECTIVES: tuple[str, ...] = ("classification", "lm")
+Objective = Literal["classification", "lm", "features"]
+OBJECTIVES: tuple[str, ...] = ("classification", "lm", "features")
 
 
 def _spec_for(name_or_path: str | os.PathLike[str]) -> ModelSpec | None:
@@ -111,7 +112,9 @@ def load_model(
     """Load a model offline for an objective.
 
     ``objective="classification"`` gives ``AutoModelForSequenceClassification`` with a new head
-    of ``num_labels`` outputs; ``objective="lm"`` gives ``AutoModelForCausalLM``. ``dtype``
+    of ``num_labels`` outputs; ``objective="lm"`` gives ``AutoModelForCausalLM``;
+    ``objective="features"`` gives the bare model (``AutoModel``: hidden states, no head), what a
+    sparse pre-training stage trains when the checkpoint has no LM head. ``dtype``
     defaults to float32. ``attn_implementation="sdpa"`` falls back to eager for architectures
     without SDPA support (MPNet). The expected report about the new, randomly initialised head is
     silenced; any other missing or unused weights are logged as a warning, and real loading
@@ -122,7 +125,7 @@ def load_model(
     re-initialised (a new task gets a new head, as for text) unless ``keep_head=True`` (used to
     check a checkpoint's own accuracy).
     """
-    from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
 
     if objective not in OBJECTIVES:
         raise SlimtuneError(
@@ -147,8 +150,10 @@ def load_model(
             eos = getattr(config, "eos_token_id", None)
             config.pad_token_id = eos[0] if isinstance(eos, list) else eos
         auto_class = AutoModelForImageClassification if is_vision_config(config) else AutoModelForSequenceClassification
-    else:
+    elif objective == "lm":
         auto_class = AutoModelForCausalLM
+    else:
+        auto_class = AutoModel
 
     try:
         with quiet_transformers():
@@ -234,9 +239,11 @@ def _warn_unexpected_loading(
     """Log weights that were missing or unused beyond the expected ones.
 
     Expected: a newly initialised task head (outside the base model), checkpoint layers beyond
-    a truncated ``num_hidden_layers``, and pooler / LM-head weights the task model has no use for.
+    a truncated ``num_hidden_layers``, and pooler / LM-head weights the task model has no use for
+    (a bare model, objective features, has no use for any head a checkpoint carries).
     """
     base_prefix = f"{model.base_model_prefix}."
+    bare = model.base_model is model
     kept_layers = getattr(config, "num_hidden_layers", None)
 
     def truncated_layer(key: str) -> bool:
@@ -244,12 +251,13 @@ def _warn_unexpected_loading(
         return match is not None and kept_layers is not None and int(match.group(1)) >= kept_layers
 
     surprising_missing = sorted(
-        key for key in loading_info.get("missing_keys", ()) if key.startswith(base_prefix)
+        key for key in loading_info.get("missing_keys", ()) if key.startswith(base_prefix) or bare
     )
     surprising_unused = sorted(
         key
         for key in loading_info.get("unexpected_keys", ())
         if not truncated_layer(key) and "pooler." not in key and not key.startswith("lm_head.")
+        and not (bare and not key.startswith(base_prefix))
     )
     for what, keys in (
         ("weights were missing from the checkpoint and newly initialised", surprising_missing),

@@ -179,7 +179,9 @@ def finish_task(
 def check_task_name(spec: Any) -> None:
     """Fail on a task name that is neither a registered text task nor an image task (cheap: the
     CLI calls it before importing the trainer; dicts and files are checked when read)."""
-    if isinstance(spec, str) and spec not in TASKS:
+    from slimtune.zoo.corpus import CORPUS_TASK
+
+    if isinstance(spec, str) and spec not in TASKS and spec != CORPUS_TASK:
         from slimtune.zoo.images import is_image_spec
 
         if not is_image_spec(spec):
@@ -210,6 +212,12 @@ def load_task(
 
     if is_image_spec(spec):  # image tasks and folders: see zoo.images
         return load_image_task(spec, split_seed=split_seed, train_size=train_size, eval_size=eval_size)
+    from slimtune.zoo.corpus import CORPUS_TASK, load_corpus_task
+
+    if spec == CORPUS_TASK:  # unlabelled text of every installed task (its own fixed split)
+        _check_size(train_size, "train_size")
+        _check_size(eval_size, "eval_size")
+        return load_corpus_task(train_size=train_size, eval_size=eval_size, seed=seed)
     if isinstance(spec, Mapping):
         from slimtune.zoo.files import read_user_splits
 
@@ -284,7 +292,10 @@ def compute_metrics(predictions: Any, labels: Any, num_labels: int) -> dict[str,
 
 
 def list_tasks() -> list[dict[str, Any]]:
-    """One row per registered task: name, n_labels, metric, installed, description."""
+    """One row per registered task: name, n_labels, metric, installed, description (and the
+    unlabelled corpus of them all, :mod:`slimtune.zoo.corpus`)."""
+    from slimtune.zoo.corpus import CORPUS_TASK
+
     return [
         {
             "name": spec.name,
@@ -294,4 +305,6 @@ def list_tasks() -> list[dict[str, Any]]:
             "description": spec.description,
         }
         for spec in TASKS.values()
-    ]
+    ] + [{"name": CORPUS_TASK, "n_labels": 0, "metric": "loss", "installed": any(is_task_installed(s) for s in TASKS.values()),
+          "description": "unlabelled: the training sentences of every installed text task, never a validation/test one "
+                         "(task.objective lm or features; sparse pre-training)"}]

@@ -1,0 +1,118 @@
+"""Prune Once for All's first stage on tiny models (issue 21, item 2): unlabelled text from the
+corpus task, gradual magnitude pruning of every Linear but the head, distillation from the dense
+model (hidden states for a bare encoder, objective features; token-level logits KD for a causal
+LM), and the sparse pre-trained model exported as a directory that ``model: {name: PATH}`` loads
+for a pattern-locked transfer."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from slimtune.compress.distill import logits_kd_loss
+from slimtune.compress.loader import load_exported
+from slimtune.errors import SlimtuneError
+from slimtune.recipe import validate_recipe
+from slimtune.runner import build, export_run, train_run
+from slimtune.sparsity.schedules import select_targets
+from slimtune.zoo.models import load_model
+
+from tests.fixtures import tiny_llama
+
+pytestmark = pytest.mark.integration  # the corpus task reads every installed text source
+
+
+def _pretrain_recipe(model_dir, **distill):
+    return {
+        "model": {"name": str(model_dir)},
+        "task": {"name": "corpus", "objective": "features", "train_size": 64, "eval_size": 16},
+        "method": {"name": "full"},
+        "train": {"max_steps": 6, "batch_size": 16, "lr": 1e-3, "max_length": 16, "warmup_ratio": 0.0},
+        "sparsity": {"target": "base", "sparsity": 0.85, "schedule": "gradual", "frequency": 1, "end_step": 4, "scope": "local"},
+        "distill": {"teacher": str(model_dir), "hidden": 1.0, **distill},
+        "measure": {"latency": False, "memory": False},
+    }
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("pretrain")
+    report = train_run(validate_recipe(_pretrain_recipe(tiny_model_dir)), root / "run", progress=False)
+    export_run(root / "run", root / "sparse-model", merge=True, measure=False)
+    return report, root / "sparse-model"
+
+
+def test_the_corpus_task_is_unlabelled_and_its_own_held_out_splits_are_disjoint():
+    from slimtune.zoo.tasks import load_task
+
+    task = load_task("corpus", train_size=200, eval_size=50)
+    assert task.label_names == [] and all(task.splits[s].column_names == ["text"] for s in ("train", "validation", "test"))
+    texts = {split: set(task.splits[split]["text"]) for split in ("train", "validation", "test")}
+    assert len(texts["train"]) == 200 and len(texts["validation"]) == len(texts["test"]) == 50
+    assert not (texts["train"] & texts["validation"]) and not (texts["train"] & texts["test"]) and not (texts["validation"] & texts["test"])
+    assert load_task("corpus", train_size=200, eval_size=50).splits["test"]["text"] == task.splits["test"]["text"]
+
+
+def test_pretraining_prunes_every_linear_of_the_bare_encoder_and_is_evaluated_by_its_distillation_loss(pretrained):
+    report, _ = pretrained
+    assert report["task"]["objective"] == "features" and report["task"]["primary_metric"] == "distill_loss"
+    assert set(report["metrics"]) == {"distill_loss", "hidden_mse"} and report["metrics"]["distill_loss"] > 0
+    assert report["distill"]["alpha_ce"] == report["distill"]["alpha_kd"] == 0.0
+    assert set(report["distill"]["last_losses"]) == {"hidden"}
+    per_layer = report["sparsity"]["per_layer"]
+    assert len(per_layer) == 2 * 6 + 1  # q, k, v, attention out, FFN in/out per layer, and the pooler
+    assert all(abs(density - 0.15) < 0.01 for density in per_layer.values())
+
+
+def test_the_sparse_pretrained_directory_loads_as_a_plain_model_and_transfers_with_the_pattern_locked(pretrained, tiny_data_file, tmp_path):
+    _, model_dir = pretrained
+    weights = load_file(model_dir / "model.safetensors")
+    linear = [k for k in weights if k.endswith(".weight") and weights[k].dim() == 2 and "embeddings" not in k]
+    zeros = {k: weights[k] == 0 for k in linear}
+    assert all(abs(float(z.float().mean()) - 0.85) < 0.01 for z in zeros.values())
+    plain = load_model(model_dir, objective="features")  # transformers' BertModel under its own names
+    assert torch.equal(plain.encoder.layer[0].attention.self.query.weight, weights["encoder.layer.0.attention.self.query.weight"])
+    transfer = {
+        "model": {"name": str(model_dir)},
+        "task": {"file": str(tiny_data_file), "text": "text", "label": "label"},
+        "method": {"name": "full"},
+        "train": {"max_steps": 4, "batch_size": 16, "lr": 1e-2, "max_length": 16, "warmup_ratio": 0.0, "weight_decay": 0.1},
+        "sparsity": {"lock": True},
+        "measure": {"latency": False, "memory": False, "flops": False},
+    }
+    train_run(validate_recipe(transfer), tmp_path / "transfer", progress=False)
+    export_run(tmp_path / "transfer", tmp_path / "transferred", merge=True, measure=False)
+    after = load_exported(tmp_path / "transferred").state_dict()
+    for name, zero in zeros.items():
+        if name.startswith("pooler."):  # mean pooling (MiniLM's) replaces the [CLS] pooler downstream
+            continue
+        moved = after[f"bert.{name}"]
+        assert bool((moved[zero] == 0).all()), name
+        assert not torch.equal(moved, weights[name]), f"{name} did not train"
+
+
+def test_a_bare_encoder_distils_hidden_states_only(tiny_model_dir):
+    for field, value, match in (("alpha_kd", 0.5, "alpha_kd 0.5 with task.objective features"),
+                                ("hidden", 0.0, "give hidden or attention > 0")):
+        with pytest.raises(SlimtuneError, match=match) as info:
+            build(validate_recipe(_pretrain_recipe(tiny_model_dir, **{field: value})))
+        assert "\n" not in str(info.value)
+    with pytest.raises(SlimtuneError, match="task 'corpus' is unlabelled text: set task.objective"):
+        recipe = _pretrain_recipe(tiny_model_dir)
+        recipe["task"]["objective"] = "classification"
+        validate_recipe(recipe)
+
+
+def test_token_level_kd_averages_the_real_tokens_kd():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    rows = [logits_kd_loss(student[b, t][None], teacher[b, t][None], 2.0) for b in range(2) for t in range(5) if mask[b, t]]
+    assert torch.allclose(logits_kd_loss(student, teacher, 2.0, mask), torch.stack(rows).mean(), atol=1e-6)
+
+
+def test_pruning_the_base_of_a_causal_lm_leaves_its_vocabulary_projection():
+    model = tiny_llama(lm=True)
+    targets = select_targets(model, None, "base")
+    assert "lm_head.weight" not in targets and len(targets) == 2 * 7
