@@ -4,7 +4,6 @@ model (hidden states for a bare encoder, objective features; token-level logits 
 LM), and the sparse pre-trained model exported as a directory that ``model: {name: PATH}`` loads
 for a pattern-locked transfer."""
 
-import shutil
 
 import pytest
 import torch

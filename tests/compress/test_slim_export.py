@@ -17,7 +17,6 @@ from slimtune.errors import SlimtuneError
 from slimtune.io import read_json
 from slimtune.runner import export_run, load_run
 from slimtune.sparsity.structured import remove_ffn_neurons, remove_heads
-from slimtune.zoo.heads import configure_pooling
 
 from tests.fixtures import text_logits, train_tiny_lora
 
