@@ -93,6 +93,7 @@ TITLES = {
     "vision": "Vision",
     "tickets": "Lottery tickets: robust vs plain, and the rethinking controls",
     "sparse_kernels": "Sparse kernels on this CPU",
+    "prune_ofa": "Prune Once for All",
 }
 
 

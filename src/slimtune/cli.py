@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  slimtune train recipes/dp-lora.yaml --set privacy.epsilon=3 --out runs/dp3   DP-SGD after a DP linear probe of the head\n"
         "  slimtune train recipes/dp-lora.yaml --set privacy.linear_probe.steps=0 --out runs/dp-noprobe   DP-SGD from a random head\n"
         "  slimtune train recipes/distill.yaml --out runs/distill   MiniLM-L2 taught by the MiniLM-L6 run of recipes/full.yaml (runs/full)\n"
+        "  slimtune train recipes/prune-ofa-pretrain.yaml --out runs/pretrain-85   a sparse pre-trained MiniLM-L6 (Prune Once for All), then\n"
+        "  slimtune export runs/pretrain-85 --out models/minilm-l6-sparse-85 --merge   its model directory, for recipes/prune-ofa-transfer.yaml\n"
         "  slimtune train recipes/public-amazon-lora.yaml --out runs/public-amazon-lora   a non-private run on public data, then\n"
         "  slimtune train recipes/dp-lora-public.yaml   DP-SGD starting from it (train.init_from: runs/public-amazon-lora)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
