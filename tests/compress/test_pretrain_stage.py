@@ -13,7 +13,7 @@ from slimtune.compress.distill import logits_kd_loss
 from slimtune.compress.loader import load_exported
 from slimtune.errors import SlimtuneError
 from slimtune.recipe import validate_recipe
-from slimtune.runner import build, export_run, train_run
+from slimtune.runner import build, evaluate_run, export_run, train_run
 from slimtune.sparsity.schedules import select_targets
 from slimtune.zoo.models import load_model
 
@@ -39,7 +39,7 @@ def pretrained(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("pretrain")
     report = train_run(validate_recipe(_pretrain_recipe(tiny_model_dir)), root / "run", progress=False)
     export_run(root / "run", root / "sparse-model", merge=True, measure=False)
-    return report, root / "sparse-model"
+    return report, root / "sparse-model", root / "run"
 
 
 def test_the_corpus_task_is_unlabelled_and_its_own_held_out_splits_are_disjoint():
@@ -54,7 +54,7 @@ def test_the_corpus_task_is_unlabelled_and_its_own_held_out_splits_are_disjoint(
 
 
 def test_pretraining_prunes_every_linear_of_the_bare_encoder_and_is_evaluated_by_its_distillation_loss(pretrained):
-    report, _ = pretrained
+    report, _, run = pretrained
     assert report["task"]["objective"] == "features" and report["task"]["primary_metric"] == "distill_loss"
     assert set(report["metrics"]) == {"distill_loss", "hidden_mse"} and report["metrics"]["distill_loss"] > 0
     assert report["distill"]["alpha_ce"] == report["distill"]["alpha_kd"] == 0.0
@@ -62,10 +62,11 @@ def test_pretraining_prunes_every_linear_of_the_bare_encoder_and_is_evaluated_by
     per_layer = report["sparsity"]["per_layer"]
     assert len(per_layer) == 2 * 6 + 1  # q, k, v, attention out, FFN in/out per layer, and the pooler
     assert all(abs(density - 0.15) < 0.01 for density in per_layer.values())
+    assert evaluate_run(run)["metrics"] == pytest.approx(report["metrics"], rel=1e-5)  # `slimtune eval` measures the same
 
 
 def test_the_sparse_pretrained_directory_loads_as_a_plain_model_and_transfers_with_the_pattern_locked(pretrained, tiny_data_file, tmp_path):
-    _, model_dir = pretrained
+    _, model_dir, _ = pretrained
     weights = load_file(model_dir / "model.safetensors")
     linear = [k for k in weights if k.endswith(".weight") and weights[k].dim() == 2 and "embeddings" not in k]
     zeros = {k: weights[k] == 0 for k in linear}

@@ -198,36 +198,35 @@ class DistillHook(Hook):
         self.last = {k: float(v.detach()) for k, v in parts.items()}
         return loss.detach()
 
-    def on_evaluate(self, trainer, split: str, metrics: dict[str, float]) -> None:
+    def evaluation_metrics(self, model, batches, autocast, gather) -> dict[str, float]:
         """A bare model (objective features) is evaluated by the distillation loss itself: the
         example-weighted mean of each term over the split (unweighted names: hidden_mse, attention_kl)."""
         if self.objective != "features":
-            return
-        from slimtune.zoo.batches import eval_batches
-
+            return {}
         names = {"hidden": ("hidden_mse", self.hidden), "attention": ("attention_kl", self.attention)}
         sums = torch.zeros(len(names) + 2, dtype=torch.float64)  # per term, the total, the example count
-        was_training = trainer.model.training
-        trainer.model.eval()
+        was_training = model.training
+        model.eval()
         seconds = self.teacher_seconds  # evaluation is not training cost
         try:
             with torch.no_grad():
-                for indices in eval_batches(len(trainer.rows[split]), trainer.cfg.eval_batch_size, trainer.rank, trainer.world_size):
-                    parts = self.losses(trainer.model, trainer.batch(split, indices), trainer.autocast)
+                for batch in batches():
+                    parts, size = self.losses(model, batch, autocast), len(batch["input_ids"])
                     for i, (key, (_, weight)) in enumerate(names.items()):
                         if key in parts:
-                            sums[i] += float(parts[key]) / weight * len(indices)
-                    sums[-2] += float(sum(parts.values())) * len(indices)
-                    sums[-1] += len(indices)
+                            sums[i] += float(parts[key]) / weight * size
+                    sums[-2] += float(sum(parts.values())) * size
+                    sums[-1] += size
         finally:
-            trainer.model.train(was_training)
+            model.train(was_training)
             self.teacher_seconds = seconds
-        totals = trainer.gather(sums).view(-1, len(sums)).sum(0)
+        totals = gather(sums).view(-1, len(sums)).sum(0)
         count = max(float(totals[-1]), 1.0)
-        metrics["distill_loss"] = float(totals[-2]) / count
+        metrics = {"distill_loss": float(totals[-2]) / count}
         for i, (name, weight) in enumerate(names.values()):
             if weight:
                 metrics[name] = float(totals[i]) / count
+        return metrics
 
     def state_dict(self) -> dict[str, Any]:
         return {"teacher_seconds": self.teacher_seconds, "steps": self.steps}

@@ -20,6 +20,8 @@ holds for one phase of a run, as a ticket search's),
 ``needs_independent_samples`` (each example's loss must not depend on the other examples of its
 batch, as DP's per-sample sensitivity requires: hooks that compute batch statistics, such as
 QAT's activation ranges, take them per example) and
+``evaluation_metrics`` (metrics it adds to every evaluation of the run, the trainer's and
+``slimtune eval``'s alike: a bare model's distillation loss),
 ``report_rows`` (its lines on the printed report card, read from its saved ``report.json``
 section, so a report prints the same from disk). Every subclass with its own ``name`` is listed
 in :data:`HOOK_CLASSES`, which the report card reads; it names no hook.
@@ -34,6 +36,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
     import torch
 
     from slimtune.train.trainer import Trainer
@@ -82,6 +86,13 @@ class Hook:
     def on_evaluate(self, trainer: Trainer, split: str, metrics: dict[str, float]) -> None: ...
 
     def on_train_end(self, trainer: Trainer) -> None: ...
+
+    def evaluation_metrics(self, model: torch.nn.Module, batches: Callable[[], Iterable[dict[str, torch.Tensor]]],
+                           autocast: Callable[[], Any], gather: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+        """Metrics this hook adds to an evaluation of ``model`` on a split: ``batches()`` iterates
+        the split's labelled batches (this process's shard), ``gather`` joins a tensor across
+        processes. Default none."""
+        return {}
 
     def stop_reason(self, trainer: Trainer) -> str | None:
         """A message when training must stop before the next step (e.g. the privacy budget)."""

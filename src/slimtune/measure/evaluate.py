@@ -3,7 +3,7 @@ export, ``--lora-rank``, warm starts and the intrinsic-dimension search.
 
 Classification: argmax of the logits against the labels (:func:`slimtune.zoo.tasks.compute_metrics`);
 causal LM: token-weighted mean next-token loss and its perplexity; features (a bare model, no head):
-no metric of its own (the distill hook adds its losses on the split, ``Hook.on_evaluate``).
+no metric of its own (the distill hook adds its losses on the split, ``Hook.evaluation_metrics``).
 """
 
 from __future__ import annotations
@@ -69,7 +69,16 @@ def evaluate_rows(model: nn.Module, rows, pad_id: int, objective: str, num_label
 
 def evaluate_split(run, split: str = "test") -> dict[str, float]:
     """:func:`evaluate` of a built run (``slimtune.runner.Built``: model, tokenizer, task, recipe,
-    objective) on one split of its task, batched as its recipe says."""
+    objective, hooks) on one split of its task, batched as its recipe says, with the metrics its
+    hooks add (``Hook.evaluation_metrics``), as the trainer evaluates."""
     recipe = run.recipe
     rows = split_rows(run.task, run.tokenizer, split, recipe.train.max_length, run.objective)
-    return evaluate_rows(run.model, rows, pad_id_of(run.tokenizer), run.objective, len(run.task.label_names), recipe.train.eval_batch_size)
+    pad_id, size = pad_id_of(run.tokenizer), recipe.train.eval_batch_size
+    metrics = evaluate_rows(run.model, rows, pad_id, run.objective, len(run.task.label_names), size)
+
+    def batches():
+        return (rows_batch(rows, indices, pad_id, run.objective) for indices in eval_batches(len(rows), size))
+
+    for hook in run.hooks:
+        metrics.update(hook.evaluation_metrics(run.model, batches, contextlib.nullcontext, lambda t: t))
+    return metrics

@@ -335,8 +335,12 @@ class Trainer:
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, split: str = "test") -> dict[str, float]:
-        batches = (self.batch(split, indices) for indices in eval_batches(len(self.rows[split]), self.cfg.eval_batch_size, self.rank, self.world_size))
-        metrics = evaluate(self.model, batches, self.objective, len(self.task.label_names), gather=self.gather, autocast=self.autocast)
+        def batches():
+            return (self.batch(split, indices) for indices in eval_batches(len(self.rows[split]), self.cfg.eval_batch_size, self.rank, self.world_size))
+
+        metrics = evaluate(self.model, batches(), self.objective, len(self.task.label_names), gather=self.gather, autocast=self.autocast)
+        for hook in self.hooks:
+            metrics.update(hook.evaluation_metrics(self.model, batches, self.autocast, self.gather))
         for hook in self.hooks:
             hook.on_evaluate(self, split, metrics)
         return metrics
