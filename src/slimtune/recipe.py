@@ -50,8 +50,9 @@ class TaskSection(Section):
     train_size: int | None = Field(None, ge=1, description="use a seeded stratified subset of this many training rows")
     eval_size: int | None = Field(None, ge=1, description="cap validation and test at this many rows (seeded)")
     split_seed: int = Field(0, ge=0, description="seed of the train/validation/test split (fixed, independent of train.seed)")
-    objective: Literal["auto", "classification", "lm", "features"] = Field(
-        "auto", description="'classification', 'lm' (causal-LM loss on the task's texts; decoders only) or 'features' (the bare "
+    objective: Literal["auto", "classification", "lm", "mlm", "features"] = Field(
+        "auto", description="'classification', 'lm' (causal-LM loss on the task's texts; decoders only), 'mlm' (masked-LM loss, "
+        "BERT's 15% masking; encoders whose checkpoint has the MLM head) or 'features' (the bare "
         "model's hidden states, no head and no labels: the loss is the distill section's hidden/attention distillation from a "
         "dense teacher, the sparse pre-training of an encoder without an LM head); auto: classification"
     )
@@ -67,8 +68,9 @@ class TaskSection(Section):
         if self.file is not None and (self.text is None or self.label is None):
             raise ValueError("a task.file needs task.text and task.label (column names)")
         if self.name == CORPUS_TASK and self.objective in ("auto", "classification"):
-            raise ValueError(f"task '{CORPUS_TASK}' is unlabelled text: set task.objective to 'lm' (a decoder's causal-LM loss) "
-                             "or 'features' (an encoder's hidden-state distillation, with a distill section)")
+            raise ValueError(f"task '{CORPUS_TASK}' is unlabelled text: set task.objective to 'lm' (a decoder's causal-LM loss), "
+                             "'mlm' (an encoder with its masked-LM head) or 'features' (an encoder's hidden-state distillation, "
+                             "with a distill section)")
         return self
 
     def loader_spec(self) -> str | dict[str, Any]:
@@ -184,7 +186,7 @@ class Recipe(BaseModel):
 
     @property
     def objective(self) -> str:
-        """The training objective: 'classification' or 'lm' (``task.objective``, auto = classification)."""
+        """The training objective: 'classification', 'lm', 'mlm' or 'features' (``task.objective``, auto = classification)."""
         return "classification" if self.task.objective == "auto" else self.task.objective
 
     @property
@@ -379,6 +381,9 @@ def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
     if sections["train"].budget == "scratch-b" and sections["model"].structure is None:
         raise RecipeFieldError(source, "train.budget", "train.budget: scratch-b scales the steps by FLOPs_dense / FLOPs_pruned, "
                                "which needs a pruned structure: model.structure (a `slimtune export --slim` directory)")
+    if sections["task"].objective == "features" and "distill" not in features:
+        raise RecipeFieldError(source, "task.objective", "task.objective: 'features' trains a bare model, which has no loss of its own; "
+                               "add a distill section, e.g. distill: {teacher: MODEL, hidden: 1.0, attention: 1.0}")
     return Recipe(methods=parse_methods(data.get("method"), source), features=features, source=source, **sections)
 
 

@@ -116,3 +116,73 @@ def test_pruning_the_base_of_a_causal_lm_leaves_its_vocabulary_projection():
     model = tiny_llama(lm=True)
     targets = select_targets(model, None, "base")
     assert "lm_head.weight" not in targets and len(targets) == 2 * 7
+
+
+def test_a_bare_encoder_without_a_teacher_is_refused_in_one_line(tiny_model_dir):
+    recipe = _pretrain_recipe(tiny_model_dir)
+    del recipe["distill"]
+    with pytest.raises(SlimtuneError, match="task.objective: 'features' trains a bare model, which has no loss of its own; add a distill section"):
+        validate_recipe(recipe)
+
+
+def _tiny_mlm_dir(path):
+    """A tiny random BERT with its masked-LM head and MiniLM's tokenizer."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from slimtune.zoo.models import load_tokenizer
+
+    tokenizer = load_tokenizer("minilm-l6")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        max_position_embeddings=128)
+    BertForMaskedLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_masking_is_berts_static_and_leaves_special_tokens(tiny_model_dir):
+    from datasets import Dataset
+
+    from slimtune.zoo.batches import IGNORE_INDEX, collate, tokenize_split
+    from slimtune.zoo.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    texts = [f"sentence number {i} is a rather long example of ordinary english words for masking" for i in range(300)]
+    rows = tokenize_split(Dataset.from_dict({"text": texts}), tokenizer, 32, "mlm").to_list()
+    plain = tokenizer(texts, truncation=True, max_length=32)["input_ids"]
+    predicted = masked = randomised = kept = 0
+    for row, original in zip(rows, plain):
+        labels = row["labels"]
+        assert labels[0] == labels[-1] == IGNORE_INDEX  # [CLS] and [SEP] are never predicted
+        # BERT's create_pretraining_data.py: max(1, round(15% of the row's tokens)) predictions
+        assert sum(label != IGNORE_INDEX for label in labels) == max(1, round(0.15 * (len(original) - 2)))
+        for position, label in enumerate(labels):
+            if label == IGNORE_INDEX:
+                assert row["input_ids"][position] == original[position]
+                continue
+            predicted += 1
+            assert label == original[position]
+            shown = row["input_ids"][position]
+            masked += shown == tokenizer.mask_token_id
+            kept += shown == original[position]
+            randomised += shown not in (tokenizer.mask_token_id, original[position])
+    assert abs(masked / predicted - 0.8) < 0.04 and abs(kept / predicted - 0.1) < 0.03 and abs(randomised / predicted - 0.1) < 0.03
+    assert tokenize_split(Dataset.from_dict({"text": texts}), tokenizer, 32, "mlm").to_list() == rows  # the same every time
+    batch = collate(rows[:4], tokenizer.pad_token_id, "mlm")
+    assert batch["labels"].shape == batch["input_ids"].shape and bool((batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all())
+
+
+def test_masked_lm_pretraining_with_token_kd_on_the_masked_positions(tmp_path, tiny_model_dir):
+    model_dir = _tiny_mlm_dir(tmp_path / "tiny-mlm")
+    recipe = _pretrain_recipe(model_dir, alpha_ce=0.5, alpha_kd=0.5, hidden=0.0)
+    recipe["task"]["objective"] = "mlm"
+    report = train_run(validate_recipe(recipe), tmp_path / "run", progress=False)
+    assert report["task"]["primary_metric"] == "perplexity" and report["metrics"]["perplexity"] > 1
+    assert set(report["distill"]["last_losses"]) == {"ce", "kd"}
+    assert abs(report["sparsity"]["weight_density"] - 0.15) < 0.01
+    assert evaluate_run(tmp_path / "run")["metrics"] == pytest.approx(report["metrics"], rel=1e-5)
+    no_head = _pretrain_recipe(tiny_model_dir, alpha_ce=0.5, alpha_kd=0.5, hidden=0.0)
+    no_head["task"]["objective"] = "mlm"
+    with pytest.raises(SlimtuneError, match="has no masked-LM head .* use task.objective features") as info:
+        build(validate_recipe(no_head))
+    assert "\n" not in str(info.value)

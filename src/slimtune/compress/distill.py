@@ -12,7 +12,9 @@ Per training step, on the same batch::
   scaled by ``alpha_student``); Prune Once for All's defaults are alpha_ce = alpha_kd = 0.5, T = 2
   (``research/prune-once-for-all/*.sh``: ``--ce_alpha 0.5 --ce_temperature 2``).
   For a causal LM (``task.objective: lm``) the KD is token-level: the same loss over the vocabulary
-  at every real (non-padding) position, averaged over those positions, and CE is the causal-LM loss.
+  at every real (non-padding) position, averaged over those positions, and CE is the causal-LM loss;
+  for a masked LM (``mlm``) over the masked positions only (DistilBERT's ``distiller.py`` does so),
+  and CE is the masked-LM loss.
 - **Hidden-state distillation** (TinyBERT, Jiao et al. 2020, ``L_hidn``): the mean squared error
   between the student's and the teacher's hidden states, embeddings output included (index 0),
   over the real (non-padding) tokens, averaged over the mapped layers.
@@ -182,7 +184,9 @@ class DistillHook(Hook):
         if self.alpha_ce:
             parts["ce"] = self.alpha_ce * student.loss
         if self.alpha_kd:
-            parts["kd"] = self.alpha_kd * logits_kd_loss(student.logits.float(), teacher.logits.float(), self.temperature, mask)
+            # Masked LM: KD on the masked positions, as DistilBERT's distiller (the others' logits are copies of the input).
+            kd_mask = batch["labels"] != -100 if self.objective == "mlm" else mask
+            parts["kd"] = self.alpha_kd * logits_kd_loss(student.logits.float(), teacher.logits.float(), self.temperature, kd_mask)
         if self.hidden:
             parts["hidden"] = self.hidden * hidden_mse_loss(student.hidden_states, teacher.hidden_states, [(0, 0), *self.pairs], mask)
         if self.attention:

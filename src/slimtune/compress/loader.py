@@ -46,15 +46,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _auto_class(objective: str):
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
     if objective == "classification":
         return AutoModelForSequenceClassification
     if objective == "lm":
         return AutoModelForCausalLM
+    if objective == "mlm":
+        return AutoModelForMaskedLM
     if objective == "features":
         return AutoModel
-    raise SlimtuneError(f"{EXPORT_RECORD}: objective '{objective}' must be 'classification', 'lm' or 'features'")
+    raise SlimtuneError(f"{EXPORT_RECORD}: objective '{objective}' must be 'classification', 'lm', 'mlm' or 'features'")
 
 
 def read_export_record(directory: Path) -> dict[str, Any]:

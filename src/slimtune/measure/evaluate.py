@@ -2,7 +2,7 @@
 export, ``--lora-rank``, warm starts and the intrinsic-dimension search.
 
 Classification: argmax of the logits against the labels (:func:`slimtune.zoo.tasks.compute_metrics`);
-causal LM: token-weighted mean next-token loss and its perplexity; features (a bare model, no head):
+causal LM: token-weighted mean next-token loss and its perplexity (masked LM: over the masked tokens); features (a bare model, no head):
 no metric of its own (the distill hook adds its losses on the split, ``Hook.evaluation_metrics``).
 """
 
@@ -47,7 +47,8 @@ def evaluate(
                 predictions.append(out.logits.float().argmax(-1))
                 labels.append(batch["labels"])
             else:
-                n_tokens = int((batch["labels"][:, 1:] != -100).sum())
+                predicted = batch["labels"] if objective == "mlm" else batch["labels"][:, 1:]  # causal: the next token
+                n_tokens = int((predicted != -100).sum())
                 loss_sum += float(out.loss) * n_tokens
                 token_count += n_tokens
     finally:

@@ -29,7 +29,7 @@ VERSIONED_PACKAGES = ("slimtune", "torch", "transformers", "accelerate", "datase
 
 
 #: The primary metric where the objective, not the task, decides it (classification: the task's).
-PRIMARY_METRIC_OF_OBJECTIVE = {"lm": "perplexity", "features": "distill_loss"}
+PRIMARY_METRIC_OF_OBJECTIVE = {"lm": "perplexity", "mlm": "perplexity", "features": "distill_loss"}
 
 
 def versions() -> dict[str, str]:

@@ -19,6 +19,9 @@ import torch
 datasets.disable_progress_bars()
 
 IGNORE_INDEX = -100
+#: Masked-LM masking (BERT's): this share of each row's non-special tokens is predicted; of them
+#: MASK_REPLACE become [MASK], RANDOM_REPLACE a random token, the rest stay as they are.
+MASK_SHARE, MASK_REPLACE, RANDOM_REPLACE = 0.15, 0.8, 0.1
 
 
 def tokenize_split(split: datasets.Dataset, tokenizer, max_length: int, objective: str) -> datasets.Dataset:
@@ -29,9 +32,13 @@ def tokenize_split(split: datasets.Dataset, tokenizer, max_length: int, objectiv
         pairs = rows["text_pair"] if pair else None
         if objective == "lm" and tokenizer.eos_token is not None:
             texts = [t + tokenizer.eos_token for t in texts]
-        encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+        encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length, return_special_tokens_mask=objective == "mlm")
         if objective == "classification":
             encoded["labels"] = rows["label"]
+        if objective == "mlm":
+            special = encoded.pop("special_tokens_mask")
+            masked = [mask_row(ids, flags, text, tokenizer) for ids, flags, text in zip(encoded["input_ids"], special, texts)]
+            encoded["input_ids"], encoded["labels"] = [m[0] for m in masked], [m[1] for m in masked]
         return encoded
 
     keep = [c for c in split.column_names]
@@ -39,6 +46,32 @@ def tokenize_split(split: datasets.Dataset, tokenizer, max_length: int, objectiv
     # which costs ~1 s per split (more than tokenising); nothing is read from its cache anyway.
     fingerprint = f"slimtune-tokenized-{uuid.uuid4().hex}"
     return split.map(encode, batched=True, remove_columns=keep, desc=None, load_from_cache_file=False, new_fingerprint=fingerprint)
+
+
+def mask_row(ids: list[int], special: list[int], text: str, tokenizer) -> tuple[list[int], list[int]]:
+    """BERT's masking of one row (Devlin et al. 2019; google-research/bert
+    ``create_pretraining_data.py``): max(1, round(``MASK_SHARE`` x the non-special tokens)) are predicted, 80% of them shown as [MASK], 10% as a random token, 10% as
+    themselves; returns (input ids, labels: the original id where predicted, else -100). Static,
+    as the original BERT's data preparation: seeded by the text's CRC32, so a row is masked the
+    same in every epoch, process and resumed run (a deliberate choice over RoBERTa's dynamic
+    masking, which would need the step in the batch builder)."""
+    import zlib
+
+    import numpy as np
+
+    rng = np.random.default_rng(zlib.crc32(text.encode("utf-8")))
+    candidates = [i for i, flag in enumerate(special) if not flag]
+    ids, labels = list(ids), [IGNORE_INDEX] * len(ids)
+    if not candidates:
+        return ids, labels
+    chosen = rng.choice(candidates, size=max(1, round(MASK_SHARE * len(candidates))), replace=False)
+    for position, draw in zip(chosen.tolist(), rng.random(len(chosen)).tolist()):
+        labels[position] = ids[position]
+        if draw < MASK_REPLACE:
+            ids[position] = tokenizer.mask_token_id
+        elif draw < MASK_REPLACE + RANDOM_REPLACE:
+            ids[position] = int(rng.integers(len(tokenizer)))
+    return ids, labels
 
 
 def collate(rows: list[dict], pad_id: int, objective: str) -> dict[str, torch.Tensor]:
@@ -52,6 +85,8 @@ def collate(rows: list[dict], pad_id: int, objective: str) -> dict[str, torch.Te
         batch[key] = torch.tensor([r[key] + [fill] * (longest - len(r[key])) for r in rows], dtype=torch.long)
     if objective == "classification":
         batch["labels"] = torch.tensor([r["labels"] for r in rows], dtype=torch.long)
+    elif objective == "mlm":
+        batch["labels"] = torch.tensor([r["labels"] + [IGNORE_INDEX] * (longest - len(r["labels"])) for r in rows], dtype=torch.long)
     elif objective == "lm":
         labels = batch["input_ids"].clone()
         labels[batch["attention_mask"] == 0] = IGNORE_INDEX

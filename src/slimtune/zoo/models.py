@@ -50,8 +50,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Objective = Literal["classification", "lm", "features"]
-OBJECTIVES: tuple[str, ...] = ("classification", "lm", "features")
+Objective = Literal["classification", "lm", "mlm", "features"]
+OBJECTIVES: tuple[str, ...] = ("classification", "lm", "mlm", "features")
 
 
 def _spec_for(name_or_path: str | os.PathLike[str]) -> ModelSpec | None:
@@ -113,6 +113,8 @@ def load_model(
 
     ``objective="classification"`` gives ``AutoModelForSequenceClassification`` with a new head
     of ``num_labels`` outputs; ``objective="lm"`` gives ``AutoModelForCausalLM``;
+    ``objective="mlm"`` gives ``AutoModelForMaskedLM`` and refuses a checkpoint without the
+    masked-LM head (the sentence-transformers MiniLM has none);
     ``objective="features"`` gives the bare model (``AutoModel``: hidden states, no head), what a
     sparse pre-training stage trains when the checkpoint has no LM head. ``dtype``
     defaults to float32. ``attn_implementation="sdpa"`` falls back to eager for architectures
@@ -125,7 +127,13 @@ def load_model(
     re-initialised (a new task gets a new head, as for text) unless ``keep_head=True`` (used to
     check a checkpoint's own accuracy).
     """
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForImageClassification,
+        AutoModelForMaskedLM,
+        AutoModelForSequenceClassification,
+    )
 
     if objective not in OBJECTIVES:
         raise SlimtuneError(
@@ -152,6 +160,8 @@ def load_model(
         auto_class = AutoModelForImageClassification if is_vision_config(config) else AutoModelForSequenceClassification
     elif objective == "lm":
         auto_class = AutoModelForCausalLM
+    elif objective == "mlm":
+        auto_class = AutoModelForMaskedLM
     else:
         auto_class = AutoModel
 
@@ -173,10 +183,21 @@ def load_model(
         raise SlimtuneError(
             f"cannot load model '{label}' from {directory}: {first_line(error)}"
         ) from error
+    if objective == "mlm":
+        _require_mlm_head(model, loading_info, _display_name(name_or_path))
     _warn_unexpected_loading(model, loading_info, config, _display_name(name_or_path))
     if auto_class is AutoModelForImageClassification and not keep_head:
         _reinitialise_head(model)
     return model
+
+
+def _require_mlm_head(model: PreTrainedModel, loading_info: dict[str, Any], label: str) -> None:
+    """A masked-LM run trains the checkpoint's own MLM head; a new random one would make the loss
+    measure the head rather than the encoder."""
+    head = sorted(k for k in loading_info.get("missing_keys", ()) if not k.startswith(f"{model.base_model_prefix}."))
+    if head:
+        raise SlimtuneError(f"model '{label}' has no masked-LM head ({len(head)} weights missing from its checkpoint, e.g. {head[0]}); "
+                            "use task.objective features with a distill section (hidden-state distillation) instead")
 
 
 def is_vision_config(config: PretrainedConfig) -> bool:
