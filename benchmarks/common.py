@@ -40,6 +40,25 @@ def print_saved(name: str, render: Callable[[dict[str, Any]], str]) -> dict[str,
     return result
 
 
+def merge_part_and_write(name: str, parts: tuple[str, ...], part: str, entry: dict[str, Any], args, by_task_seed: bool = True) -> dict[str, Any]:
+    """Write ``results/<name>.json`` with ``entry`` as its part ``part``, keeping the other parts
+    of the file. With ``by_task_seed`` the part's rows of (task, seed) pairs this run did not redo
+    (``args.tasks`` x ``args.seeds``) are kept too, with their own settings, so that the seeds of
+    a long benchmark can be run one invocation at a time."""
+    path = RESULTS / f"{name}.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    merged = {key: previous[key] for key in parts if key in previous}
+    old = merged.get(part)
+    if by_task_seed and "rows" in entry and old and "rows" in old:
+        redone = {(task, int(seed)) for task in args.tasks.split(",") for seed in args.seeds.split(",")}
+        kept = [r for r in old["rows"] if (r["task"], r["seed"]) not in redone]
+        if kept:
+            entry = {**entry, "rows": kept + entry["rows"], "settings_of_kept_rows": old.get("settings_of_kept_rows") or old["settings"]}
+    merged[part] = entry
+    write_result(name, merged)
+    return merged
+
+
 def write_result(name: str, data: dict[str, Any]) -> Path:
     import torch
 

@@ -48,7 +48,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, print_saved, write_result
+from benchmarks.common import merge_part_and_write, print_saved
 from benchmarks.tickets import train
 
 NAME = "prune_ofa"
@@ -328,28 +328,11 @@ def main(argv=None) -> dict[str, Any]:
         start = os.getloadavg()
         rows = PART_FUNCTIONS[part](args, runs)
         entry = {"settings": settings, "load_average": [start, os.getloadavg()], "rows": rows}
-        result = {**result, part: entry} if args.quick else merge_and_write(args, part, entry)
+        # One file per model: a rerun replaces the pretrain or lm rows, or the transfer rows of its (task, seed) pairs.
+        result = {**result, part: entry} if args.quick else merge_part_and_write(
+            result_name(args.model), PARTS, part, entry, args, by_task_seed=part == "transfer")
     print(render(result))
     return result
-
-
-def merge_and_write(args, part: str, entry: dict[str, Any]) -> dict[str, Any]:
-    """One file per model: a rerun replaces the pre-training rows, or the transfer rows of its
-    (task, seed) pairs, and keeps the others (with their own settings)."""
-    import json
-
-    path = RESULTS / f"{result_name(args.model)}.json"
-    previous = json.loads(path.read_text()) if path.is_file() else {}
-    merged = {name: previous[name] for name in PARTS if name in previous}
-    old = merged.get(part)
-    if part == "transfer" and old:
-        redone = {(task, int(seed)) for task in args.tasks.split(",") for seed in args.seeds.split(",")}
-        kept = [r for r in old["rows"] if (r["task"], r["seed"]) not in redone]
-        if kept:
-            entry = {**entry, "rows": kept + entry["rows"], "settings_of_kept_rows": old.get("settings_of_kept_rows") or old["settings"]}
-    merged[part] = entry
-    write_result(result_name(args.model), merged)
-    return merged
 
 
 def result_name(model: str) -> str:

@@ -38,7 +38,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, interleaved_medians, print_saved, write_result
+from benchmarks.common import interleaved_medians, merge_part_and_write, print_saved
 
 NAME = "tickets"
 PARTS = ("cost", "robust", "rethinking", "structured")
@@ -288,29 +288,10 @@ def main(argv=None) -> dict[str, Any]:
         entry = {"settings": settings, "load_average": [start, os.getloadavg()],
                  **({"rows": found} if isinstance(found, list) else {"result": found})}
         # Written after every part: a long run that breaks keeps what it finished.
-        result = {**result, part: entry} if args.quick else merge_and_write(args, part, entry)
+        # Parts, tasks and seeds run separately land in one file per model.
+        result = {**result, part: entry} if args.quick else merge_part_and_write(result_name(args.model), PARTS, part, entry, args)
     print(render(result))
     return result
-
-
-def merge_and_write(args, part: str, entry: dict[str, Any]) -> dict[str, Any]:
-    """Parts, tasks and seeds run separately land in one file per model: a part this run redid
-    replaces the previous rows of its (task, seed) pairs and keeps the others (with their own
-    settings), so the seeds of a long model can be run one invocation at a time."""
-    import json
-
-    path = RESULTS / f"{result_name(args.model)}.json"
-    previous = json.loads(path.read_text()) if path.is_file() else {}
-    redone = {(task, int(seed)) for task in args.tasks.split(",") for seed in args.seeds.split(",")}
-    merged = {name: previous[name] for name in PARTS if name in previous}
-    old = merged.get(part)
-    if "rows" in entry and old and "rows" in old:
-        kept = [r for r in old["rows"] if (r["task"], r["seed"]) not in redone]
-        if kept:
-            entry = {**entry, "rows": kept + entry["rows"], "settings_of_kept_rows": old.get("settings_of_kept_rows") or old["settings"]}
-    merged[part] = entry
-    write_result(result_name(args.model), merged)
-    return merged
 
 
 def result_name(model: str) -> str:
