@@ -186,3 +186,25 @@ def test_masked_lm_pretraining_with_token_kd_on_the_masked_positions(tmp_path, t
     with pytest.raises(SlimtuneError, match="has no masked-LM head .* use task.objective features") as info:
         build(validate_recipe(no_head))
     assert "\n" not in str(info.value)
+
+
+def test_a_masked_lm_per_example_loss_is_its_own_loss_and_soft_prompts_are_never_predicted(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    from slimtune.privacy.losses import per_sample_losses
+    from tests.fixtures import attach
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)).eval()
+    ids = torch.randint(5, 100, (3, 9))
+    labels = torch.full_like(ids, -100)
+    labels[0, 2], labels[1, 1], labels[1, 4], labels[2, 7] = 11, 12, 13, 14
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    with torch.no_grad():
+        losses = per_sample_losses(model(**batch), batch, "mlm")
+        one_by_one = [model(**{k: v[i:i + 1] for k, v in batch.items()}).loss for i in range(3)]
+    assert torch.allclose(losses, torch.stack(one_by_one), atol=1e-5)
+    attach(model, ("prompt", {"num_tokens": 4}), objective="mlm")
+    with torch.no_grad():
+        out = model(**batch)  # the labels are widened with the soft tokens, never predicted
+    assert out.logits.shape[1] == 9 + 4 and torch.isfinite(out.loss)

@@ -21,7 +21,7 @@ class LinearProbe(Method):
         if arch.objective != "classification":
             from slimtune.errors import SlimtuneError
 
-            raise SlimtuneError("method linear-probe needs a classification task (a causal LM has no new head)")
+            raise SlimtuneError(f"method linear-probe needs a classification task (the {arch.objective} objective has no new head to train)")
 
     def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
         return {}  # the head is trained for every classification run; nothing else

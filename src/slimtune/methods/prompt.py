@@ -8,8 +8,8 @@ Where the prompts go, per family (the task head must still read the token it was
 * BERT / MPNet (the head pools position 0, ``[CLS]``/``<s>``): inserted right *after* the first
   token, ``[CLS] P_1..P_n x_1..x_L``; a forward pre-hook on the model turns ``input_ids`` into
   ``inputs_embeds`` with the prompts in place and widens ``attention_mask`` (and
-  ``token_type_ids``, segment 0) to match; position and segment embeddings are added by the
-  model as for any token. (peft prepends before ``[CLS]``, so its classifier pools a prompt.)
+  ``token_type_ids``, segment 0; a masked LM's token labels with -100) to match; position and
+  segment embeddings are added by the model as for any token. (peft prepends before ``[CLS]``, so its classifier pools a prompt.)
 * Llama (decoder; the head pools the last non-pad token, found from ``input_ids``): prepended,
   ``P_1..P_n x_1..x_L``, by a forward hook on the token embedding; the pre-hook widens
   ``attention_mask``, and a forward hook on the decoder stack drops the n prompt positions from
@@ -146,6 +146,10 @@ class PromptTuning(Method):
         types = kwargs.get("token_type_ids")
         if types is not None:
             kwargs["token_type_ids"] = insert(types, types.new_zeros(batch, n), at)
+        labels = kwargs.get("labels")
+        if self.family in ("bert", "mpnet") and labels is not None and labels.dim() == 2:
+            # Token labels (a masked LM's): the soft tokens are never predicted.
+            kwargs["labels"] = insert(labels, labels.new_full((batch, n), -100), at)
         if self.family in ("bert", "mpnet"):
             if input_ids.shape[1] + n > self.max_positions:
                 raise SlimtuneError(
