@@ -4,8 +4,8 @@ loaded here), no labels, no duplicates, the same corpus every time."""
 
 import pytest
 
-from slimtune.zoo.corpus import HELD_OUT, build_corpus, installed_text_tasks, overlap_with_test_split, text_hash
-from slimtune.zoo.tasks import load_task
+from slimtune.zoo.corpus import HELD_OUT, SPLIT_SEED, build_corpus, installed_text_tasks, overlap_with_test_split, text_hash
+from slimtune.zoo.tasks import DEFAULT_SPLIT_SEED, load_task
 
 pytestmark = pytest.mark.integration  # reads every installed text source
 
@@ -25,6 +25,7 @@ def test_no_held_out_sentence_of_any_task_is_in_the_corpus(corpus):
             leaked = [t for t in data.splits[split]["text"] if text_hash(t) in hashes]
             assert not leaked, f"{name} {split}: {len(leaked)} sentences in the corpus, e.g. {leaked[0]!r}"
     assert overlap_with_test_split(corpus, "movie-sentiment", 0) == 0
+    assert SPLIT_SEED == DEFAULT_SPLIT_SEED  # the split every downstream run uses unless told otherwise
 
 
 def test_the_corpus_is_every_training_sentence_once_without_labels(corpus):

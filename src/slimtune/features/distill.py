@@ -5,7 +5,8 @@ temperature, hidden-state and attention distillation; the machinery: :mod:`slimt
 distill: {teacher: runs/dense-teacher, alpha_ce: 0.5, alpha_kd: 0.5, temperature: 2}
 ```
 
-With ``task.objective: lm`` the KD is token-level (the teacher a causal LM of the same tokenizer);
+With ``task.objective: lm`` or ``mlm`` the KD is token-level (the teacher a causal or masked LM of
+the same tokenizer; a masked LM's over its masked positions);
 with ``task.objective: features`` (a bare encoder, no head) the loss is hidden/attention
 distillation alone: alpha_ce and alpha_kd default to 0 there.
 """

@@ -12,7 +12,7 @@ the hash of the whole corpus.
 A downstream recipe with another ``task.split_seed`` draws other test rows; the corpus then
 overlaps them, which ``overlap_with_test_split`` counts (and a pre-training record names split seed 0).
 
-As a task (``task: {name: corpus, objective: lm | features}``, :func:`load_corpus_task`) it has no
+As a task (``task: {name: corpus, objective: lm | mlm | features}``, :func:`load_corpus_task`) it has no
 labels; its own validation and test splits are corpus sentences held out by the hash of their text
 (:data:`HELD_OUT_PERCENT` each), so they do not move when sources are added.
 """
@@ -23,7 +23,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-#: The task name of the corpus (unlabelled: ``task.objective`` lm or features).
+#: The task name of the corpus (unlabelled: ``task.objective`` lm, mlm or features).
 CORPUS_TASK = "corpus"
 #: The downstream splits a corpus never takes a sentence from.
 HELD_OUT = ("validation", "test")
