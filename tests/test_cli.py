@@ -79,7 +79,7 @@ def test_list_json_is_machine_readable():
     assert r == {"name": "r", "type": "int", "default": 8, "required": False, "description": "rank of the update B A"}
     assert all({"name", "type", "default", "required", "description"} <= set(f) for m in methods for f in m["fields"])
     tasks = json.loads(run_cli("list", "tasks", "--json").stdout)
-    assert [t["name"] for t in tasks] == [*TASKS, *IMAGE_TASKS]
+    assert [t["name"] for t in tasks] == [*TASKS, *IMAGE_TASKS, "corpus"]
     trec = next(t for t in tasks if t["name"] == "trec-6")
     assert trec["kind"] == "text" and trec["n_labels"] == len(trec["labels"]) == 6 and trec["metric"] == "accuracy"
     models = json.loads(run_cli("list", "models", "--json").stdout)

@@ -48,8 +48,17 @@ def task_rows() -> list[dict[str, Any]]:
     from slimtune.zoo.images import is_image_task_installed
     from slimtune.zoo.tasks import TASKS, is_task_installed
 
+    from slimtune.zoo.corpus import CORPUS_TASK
+
     text = [("text", spec, is_task_installed(spec)) for spec in TASKS.values()]
     images = [("image", spec, is_image_task_installed(spec.name)) for spec in IMAGE_TASKS.values()]
+    corpus = {
+        "name": CORPUS_TASK, "kind": "unlabelled text", "n_labels": 0, "labels": [], "metric": "loss",
+        "installed": any(installed for _, _, installed in text),
+        "description": "the training sentences of every installed text task, never a validation/test one "
+                       "(task.objective lm, mlm or features: sparse pre-training)",
+        "source": "the text tasks above", "package": None, "license": "the text tasks'",
+    }  # fmt: skip
     return [
         {
             "name": spec.name, "kind": kind, "n_labels": spec.n_labels, "labels": list(spec.label_names),
@@ -57,7 +66,7 @@ def task_rows() -> list[dict[str, Any]]:
             "source": spec.source, "package": spec.package, "license": spec.license,
         }  # fmt: skip
         for kind, spec, installed in text + images
-    ]
+    ] + [corpus]
 
 
 def method_rows() -> list[dict[str, Any]]:

@@ -292,10 +292,7 @@ def compute_metrics(predictions: Any, labels: Any, num_labels: int) -> dict[str,
 
 
 def list_tasks() -> list[dict[str, Any]]:
-    """One row per registered task: name, n_labels, metric, installed, description (and the
-    unlabelled corpus of them all, :mod:`slimtune.zoo.corpus`)."""
-    from slimtune.zoo.corpus import CORPUS_TASK
-
+    """One row per registered task: name, n_labels, metric, installed, description."""
     return [
         {
             "name": spec.name,
@@ -305,6 +302,4 @@ def list_tasks() -> list[dict[str, Any]]:
             "description": spec.description,
         }
         for spec in TASKS.values()
-    ] + [{"name": CORPUS_TASK, "n_labels": 0, "metric": "loss", "installed": any(is_task_installed(s) for s in TASKS.values()),
-          "description": "unlabelled: the training sentences of every installed text task, never a validation/test one "
-                         "(task.objective lm or features; sparse pre-training)"}]
+    ]
