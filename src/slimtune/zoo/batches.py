@@ -50,8 +50,8 @@ def tokenize_split(split: datasets.Dataset, tokenizer, max_length: int, objectiv
 
 def mask_row(ids: list[int], special: list[int], text: str, tokenizer) -> tuple[list[int], list[int]]:
     """BERT's masking of one row (Devlin et al. 2019; google-research/bert
-    ``create_pretraining_data.py``): max(1, round(``MASK_SHARE`` x the non-special tokens)) are predicted, 80% of them shown as [MASK], 10% as a random token, 10% as
-    themselves; returns (input ids, labels: the original id where predicted, else -100). Static,
+    ``create_pretraining_data.py``): max(1, round(``MASK_SHARE`` x the non-special tokens)) are
+    predicted, 80% of them shown as [MASK], 10% as a random token, 10% as themselves; returns (input ids, labels: the original id where predicted, else -100). Static,
     as the original BERT's data preparation: seeded by the text's CRC32, so a row is masked the
     same in every epoch, process and resumed run (a deliberate choice over RoBERTa's dynamic
     masking, which would need the step in the batch builder)."""

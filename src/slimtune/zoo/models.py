@@ -1,7 +1,7 @@
 """Loading named or local models offline: config (with the registry's layer truncation, e.g.
 minilm-l2 keeps 2 of MiniLM-L6's layers), tokenizer (with a pad token), and the model for an
-objective (classification / causal LM / the bare encoder's features; ViT-like configs load as image
-classifiers), safetensors
+objective (classification / causal LM / masked LM / the bare encoder's features; ViT-like configs
+load as image classifiers), safetensors
 weights only. This is the zoo's model API: the registry's names (:mod:`slimtune.zoo.model_registry`)
 are re-exported here, so ``from slimtune.zoo.models import MODELS, model_dir, load_model`` works.
 """
