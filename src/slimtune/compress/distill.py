@@ -254,4 +254,4 @@ class DistillHook(Hook):
         per_step = section.get("teacher_seconds_per_step")
         cost = f"{section['teacher_seconds']:.1f} s teacher forward" + (f" ({per_step * 1000:.0f} ms/step)" if per_step else "")
         return [("distill", f"from {section['teacher']} ({section['teacher_kind']}, {section['teacher_params'] / 1e6:.2f}M params; "
-                            f"{weights}, T {section['temperature']:g}); {cost}")]
+                            f"{weights}" + (f", T {section['temperature']:g}" if section.get("alpha_kd") else "") + f"); {cost}")]
