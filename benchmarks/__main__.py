@@ -26,7 +26,7 @@ from benchmarks import readme
 from benchmarks.common import RESULTS
 
 #: The benchmark scripts, in the order of docs/benchmarks.md.
-KNOWN = ["lora_vs_peft", "methods_table", "dp", "memory", "slim", "sparse_adapter", "dsee", "vision", "tickets", "sparse_kernels", "prune_ofa"]
+KNOWN = ["lora_vs_peft", "methods_table", "dp", "memory", "slim", "sparse_adapter", "dsee", "vision", "tickets", "sparse_kernels", "prune_ofa", "multitask"]
 ROOT = Path(__file__).resolve().parent.parent
 #: The page whose marked section is rendered from the results (the README links to it).
 PAGE = ROOT / "docs" / "benchmarks.md"

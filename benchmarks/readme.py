@@ -94,6 +94,7 @@ TITLES = {
     "tickets": "Lottery tickets: robust vs plain, and the rethinking controls",
     "sparse_kernels": "Sparse kernels on this CPU",
     "prune_ofa": "Prune Once for All",
+    "multitask": "Multi-task: shared adapters and one pruned encoder for several tasks",
 }
 
 

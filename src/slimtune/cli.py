@@ -253,10 +253,13 @@ def cmd_train(args, recipe_path: Path | None) -> int:
         out = args.out or _default_out(recipe)
     from slimtune.zoo.tasks import check_task_name
 
-    try:
-        check_task_name(recipe.task.loader_spec())
-    except SlimtuneError as exc:
-        raise SlimtuneError(blame(args.overrides, "task.name", recipe.source, str(exc))) from None
+    members = recipe.task.tasks or [recipe.task]
+    for index, member in enumerate(members):
+        where = "task.name" if recipe.task.tasks is None else f"task.tasks.{index}.name"
+        try:
+            check_task_name(member.loader_spec())
+        except SlimtuneError as exc:
+            raise SlimtuneError(blame(args.overrides, where, recipe.source, str(exc) if recipe.task.tasks is None else f"task.tasks.{index}: {exc}")) from None
     # The runner brings in transformers, accelerate and datasets: only once the input was checked.
     from slimtune.measure.report import print_report
     from slimtune.runner import train_run

@@ -17,7 +17,7 @@ from typing import IO, Any
 TITLES = {
     "models": "models (any local HF model directory works too: model.name: /path/to/dir)",
     "tasks": "tasks (or your own data: task: {file: data.csv, text: COL, label: COL} or {images: DIR}; "
-    "image tasks take protocol: vtab-1k or shots: K, seed: S)",
+    "image tasks take protocol: vtab-1k or shots: K, seed: S; several tasks in one run: task: [NAME, NAME, ...])",
     "methods": "methods (recipe: method: {name: NAME, FIELD: VALUE}; a list composes methods)",
     "recipes": "recipes",
 }

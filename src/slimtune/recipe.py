@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slimtune.core.features import FEATURES, Feature, Section, all_features
 from slimtune.errors import SlimtuneError, did_you_mean
@@ -57,8 +57,33 @@ class TaskSection(Section):
         "dense teacher, the sparse pre-training of an encoder without an LM head); auto: classification"
     )
 
+    tasks: list[TaskSection] | None = Field(
+        None,
+        description="multi-task: train one model on several tasks, each a zoo task name or a task mapping "
+        "(name/file/..., train_size, eval_size, alias); each task gets its own head; the fields here (train_size, "
+        "eval_size, split_seed) are their defaults. Shorthand: task: [movie-sentiment, trec-6]",
+    )
+    alias: str | None = Field(None, description="multi-task: the name this task goes by (default: its zoo name or the file's stem)")
+    sampling: Literal["temperature", "proportional", "round-robin"] | None = Field(
+        None,
+        description="multi-task: which task each batch comes from: 'temperature' (task t with probability "
+        "proportional to n_t^(1/T), Hyperformer's sampler; the default), 'proportional' (T = 1) or 'round-robin' "
+        "(every task in turn)",
+    )
+    temperature: float | None = Field(None, gt=0, description="multi-task: T of temperature sampling (default 10, Hyperformer's configs)")
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _task_names(cls, value: Any) -> Any:
+        # A zoo name stands for {name: NAME}, as `task: NAME` does.
+        return [{"name": item} if isinstance(item, str) else item for item in value] if isinstance(value, list) else value
+
     @model_validator(mode="after")
     def _one_source(self) -> TaskSection:
+        if self.tasks is not None:
+            return self._several_tasks()
+        if self.sampling is not None or self.temperature is not None:
+            raise ValueError("task.sampling and task.temperature choose among several tasks: give task.tasks (a list)")
         if sum(source is not None for source in (self.name, self.file, self.images)) != 1:
             raise ValueError("give exactly one of task.name (a zoo task), task.file (your data) or task.images (your image folder)")
         if (self.protocol is not None or self.shots is not None) and self.file is not None:
@@ -73,7 +98,42 @@ class TaskSection(Section):
                              "with a distill section)")
         return self
 
+    def _several_tasks(self) -> TaskSection:
+        if any(source is not None for source in (self.name, self.file, self.images, self.alias)):
+            raise ValueError("task.tasks lists the tasks: name, file, images and alias go on each of them, not beside the list")
+        if len(self.tasks) < 2:
+            raise ValueError(f"task.tasks: a multi-task run needs at least two tasks, got {len(self.tasks)}")
+        if self.objective not in ("auto", "classification"):
+            raise ValueError(f"task.objective: multi-task runs are classification (one head per task), not '{self.objective}'")
+        if self.sampling != "temperature" and self.sampling is not None and self.temperature is not None:
+            raise ValueError(f"task.temperature applies to sampling: temperature, not '{self.sampling}'")
+        seen: dict[str, int] = {}
+        for index, member in enumerate(self.tasks):
+            where = f"task.tasks.{index}"
+            if member.tasks is not None or member.sampling is not None or member.temperature is not None:
+                raise ValueError(f"{where}: a task of a multi-task run is one task (tasks, sampling and temperature go on the list)")
+            if member.name == CORPUS_TASK or member.objective not in ("auto", "classification"):
+                raise ValueError(f"{where}: multi-task runs train classification heads; '{member.name or member.file}' with objective "
+                                 f"'{member.objective}' has no labels to mix in (train it in a run of its own)")
+            if member.images is not None or member.protocol is not None or member.shots is not None:
+                raise ValueError(f"{where}: image tasks cannot be combined in a multi-task run yet; list text tasks")
+            name = member.member_name
+            if name in seen:
+                raise ValueError(f"{where}: task '{name}' is listed twice (also task.tasks.{seen[name]}); each task goes by one name "
+                                 "(give one an alias to train it twice)")
+            seen[name] = index
+            if "split_seed" not in member.model_fields_set:  # the list's split seed, written down (recipe.yaml reads back alike)
+                object.__setattr__(member, "split_seed", self.split_seed)
+        return self
+
+    @property
+    def member_name(self) -> str:
+        """The name of one task (of a multi-task run): its alias, zoo name or file stem."""
+        return self.alias or self.name or Path(self.file or self.images or "task").stem
+
     def loader_spec(self) -> str | dict[str, Any]:
+        if self.tasks is not None:
+            raise ValueError("a multi-task section has no single loader spec; load each of task.tasks")
         if self.images is not None or self.protocol is not None or self.shots is not None:
             source = {"images": self.images} if self.images is not None else {"name": self.name}
             return {**source, "protocol": self.protocol, "shots": self.shots, "seed": self.seed or 0}
@@ -171,7 +231,7 @@ class Recipe(BaseModel):
     source: str = "recipe"
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"model": self.model.model_dump(), "task": _drop_none(self.task.model_dump())}
+        out: dict[str, Any] = {"model": self.model.model_dump(), "task": self.task.model_dump(exclude_none=True)}
         dumped = [m.dump() for m in self.methods]
         out["method"] = dumped[0] if len(dumped) == 1 else dumped
         out["head"] = self.head.model_dump()
@@ -192,10 +252,6 @@ class Recipe(BaseModel):
     @property
     def method_label(self) -> str:
         return "+".join(m.name for m in self.methods)
-
-
-def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if v is not None}
 
 
 DEFAULT_RECIPE: dict[str, Any] = {
@@ -411,6 +467,8 @@ def _with_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     data = copy.deepcopy(data)
     if isinstance(data.get("task"), str):
         data["task"] = {"name": data["task"]}
+    elif isinstance(data.get("task"), list):  # several tasks: a multi-task run
+        data["task"] = {"tasks": data["task"]}
     if isinstance(data.get("model"), str):
         data["model"] = {"name": data["model"]}
     for assignment in overrides:

@@ -28,9 +28,10 @@ from slimtune.core.hooks import Hook
 from slimtune.measure.evaluate import evaluate_split
 from slimtune.recipe import Recipe, load_recipe
 from slimtune.train.trainer import Trainer, TrainResult
-from slimtune.zoo.heads import configure_pooling
+from slimtune.zoo.heads import attach_task_heads, configure_pooling
 from slimtune.zoo.images import is_image_task, load_image_processor
 from slimtune.zoo.models import load_model, load_tokenizer
+from slimtune.zoo.multitask import is_multitask
 from slimtune.zoo.tasks import TaskData, load_task, relabel_task
 
 
@@ -61,9 +62,25 @@ class RunFiles:
 
 
 def recipe_task(recipe: Recipe, task_override: str | None = None) -> TaskData:
-    """The recipe's task (or the zoo task ``task_override``) with the recipe's split and sizes."""
-    spec = task_override or recipe.task.loader_spec()
-    return load_task(spec, split_seed=recipe.task.split_seed, train_size=recipe.task.train_size, eval_size=recipe.task.eval_size, seed=recipe.task.split_seed)
+    """The recipe's task (or the zoo task ``task_override``) with the recipe's split and sizes;
+    with several tasks (``task.tasks``) each with its own sizes (the section's by default),
+    combined (:func:`slimtune.zoo.multitask.combine_tasks`)."""
+    section = recipe.task
+    if section.tasks is None or task_override is not None:
+        spec = task_override or section.loader_spec()
+        return load_task(spec, split_seed=section.split_seed, train_size=section.train_size, eval_size=section.eval_size, seed=section.split_seed)
+    from slimtune.zoo.multitask import combine_tasks
+
+    members = []
+    for index, member in enumerate(section.tasks):
+        try:
+            data = load_task(member.loader_spec(), split_seed=member.split_seed, train_size=member.train_size or section.train_size,
+                             eval_size=member.eval_size or section.eval_size, seed=member.split_seed)
+        except SlimtuneError as error:
+            raise SlimtuneError(f"task.tasks.{index}: {error}") from None
+        data.name = member.member_name
+        members.append(data)
+    return combine_tasks(members, sampling=section.sampling, temperature=section.temperature)
 
 
 def build(recipe: Recipe, task_override: str | None = None, *, task: TaskData | None = None) -> Built:
@@ -87,6 +104,8 @@ def build(recipe: Recipe, task_override: str | None = None, *, task: TaskData | 
     fingerprint = base_fingerprint(recipe.model.name, model)
     base_params = param_counts(model)["total"]
     pooling = configure_pooling(model, recipe.head.pooling, objective)
+    if is_multitask(task):  # one head per task, each batch routed by its task_ids
+        attach_task_heads(model, [m.name for m in task.members], [m.num_labels for m in task.members])
     if structured is not None:
         structured.check_pooling(pooling)
     arch = Arch.of(model, objective)
@@ -100,8 +119,9 @@ def build(recipe: Recipe, task_override: str | None = None, *, task: TaskData | 
     if structured is not None:
         structured.check_delta(model, delta)
         hooks.append(structured.hook(recipe.train.budget, recipe.train.budget_cap))
-    for feature in recipe.features.values():
+    for feature in sorted(recipe.features.values(), key=lambda f: f.section):  # the same refusal whatever the import order
         feature.check_methods(delta)
+    for feature in recipe.features.values():
         models = {name: load_auxiliary(source, tokenizer, objective, len(task.label_names), where=f"{feature.section}.{name}")
                   for name, source in feature.auxiliary_models().items()}
         hook = feature.build_hook(recipe=recipe, model=model, delta=delta, task=task, models=models)
@@ -170,7 +190,7 @@ def load_delta_into(built: Built, files: RunFiles, *, force: bool = False, where
     e.g. DSEE's stage 2 replayed)."""
     where = where or str(files.dir / "delta.json")
     check_fingerprint(files.meta, built.fingerprint, files.dir / "delta.json", force=force, **({"remedy": remedy} if remedy else {}))
-    if files.meta.get("methods") != built.delta.config():
+    if not built.delta.trained_with(files.meta.get("methods")):
         raise SlimtuneError(f"{where}: trained methods {files.meta.get('methods')}, this recipe has {built.delta.config()}; {same_methods}")
     for name, tensor in (built.delta.state_dict(built.model) if check_shapes else {}).items():
         if name in files.state and files.state[name].shape != tensor.shape:
@@ -186,8 +206,7 @@ def _run_labels(files: RunFiles) -> list[str]:
     labels = (read_json(report_path).get("task") or {}).get("labels") if report_path.is_file() else None
     if isinstance(labels, list):
         return [str(label) for label in labels]
-    recipe = files.recipe
-    return list(load_task(recipe.task.loader_spec(), split_seed=recipe.task.split_seed).label_names)
+    return list(recipe_task(files.recipe).label_names)
 
 
 def _shown(labels: list[str], limit: int = 10) -> str:
@@ -239,6 +258,9 @@ def load_run(run_dir: str | Path, *, task: str | None = None, force: bool = Fals
     whose base model's weights differ from the ones here."""
     files = read_run(run_dir)
     data = None
+    if files.recipe.task.tasks is not None and (task is not None or label_map):
+        raise SlimtuneError(f"{files.dir}: a multi-task run is evaluated on its own tasks "
+                            f"({', '.join(m.member_name for m in files.recipe.task.tasks)}); drop --task / --label-map")
     if task is not None or label_map:  # checked before the model is built with the task's label count
         data = match_labels(recipe_task(files.recipe, task), files, task, label_map)
     built = build(files.recipe, task_override=task, task=data)

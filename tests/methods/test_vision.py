@@ -18,7 +18,7 @@ from tests.fixtures import write_folder
 # Method fields that fit a hidden-32 ViT (compacter's default bottleneck 32 // 32 = 1 < phm_dim 4).
 FITS_TINY = {"compacter": {"reduction_factor": 4}, "compacter++": {"reduction_factor": 4}, "prompt": {"num_tokens": 3}}
 VISION_METHODS = ["lora", "houlsby", "pfeiffer", "compacter", "compacter++", "kadaptation", "fact-tt", "fact-tk",
-                  "bitfit", "ia3", "prompt", "linear-probe", "full", "lst", "dsee"]
+                  "bitfit", "ia3", "prompt", "linear-probe", "full", "lst", "dsee", "hyperformer", "rank-pruning"]
 
 
 @pytest.fixture(scope="module")

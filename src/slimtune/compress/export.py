@@ -172,12 +172,14 @@ def _describe(config, model, *, pooling: str, labels: list[str] | None) -> None:
         config.label2id = {name: i for i, name in enumerate(labels)}
 
 
-def _plain_hf(model, layout: str, *, pooling: str, int8: bool, sparse: bool = False) -> str:
+def _plain_hf(model, layout: str, *, pooling: str, int8: bool, sparse: bool = False, task_heads: bool = False) -> str:
     """The ``plain_hf`` note of the export record: which transformers class reproduces the export
     from the directory alone, or why none does."""
     if layout == "hf":
         return f"yes: transformers' {type(model).__name__}.from_pretrained(DIR) computes this model"
-    if pooling == "mean":
+    if task_heads:
+        why = "it has one head per task, chosen by each example's task_ids, which no transformers class computes"
+    elif pooling == "mean":
         why = ("its classifier reads the masked mean of the token states, which no transformers class computes "
                "(theirs read [CLS] through a pooler this run never trained)")
     elif int8:
@@ -190,7 +192,7 @@ def _plain_hf(model, layout: str, *, pooling: str, int8: bool, sparse: bool = Fa
 
 
 def _write_model(model, staging: Path, *, int8: bool, pooling: str, labels: list[str] | None, sparse: bool = False,
-                 dense_model=None) -> dict[str, Any]:
+                 dense_model=None, task_heads: bool = False) -> dict[str, Any]:
     """Write the weights and config; returns the layout part of the export record (with
     ``sparse``: the sparse format and the compression against ``dense_model``, the float32 twin)."""
     import copy
@@ -203,7 +205,7 @@ def _write_model(model, staging: Path, *, int8: bool, pooling: str, labels: list
     # Mean pooling is written in the rebuilt layout: under model.safetensors,
     # AutoModelForSequenceClassification would load it with a random [CLS] pooler in front of the
     # classifier and predict near-constant logits without an error.
-    config = None if int8 or sparse or pooling == "mean" else hf_config(model)
+    config = None if int8 or sparse or pooling == "mean" or task_heads else hf_config(model)
     if config is not None:
         # The Hugging Face layout: config.json + model.safetensors under the model's own names.
         _describe(config, model, pooling=pooling, labels=labels)
@@ -226,7 +228,7 @@ def _write_model(model, staging: Path, *, int8: bool, pooling: str, labels: list
         write_json(staging / SHAPES_FILE, record)
         shapes = SHAPES_FILE
     return {"layout": "rebuilt", "shapes": shapes, "int8": INT8_FORMAT if int8 else None, "sparse": sparse_record,
-            "plain_hf": _plain_hf(model, "rebuilt", pooling=pooling, int8=int8, sparse=sparse)}
+            "plain_hf": _plain_hf(model, "rebuilt", pooling=pooling, int8=int8, sparse=sparse, task_heads=task_heads)}
 
 
 def save_exported(
@@ -241,6 +243,7 @@ def save_exported(
     extra: dict[str, Any] | None = None,
     sparse: bool = False,
     dense_model=None,
+    tasks: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Write an in-memory model (plain Linears: merged, possibly slimmed by
     ``slimtune.sparsity.structured``, possibly int8 or bf16) as an export directory that
@@ -248,7 +251,8 @@ def save_exported(
     or be empty. ``pooling``: what feeds a classification head (``mean`` re-installs slimtune's
     masked-mean pooler at load time). ``sparse``: Linear weights with zeros stored as positions +
     values (``compress.sparse_weights``), the record's ``sparse`` holding the encoder compression against
-    ``dense_model`` (the float32 model, when ``model`` is int8)."""
+    ``dense_model`` (the float32 model, when ``model`` is int8). ``tasks``: a multi-task model's
+    heads (name and labels of each, in order; :func:`task_heads`), re-attached at load time."""
     import torch
 
     from slimtune.compress.loader import EXPORT_FORMAT, EXPORT_RECORD
@@ -264,8 +268,8 @@ def save_exported(
     if kinds is None:
         kinds = (["merged"] + ([] if is_dense(shape_record(model)) else ["slimmed"]) + (["int8"] if int8 else []) + (["bf16"] if bf16 else [])
                  + (["sparse"] if sparse else []))
-    layout = _write_model(model, directory, int8=int8, pooling=pooling,
-                          labels=labels if objective == "classification" else None, sparse=sparse, dense_model=dense_model)
+    layout = _write_model(model, directory, int8=int8, pooling=pooling, labels=labels if objective == "classification" else None,
+                          sparse=sparse, dense_model=dense_model, task_heads=bool(tasks))
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     record = {
@@ -274,6 +278,7 @@ def save_exported(
         "objective": objective,
         "pooling": pooling,
         "labels": labels,
+        **({"tasks": tasks} if tasks else {}),
         "dtype": "bfloat16" if bf16 else "float32",
         **layout,
         **(extra or {}),
@@ -283,9 +288,12 @@ def save_exported(
 
 
 def measure_model(model, rows, pad_id, objective, num_labels, *, batch_size=32, seq_len=128, threads=2, repeats=10,
-                  directory: Path | None = None, shapes_from=None) -> dict[str, Any]:
-    """The export report's figures for one model: metrics, params, FLOPs, latency (and size)."""
-    from slimtune.measure.evaluate import evaluate_rows
+                  directory: Path | None = None, shapes_from=None, task=None) -> dict[str, Any]:
+    """The export report's figures for one model: metrics (of each task of a multi-task ``task``
+    too), params, FLOPs, latency (and size)."""
+    from slimtune.measure.evaluate import evaluate_rows, evaluate_task
+    from slimtune.zoo.batches import rows_batch
+    from slimtune.zoo.multitask import is_multitask
     from slimtune.measure.flops import flops_per_example
     from slimtune.measure.latency import measure_latency
     from slimtune.measure.params import file_bytes, param_counts
@@ -294,7 +302,8 @@ def measure_model(model, rows, pad_id, objective, num_labels, *, batch_size=32, 
     one = fixed_length_batch(rows, pad_id, 1, seq_len)
     timing = measure_latency(model, fixed_length_batch(rows, pad_id, batch_size, seq_len), threads=threads, repeats=repeats)
     out = {
-        "metrics": evaluate_rows(model, rows, pad_id, objective, num_labels),
+        "metrics": evaluate_task(model, lambda indices: rows_batch(rows, indices, pad_id, objective), task, "test", len(rows), objective, 64)
+        if is_multitask(task) else evaluate_rows(model, rows, pad_id, objective, num_labels),
         "params": param_counts(model)["total"],
         "flops_per_example": flops_per_example(model, one, shapes_from=shapes_from),
         "latency_ms_median": timing["latency_ms_median"],
@@ -303,6 +312,12 @@ def measure_model(model, rows, pad_id, objective, num_labels, *, batch_size=32, 
     if directory is not None:
         out["size_bytes"] = file_bytes(directory)
     return out
+
+
+def task_heads(task) -> list[dict[str, Any]] | None:
+    """A multi-task run's heads as the export record keeps them (name and labels of each task)."""
+    members = getattr(task, "members", None)
+    return [{"name": m.name, "labels": list(m.label_names)} for m in members] if members else None
 
 
 def check_out(out: Path) -> None:
@@ -383,7 +398,7 @@ def export_model(
     reference = None
     if measure:
         reference = measure_model(model, rows["test"], pad_id, objective, num_labels, batch_size=batch_size,
-                                  seq_len=seq_len, threads=threads, repeats=repeats)
+                                  seq_len=seq_len, threads=threads, repeats=repeats, task=built.task)
     slimming = None
     if spec:
         slimming = _slim(model, built, spec, rows["train"], pad_id)
@@ -402,7 +417,7 @@ def export_model(
     with staged_directory(out) as staging:
         record = save_exported(
             model, staging, objective=objective, pooling=built.pooling, labels=list(built.task.label_names),
-            tokenizer=built.tokenizer, kinds=kinds, sparse=sparse, dense_model=float_twin,
+            tokenizer=built.tokenizer, kinds=kinds, sparse=sparse, dense_model=float_twin, tasks=task_heads(built.task),
             extra={"slim": slimming, "max_length": max_length, "lora_rank": lora_info,
                    "source": {"run_dir": str(run_dir), "model": recipe.model.name, "method": built.delta.label, "task": built.task.name}},
         )
@@ -413,7 +428,7 @@ def export_model(
         if measure:
             report["exported"] = measure_model(
                 exported, rows["test"], pad_id, objective, num_labels, batch_size=batch_size, seq_len=seq_len,
-                threads=threads, repeats=repeats, shapes_from=float_twin,
+                threads=threads, repeats=repeats, shapes_from=float_twin, task=built.task,
             )
             report["exported"]["size_bytes"] = report["size_bytes"]
             what = "the run's model merged, dense, float32, measured in this process"

@@ -24,6 +24,10 @@ Classification exports trained with mean pooling (the default for MiniLM/MPNet) 
 No transformers class computes that head, which is why they are never in the plain layout (a bare
 ``from_pretrained`` would random-initialise the [CLS] pooler and predict near-constant logits).
 The record's ``plain_hf`` says whether transformers alone reproduces the export.
+
+A multi-task export (``tasks`` in the record: each task's name and labels) is rebuilt too: its
+stacked head is split back into one head per task, and the model is called with ``task_ids``
+(each example's task index, in the record's order).
 """
 
 from __future__ import annotations
@@ -103,6 +107,11 @@ def load_exported(directory: str | Path) -> nn.Module:
         raise SlimtuneError(f"{directory}: cannot load the model ({str(error).splitlines()[0]})") from None
     if objective == "classification":
         configure_pooling(model, record.get("pooling", "cls"), objective)
+    if record.get("tasks"):  # a multi-task model: one head per task, each call routed by task_ids
+        from slimtune.zoo.heads import attach_task_heads
+
+        tasks = record["tasks"]
+        attach_task_heads(model, [t["name"] for t in tasks], [len(t["labels"]) for t in tasks])
     if record.get("layout") != "hf":
         _load_rebuilt(model, directory, record, dtype)
     model.slimtune_export = record

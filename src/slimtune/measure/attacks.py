@@ -337,6 +337,8 @@ def check_attackable(objective: str, task, where: str = "--attack") -> None:
     test = task.splits["test"]
     if objective != "classification" or "text" not in test.column_names:
         raise SlimtuneError(f"{where}: only text classification runs can be attacked (this run: {objective} on {task.name})")
+    if getattr(task, "members", None):
+        raise SlimtuneError(f"{where}: a multi-task run ({task.name}) cannot be attacked yet; attack a single-task run")
 
 
 def attack_task(model: nn.Module, tokenizer, task, cfg: AttackConfig, *, objective: str, max_length: int, batch_size: int) -> dict:

@@ -68,6 +68,39 @@ def evaluate_rows(model: nn.Module, rows, pad_id: int, objective: str, num_label
     return evaluate(model, batches, objective, num_labels)
 
 
+def evaluate_task(
+    model: nn.Module,
+    batch_of: Callable[[list[int]], dict[str, torch.Tensor]],
+    task,
+    split: str,
+    num_rows: int,
+    objective: str,
+    batch_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> dict[str, float]:
+    """:func:`evaluate` over the ``num_rows`` rows of ``split`` (``batch_of(indices)`` builds a
+    batch, this rank's share of them in order); a multi-task run's each task on its own rows, with
+    its own label count, and their average (:func:`slimtune.zoo.multitask.average_metrics`)."""
+    def batches(start: int, end: int):
+        return (batch_of([start + i for i in indices]) for indices in eval_batches(end - start, batch_size, rank, world_size))
+
+    options = {"gather": gather, "autocast": autocast}
+    members = getattr(task, "members", None)
+    if not members:
+        return evaluate(model, batches(0, num_rows), objective, len(task.label_names), **options)
+    from slimtune.zoo.multitask import average_metrics
+
+    per_task = {member.name: evaluate(model, batches(start, end), objective, member.num_labels, **options)
+                for member, (start, end) in zip(members, task.row_ranges(split)) if end > start}
+    if not per_task:
+        return {}
+    return average_metrics(per_task, {member.name: member.metric for member in members})
+
+
 def evaluate_split(run, split: str = "test") -> dict[str, float]:
     """:func:`evaluate` of a built run (``slimtune.runner.Built``: model, tokenizer, task, recipe,
     objective, hooks) on one split of its task, batched as its recipe says, with the metrics its
@@ -75,7 +108,8 @@ def evaluate_split(run, split: str = "test") -> dict[str, float]:
     recipe = run.recipe
     rows = split_rows(run.task, run.tokenizer, split, recipe.train.max_length, run.objective)
     pad_id, size = pad_id_of(run.tokenizer), recipe.train.eval_batch_size
-    metrics = evaluate_rows(run.model, rows, pad_id, run.objective, len(run.task.label_names), size)
+    metrics = evaluate_task(run.model, lambda indices: rows_batch(rows, indices, pad_id, run.objective), run.task, split,
+                            len(rows), run.objective, size)
 
     def batches():
         return (rows_batch(rows, indices, pad_id, run.objective) for indices in eval_batches(len(rows), size))

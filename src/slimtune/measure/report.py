@@ -20,6 +20,7 @@ from slimtune.measure.latency import measure_latency
 from slimtune.measure.memory import peak_rss_bytes
 from slimtune.measure.params import param_counts
 from slimtune.core.hooks import HOOK_CLASSES
+from slimtune.zoo.multitask import is_multitask
 
 if TYPE_CHECKING:
     from slimtune.runner import Built
@@ -91,6 +92,7 @@ def build_report(
             "primary_metric": PRIMARY_METRIC_OF_OBJECTIVE.get(built.objective, task.metric),
             "objective": built.objective,
             "pooling": built.pooling,
+            **({"tasks": task.summary(), "sampling": task.sampling, "temperature": task.temperature} if is_multitask(task) else {}),
         },
         "method": {"name": built.delta.label, "config": built.delta.config()},
         "metrics": test_metrics,

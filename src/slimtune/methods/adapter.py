@@ -39,7 +39,7 @@ from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 from transformers.activations import get_activation
 
@@ -108,27 +108,47 @@ class BottleneckAdapter(nn.Module):
 
     Parameters are plain tensors, not ``nn.Linear`` children, so that methods which pick base
     modules by type (LoRA on 're:' patterns) or parameters by leaf name (BitFit's ``bias``) never
-    mistake an adapter's projections for the model's own."""
+    mistake an adapter's projections for the model's own.
 
-    def __init__(self, hidden: int, bottleneck: int, non_linearity: str, init_std: float, zero_up: bool, dtype=None):
+    In a multi-task run a projection may be one per task (``per_task``: ``"down"``/``"up"``): its
+    weight and bias get a leading task axis, and each example uses its own task's (``router``,
+    :class:`slimtune.zoo.heads.TaskRouter`); VL-Adapter's per-task and half-shared adapters
+    (ylsung/VL_adapter ``adapters/adapter_controller.py``: one ``Adapter`` per task, with
+    ``share_down_sampler`` / ``share_up_sampler`` one projection for all)."""
+
+    def __init__(self, hidden: int, bottleneck: int, non_linearity: str, init_std: float, zero_up: bool, dtype=None,
+                 *, per_task: tuple[str, ...] = (), router=None):
         super().__init__()
         self.non_linearity = non_linearity
         self.act = activation(non_linearity)
-        self.down_weight = nn.Parameter(torch.empty(bottleneck, hidden, dtype=dtype))
-        self.down_bias = nn.Parameter(torch.zeros(bottleneck, dtype=dtype))
-        self.up_weight = nn.Parameter(torch.empty(hidden, bottleneck, dtype=dtype))
-        self.up_bias = nn.Parameter(torch.zeros(hidden, dtype=dtype))
+        self.router = router
+        copies = {side: (len(router.names),) if side in per_task else () for side in ("down", "up")}
+        self.down_weight = nn.Parameter(torch.empty(*copies["down"], bottleneck, hidden, dtype=dtype))
+        self.down_bias = nn.Parameter(torch.zeros(*copies["down"], bottleneck, dtype=dtype))
+        self.up_weight = nn.Parameter(torch.empty(*copies["up"], hidden, bottleneck, dtype=dtype))
+        self.up_bias = nn.Parameter(torch.zeros(*copies["up"], hidden, dtype=dtype))
         truncated_normal_(self.down_weight, init_std)
         if zero_up:
             nn.init.zeros_(self.up_weight)
         else:
             truncated_normal_(self.up_weight, init_std)
 
+    def project(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        if weight.dim() == 2:
+            return F.linear(h, weight, bias)
+        ids = self.router.current("adapter")
+        if bool((ids == ids[0]).all()):  # one task per batch (the multi-task sampler's batches): one matmul
+            return F.linear(h, weight[ids[0]], bias[ids[0]])
+        extra = (1,) * (h.dim() - 2)  # examples of several tasks (e.g. DP's Poisson batches): each its own task's
+        return torch.einsum("b...i,boi->b...o", h, weight[ids]) + bias[ids].view(len(ids), *extra, -1)
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.act(F.linear(h, self.down_weight, self.down_bias)), self.up_weight, self.up_bias)
+        return self.project(self.act(self.project(h, self.down_weight, self.down_bias)), self.up_weight, self.up_bias)
 
     def extra_repr(self) -> str:
-        return f"{self.up_weight.shape[0]} -> {self.down_weight.shape[0]} -> {self.up_weight.shape[0]}, {self.non_linearity}"
+        per_task = [side for side in ("down", "up") if getattr(self, f"{side}_weight").dim() == 3]
+        return (f"{self.up_weight.shape[-2]} -> {self.down_weight.shape[-2]} -> {self.up_weight.shape[-2]}, {self.non_linearity}"
+                + (f", per task: {' and '.join(per_task)}" if per_task else ""))
 
 
 def add_skip_hook(adapter: nn.Module):
@@ -168,6 +188,26 @@ class AdapterPlacementConfig(MethodConfig):
 class BottleneckConfig(AdapterPlacementConfig):
     init_std: float = Field(1e-3, gt=0, description="std of the truncated-normal init of both projections (adapter-bert: 1e-3, near identity)")
     zero_up_init: bool = Field(False, description="start the up-projection at exactly zero (the adapter is exactly the identity at step 0)")
+    sharing: Literal["shared", "per-task", "half-shared"] = Field(
+        "shared",
+        description="multi-task runs (VL-Adapter's comparison): 'shared', one adapter for all tasks; 'per-task', one per task; "
+        "'half-shared', one projection (shared_projection) for all tasks and the other per task",
+    )
+    shared_projection: Literal["down", "up"] | None = Field(
+        None, description="half-shared: the projection all tasks share (VL-Adapter's share_down_sampler / share_up_sampler; default down)")
+
+    @model_validator(mode="after")
+    def _half_shared(self) -> BottleneckConfig:
+        if self.shared_projection is not None and self.sharing != "half-shared":
+            raise ValueError(f"shared_projection applies to sharing: half-shared, not '{self.sharing}'")
+        return self
+
+    @property
+    def per_task(self) -> tuple[str, ...]:
+        """The projections with one copy per task."""
+        if self.sharing == "half-shared":
+            return ("up",) if self.shared_projection in (None, "down") else ("down",)
+        return ("down", "up") if self.sharing == "per-task" else ()
 
 
 class AdapterMethod(Method):
@@ -194,14 +234,20 @@ class AdapterMethod(Method):
     def bottleneck_width(self, hidden: int) -> int:
         return max(1, int(hidden // self.config.reduction_factor))
 
-    def make_adapter(self, hidden: int, dtype) -> nn.Module:
+    def make_adapter(self, hidden: int, dtype, site: str = "") -> nn.Module:
+        """The adapter that follows the projection named ``site`` (of width ``hidden``)."""
         c = self.config
-        return BottleneckAdapter(hidden, self.bottleneck_width(hidden), c.non_linearity, c.init_std, c.zero_up_init, dtype)
+        return BottleneckAdapter(hidden, self.bottleneck_width(hidden), c.non_linearity, c.init_std, c.zero_up_init, dtype,
+                                 per_task=c.per_task, router=self.router)
 
     def attach_shared(self, model: nn.Module, arch: Arch) -> None:
         """Hook for methods with parameters shared by all adapters (Compacter's rule matrices)."""
 
     def attach(self, model: nn.Module, arch: Arch) -> None:
+        self.router = getattr(model, "slimtune_task_router", None)
+        if getattr(self.config, "sharing", "shared") != "shared" and self.router is None:
+            raise SlimtuneError(f"method {self.name}: sharing '{self.config.sharing}' gives each task its own weights, which needs "
+                                "a multi-task run (task.tasks: a list of tasks)")
         self.attach_shared(model, arch)
         self.sites_found: list[str] = []
         self.adapters: dict[str, nn.Module] = {}
@@ -212,7 +258,7 @@ class AdapterMethod(Method):
                 continue  # already wrapped by an earlier method: claims() names it, Delta reports the conflict
             if hasattr(projection, self.tag):
                 raise SlimtuneError(f"method {self.name}: '{name}' already has an adapter '{self.tag}'")
-            adapter = self.make_adapter(projection.out_features, projection.weight.dtype)
+            adapter = self.make_adapter(projection.out_features, projection.weight.dtype, site=name)
             projection.add_module(self.tag, adapter)
             self.adapters[f"{name}.{self.tag}"] = adapter
             self.handles.append(projection.register_forward_hook(add_skip_hook(adapter)))
@@ -231,12 +277,16 @@ class AdapterMethod(Method):
         return set(self.sites_found) | set(self.norms)
 
     def expected_param_count(self, model: nn.Module) -> int:
-        """2 d m + m + d per adapter (d hidden, m = d // reduction_factor), plus trained norms."""
+        """2 d m + m + d per adapter (d hidden, m = d // reduction_factor), plus trained norms; in
+        a multi-task run of T tasks each per-task projection T times: per-task T (2 d m + m + d),
+        half-shared (down shared) d m + m + T (m d + d)."""
+        tasks = len(self.router.names) if self.router is not None else 1
+        per_task = getattr(self.config, "per_task", ())
         total = 0
         for module in self.adapters.values():
-            d = module.up_weight.shape[0]
+            d = module.up_weight.shape[-2]
             m = self.bottleneck_width(d)
-            total += 2 * d * m + m + d
+            total += (tasks if "down" in per_task else 1) * (d * m + m) + (tasks if "up" in per_task else 1) * (m * d + d)
         return total + sum(p.numel() for p in self.norms.values())
 
     def describe(self) -> str:

@@ -92,6 +92,11 @@ class Method(ABC):
     def hooks(self) -> list[Any]:
         return []
 
+    def learning_rate_factors(self, model: nn.Module) -> dict[str, float]:
+        """Trainable parameters that learn at ``train.lr`` times a factor (e.g. FLOP's gates at
+        3x, ``prune_lr``), by name; default none."""
+        return {}
+
     @property
     def restructuring_reason(self) -> str | None:
         """Why this method merges, prunes or replaces modules during training (e.g. DSEE's stage

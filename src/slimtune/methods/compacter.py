@@ -147,7 +147,7 @@ class Compacter(AdapterMethod):
             self.shared = PHMRules(c.phm_dim, c.phm_init_range, dtype)
             model.add_module(self.shared_name, self.shared)
 
-    def make_adapter(self, hidden: int, dtype) -> nn.Module:
+    def make_adapter(self, hidden: int, dtype, site: str = "") -> nn.Module:
         c = self.config
         bottleneck = self.bottleneck_width(hidden)
         for size, what in ((hidden, "the hidden size"), (bottleneck, f"the bottleneck width (hidden {hidden} // reduction_factor {c.reduction_factor:g})")):

@@ -116,6 +116,10 @@ class Delta:
     def hooks(self) -> list[Any]:
         return [hook for method in self.methods for hook in method.hooks()]
 
+    def learning_rate_factors(self, model: nn.Module) -> dict[str, float]:
+        """Trainable parameters whose learning rate is ``train.lr`` times a factor, by name."""
+        return {name: factor for method in self.methods for name, factor in method.learning_rate_factors(model).items()}
+
     # -- state --------------------------------------------------------------------------------
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         from slimtune.sparsity.masks import clean_name
@@ -146,6 +150,21 @@ class Delta:
 
     def config(self) -> list[dict[str, Any]]:
         return [{"name": m.name, **m.config.model_dump()} for m in self.methods]
+
+    def trained_with(self, saved: Any) -> bool:
+        """``saved`` (a run's ``delta.json`` methods) are these methods with these settings; a
+        field added to a method after the run was saved counts as its default value."""
+        if not isinstance(saved, list) or len(saved) != len(self.methods):
+            return False
+        for old, method in zip(saved, self.methods):
+            current = {"name": method.name, **method.config.model_dump()}
+            if not isinstance(old, dict):
+                return False
+            fields = type(method.config).model_fields
+            added = {key for key in current.keys() - old.keys() if key in fields and current[key] == fields[key].get_default()}
+            if {key: value for key, value in current.items() if key not in added} != old:
+                return False
+        return True
 
     def save(self, directory: Path, model: nn.Module, fingerprint: dict[str, str], extra: dict[str, Any] | None = None) -> int:
         """Write ``delta.safetensors`` and ``delta.json`` atomically; returns the tensor bytes."""

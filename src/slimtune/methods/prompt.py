@@ -44,19 +44,27 @@ class PromptConfig(MethodConfig):
         "(ViT: VPT's Xavier bound); 'auto': vocab for text models, random for ViT"
     )
     seed: int = Field(0, description="seed for sampling the init tokens / random init")
+    sharing: Literal["shared", "per-task"] = Field(
+        "shared", description="multi-task runs: 'shared', one prompt for all tasks; 'per-task', one prompt per task (each example reads its task's)")
 
 
 class SoftPrompt(nn.Module):
-    def __init__(self, embeddings: torch.Tensor):
+    """``num_tokens x hidden`` embeddings, or with a ``router`` (a multi-task run's
+    :class:`slimtune.zoo.heads.TaskRouter`) one such prompt per task, ``tasks x num_tokens x hidden``."""
+
+    def __init__(self, embeddings: torch.Tensor, router=None):
         super().__init__()
         self.embeddings = nn.Parameter(embeddings)
+        self.router = router
 
     def forward(self, size: int, dtype: torch.dtype) -> torch.Tensor:
-        """The prompt for a batch of ``size`` (a view, no copy). A call, so that hooks see it (DP's
-        per-sample rule reads each example's gradient of its copy)."""
+        """The prompt for a batch of ``size`` (a view, no copy; per task: each example's task's).
+        A call, so that hooks see it (DP's per-sample rule reads each example's gradient of its copy)."""
         # Without grad, a view of the Parameter would still claim requires_grad (with no grad_fn),
         # which torch's FlopCounterMode module tracker trips over.
         embeddings = self.embeddings if torch.is_grad_enabled() else self.embeddings.detach()
+        if embeddings.dim() == 3:
+            return embeddings.to(dtype)[self.router.current("prompt")]
         return embeddings.to(dtype).unsqueeze(0).expand(size, -1, -1)
 
 
@@ -88,6 +96,11 @@ class PromptTuning(Method):
             raise SlimtuneError("method prompt: the model already holds soft prompts; use one prompt method per recipe")
         c = self.config
         self.family = arch.family
+        router = getattr(model, "slimtune_task_router", None) if c.sharing == "per-task" else None
+        if c.sharing == "per-task" and router is None:
+            raise SlimtuneError("method prompt: sharing 'per-task' gives each task its own prompt, which needs a multi-task run "
+                                "(task.tasks: a list of tasks)")
+        copies = len(router.names) if router is not None else 1
         generator = torch.Generator().manual_seed(c.seed)
         backbone = model.base_model
         if arch.family == "vit":
@@ -96,8 +109,8 @@ class PromptTuning(Method):
             config = model.config
             bound = math.sqrt(6.0 / (config.num_channels * config.patch_size**2 + config.hidden_size))
             dtype = next(model.parameters()).dtype
-            init = (torch.rand(c.num_tokens, config.hidden_size, generator=generator) * 2 - 1) * bound
-            self.prompt = SoftPrompt(init.to(dtype))
+            init = (torch.rand(copies, c.num_tokens, config.hidden_size, generator=generator) * 2 - 1) * bound
+            self.prompt = SoftPrompt(init.to(dtype) if router is not None else init[0].to(dtype), router)
             model.add_module(MODULE, self.prompt)
             self.handles = [backbone.embeddings.register_forward_hook(self._after_vit_embeddings)]
             return
@@ -106,13 +119,13 @@ class PromptTuning(Method):
             raise SlimtuneError(f"method prompt: model type '{arch.model_type}' has no input embedding to prompt")
         weight = embedding.weight
         if c.init == "random":
-            init = torch.rand(c.num_tokens, weight.shape[1], generator=generator) - 0.5
+            init = torch.rand(copies, c.num_tokens, weight.shape[1], generator=generator) - 0.5
         else:
             skip = special_token_ids(model.config)
             allowed = torch.tensor([i for i in range(weight.shape[0]) if i not in skip])
-            picked = allowed[torch.randint(len(allowed), (c.num_tokens,), generator=generator)]
+            picked = allowed[torch.randint(len(allowed), (copies, c.num_tokens), generator=generator)]
             init = weight.detach()[picked].float().clone()
-        self.prompt = SoftPrompt(init.to(weight.dtype))
+        self.prompt = SoftPrompt((init if router is not None else init[0]).to(weight.dtype), router)
         model.add_module(MODULE, self.prompt)
         self.handles = [model.register_forward_pre_hook(self._widen_inputs, with_kwargs=True)]
         if arch.family in ("bert", "mpnet"):
@@ -180,5 +193,6 @@ class PromptTuning(Method):
         return {f"{MODULE}.embeddings", "<input sequence>"}
 
     def expected_param_count(self, model: nn.Module) -> int:
-        """num_tokens x hidden."""
-        return self.config.num_tokens * model.config.hidden_size
+        """num_tokens x hidden (per task: times the number of tasks)."""
+        tasks = len(self.prompt.router.names) if self.prompt.router is not None else 1
+        return tasks * self.config.num_tokens * model.config.hidden_size

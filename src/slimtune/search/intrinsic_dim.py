@@ -334,6 +334,8 @@ def intrinsic_dim_search(recipe: Any, config: IntrinsicDimConfig | dict[str, Any
     objective = recipe.objective
     if objective != "classification":
         raise SlimtuneError("intrinsic-dimension search scores classification accuracy; task.objective must be classification")
+    if recipe.task.tasks is not None:
+        raise SlimtuneError("intrinsic-dimension search scores one task's accuracy; give task.name (or task.file), not task.tasks")
     set_seed(config.seed)
     task = load_task(recipe.task.loader_spec(), split_seed=recipe.task.split_seed, train_size=recipe.task.train_size, eval_size=recipe.task.eval_size, seed=recipe.task.split_seed)
     model = load_model(recipe.model.name, objective=objective, num_labels=len(task.label_names))

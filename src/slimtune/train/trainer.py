@@ -27,12 +27,12 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from slimtune.errors import SlimtuneError
-from slimtune.measure.evaluate import evaluate
+from slimtune.measure.evaluate import evaluate_task
 from slimtune.methods.delta import Delta
 from slimtune.progress import progress as progress_bar
 from slimtune.sparsity.masks import clean_name
 from slimtune.train import checkpoint as ckpt
-from slimtune.zoo.batches import BatchPlan, eval_batches, fixed_length_batch, pad_id_of, rows_batch, split_rows
+from slimtune.zoo.batches import batch_plan, eval_batches, fixed_length_batch, pad_id_of, rows_batch, split_rows
 from slimtune.core.hooks import Hook
 from slimtune.zoo.images import ImageRows, is_image_task
 from slimtune.zoo.tasks import TaskData
@@ -40,7 +40,7 @@ from slimtune.zoo.tasks import TaskData
 if TYPE_CHECKING:
     from slimtune.recipe import Recipe
 
-NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight", "layernorm")
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight", "layernorm", "log_alpha")
 
 
 @dataclass
@@ -112,7 +112,7 @@ class Trainer:
             raise SlimtuneError(f"task.objective: image tasks are classification, not '{objective}'")
         # Per split: tokenised examples (or one pixel tensor for images); batches are built by index.
         self.rows = {name: split_rows(task, tokenizer, name, self.cfg.max_length, objective) for name in ("train", "validation", "test")}
-        self.plan = BatchPlan(len(self.rows["train"]), self.cfg.batch_size, self.cfg.seed, self.rank, self.world_size)
+        self.plan = batch_plan(task, len(self.rows["train"]), self.cfg.batch_size, self.cfg.seed, self.rank, self.world_size)
         self.total_steps = self.cfg.max_steps or max(1, math.ceil(self.cfg.epochs * self.plan.batches_per_epoch))
         for hook in self.hooks:  # a hook may set the compute budget (e.g. Scratch-B)
             self.total_steps = hook.budget_steps(self.total_steps)
@@ -125,9 +125,10 @@ class Trainer:
     # -- setup --------------------------------------------------------------------------------
     def _build_optimizer(self) -> torch.optim.Optimizer:
         head = set(self.delta.head_names)
+        factors = self.delta.learning_rate_factors(self.model)
         groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
         for name, param in self.trainable.items():
-            lr = (self.cfg.head_lr or self.cfg.lr) if name in head else self.cfg.lr
+            lr = (self.cfg.head_lr or self.cfg.lr) if name in head else self.cfg.lr * factors.get(name, 1.0)
             decay = 0.0 if any(k in name for k in NO_DECAY) else self.cfg.weight_decay
             groups.setdefault((lr, decay), []).append(param)
         return torch.optim.AdamW([{"params": p, "lr": lr, "weight_decay": wd} for (lr, wd), p in groups.items()])
@@ -338,7 +339,9 @@ class Trainer:
         def batches():
             return (self.batch(split, indices) for indices in eval_batches(len(self.rows[split]), self.cfg.eval_batch_size, self.rank, self.world_size))
 
-        metrics = evaluate(self.model, batches(), self.objective, len(self.task.label_names), gather=self.gather, autocast=self.autocast)
+        metrics = evaluate_task(self.model, lambda indices: self.batch(split, indices), self.task, split, len(self.rows[split]),
+                                self.objective, self.cfg.eval_batch_size, rank=self.rank, world_size=self.world_size,
+                                gather=self.gather, autocast=self.autocast)
         for hook in self.hooks:
             metrics.update(hook.evaluation_metrics(self.model, batches, self.autocast, self.gather))
         for hook in self.hooks:

@@ -19,6 +19,8 @@ import torch
 datasets.disable_progress_bars()
 
 IGNORE_INDEX = -100
+#: The batch key of each row's task in a multi-task run (:mod:`slimtune.zoo.multitask`).
+TASK_IDS = "task_ids"
 #: Masked-LM masking (BERT's): this share of each row's non-special tokens is predicted; of them
 #: MASK_REPLACE become [MASK], RANDOM_REPLACE a random token, the rest stay as they are.
 MASK_SHARE, MASK_REPLACE, RANDOM_REPLACE = 0.15, 0.8, 0.1
@@ -81,6 +83,9 @@ def collate(rows: list[dict], pad_id: int, objective: str) -> dict[str, torch.Te
     for key in rows[0]:
         if key == "labels":
             continue
+        if key == TASK_IDS:  # one value per row, not per token
+            batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.long)
+            continue
         fill = pad_id if key == "input_ids" else 0
         batch[key] = torch.tensor([r[key] + [fill] * (longest - len(r[key])) for r in rows], dtype=torch.long)
     if objective == "classification":
@@ -141,6 +146,9 @@ def fixed_length_batch(rows: list[dict], pad_id: int, batch_size: int, seq_len: 
     for key in chosen[0]:
         if key == "labels":
             continue
+        if key == TASK_IDS:
+            batch[key] = torch.tensor([r[key] for r in chosen], dtype=torch.long)
+            continue
         fill = pad_id if key == "input_ids" else 0
         batch[key] = torch.tensor([(r[key] + [fill] * seq_len)[:seq_len] for r in chosen], dtype=torch.long)
     return batch
@@ -155,9 +163,22 @@ def split_rows(task, tokenizer, split: str, max_length: int, objective: str):
     image task the processor's pixel tensor (``ImageRows``). Batches are built by index."""
     from slimtune.zoo.images import is_image_task
 
+    if members := getattr(task, "members", None):  # a multi-task run: each task's rows, tagged with its index
+        return [{**row, TASK_IDS: index} for index, member in enumerate(members)
+                for row in split_rows(member, tokenizer, split, max_length, objective)]
     if is_image_task(task):
         return tokenizer.encode_split(task.splits[split])
     return tokenize_split(task.splits[split], tokenizer, max_length, objective).to_list()
+
+
+def batch_plan(task, num_examples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    """The training batches of ``task``: shuffled epochs (:class:`BatchPlan`), or for several tasks
+    one task per batch (:class:`slimtune.zoo.multitask.MultiTaskBatchPlan`)."""
+    if getattr(task, "members", None):
+        from slimtune.zoo.multitask import multitask_plan
+
+        return multitask_plan(task, batch_size, seed, rank, world_size)
+    return BatchPlan(num_examples, batch_size, seed, rank, world_size)
 
 
 def rows_batch(rows, indices: list[int], pad_id: int, objective: str) -> dict[str, torch.Tensor]:

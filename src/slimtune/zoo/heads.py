@@ -64,3 +64,89 @@ def configure_pooling(model: nn.Module, pooling: str, objective: str) -> str:
 
     encoder.register_forward_pre_hook(hand_over_mask, with_kwargs=True)
     return "mean"
+
+
+# ----------------------------------------------------------------------------- several tasks
+
+
+class TaskRouter:
+    """The task of each example of the current forward pass (``task_ids``, one per row), for the
+    modules that depend on it: the task heads and task-conditioned deltas. A pre-hook on the model
+    takes ``task_ids`` out of its inputs (the model's own forward never sees it) and sets it here,
+    None when a call gives none."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = list(names)
+        self.task_ids: torch.Tensor | None = None
+
+    def current(self, what: str) -> torch.Tensor:
+        if self.task_ids is None:
+            raise SlimtuneError(f"{what}: this model serves {len(self.names)} tasks ({', '.join(self.names)}); "
+                                "call it with task_ids (each example's task index)")
+        return self.task_ids
+
+
+class MultiTaskHead(nn.Module):
+    """One linear head per task, stored as one stacked ``linear`` (task t's rows are its block of
+    outputs): each example reads its own task's block, padded to the largest label count with the
+    dtype's minimum (softmax 0, never the argmax, no gradient), so the model's own cross-entropy
+    over ``max(labels)`` columns is each task's own. A task's block gets gradients from its own
+    examples only."""
+
+    def __init__(self, linear: nn.Linear, sizes: list[int], router: TaskRouter) -> None:
+        super().__init__()
+        if linear.out_features != sum(sizes):
+            raise ValueError(f"the stacked head has {linear.out_features} outputs for {sum(sizes)} labels")
+        self.linear = linear
+        self.sizes = list(sizes)
+        self.router = router
+        self.register_buffer("offsets", torch.tensor([sum(sizes[:i]) for i in range(len(sizes))]), persistent=False)
+        self.register_buffer("counts", torch.tensor(sizes), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stacked = self.linear(x)
+        ids = self.router.current("task head").to(stacked.device)
+        width = max(self.sizes)
+        columns = torch.arange(width, device=stacked.device)
+        index = (self.offsets[ids].unsqueeze(-1) + columns).clamp_max(stacked.shape[-1] - 1)  # [B, width]
+        valid = columns < self.counts[ids].unsqueeze(-1)
+        shape = (index.shape[0],) + (1,) * (stacked.dim() - 2) + (width,)  # Llama scores every position: [B, T, labels]
+        index, valid = index.view(shape).expand(*stacked.shape[:-1], width), valid.view(shape)
+        picked = stacked.gather(-1, index)
+        return picked.masked_fill(~valid, torch.finfo(picked.dtype).min)
+
+    def extra_repr(self) -> str:
+        return f"{len(self.sizes)} tasks: {', '.join(f'{n}: {s}' for n, s in zip(self.router.names, self.sizes))} labels"
+
+
+def task_head_linear(model: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
+    """The task head's output linear (BERT/ViT ``classifier``, Llama ``score``, MPNet
+    ``classifier.out_proj``): its parent module, attribute name and the linear."""
+    from slimtune.core.arch import HEAD_MODULE_NAMES
+
+    for name in HEAD_MODULE_NAMES:
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Linear):
+            return model, name, head
+        if head is not None and isinstance(getattr(head, "out_proj", None), nn.Linear):
+            return head, "out_proj", head.out_proj
+    raise SlimtuneError(f"multi-task: no task head found on model type '{getattr(getattr(model, 'config', None), 'model_type', '?')}'")
+
+
+def attach_task_heads(model: nn.Module, names: list[str], sizes: list[int]) -> TaskRouter:
+    """Turn the model's head (built with ``sum(sizes)`` outputs) into one head per task and route
+    each forward pass by its ``task_ids``; the model then reports ``max(sizes)`` logits."""
+    router = TaskRouter(names)
+    parent, attribute, linear = task_head_linear(model)
+    setattr(parent, attribute, MultiTaskHead(linear, sizes, router))
+    model.config.num_labels = max(sizes)
+    if hasattr(model, "num_labels"):
+        model.num_labels = max(sizes)
+
+    def take_task_ids(module, args, kwargs):
+        router.task_ids = kwargs.pop("task_ids", None)
+        return args, kwargs
+
+    model.register_forward_pre_hook(take_task_ids, with_kwargs=True)
+    model.slimtune_task_router = router
+    return router

@@ -174,9 +174,10 @@ def load_model(
                 attn_implementation=_attention_for(auto_class, config, attn_implementation),
                 output_loading_info=True,
                 use_safetensors=True,  # never fall back to pickle weights (pytorch_model.bin)
-                # A vision checkpoint carries its pre-training head; a task with another number
-                # of classes gets a new one (re-initialised below in any case).
-                **({"ignore_mismatched_sizes": True} if auto_class is AutoModelForImageClassification else {}),
+                # A checkpoint with a head (a vision model's pre-training head, a fine-tuned text
+                # classifier) and a task with another number of classes: a new head (a vision one
+                # is re-initialised below in any case).
+                **({"ignore_mismatched_sizes": True} if objective == "classification" else {}),
             )
     except (OSError, ValueError, RuntimeError) as error:
         label = _display_name(name_or_path)
