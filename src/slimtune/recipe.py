@@ -173,6 +173,10 @@ class TrainSection(Section):
     )
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (fast on AMX CPUs) or fp32")
     eval_each_epoch: bool = Field(True, description="evaluate on the validation split after each epoch")
+    keep: Literal["last", "best"] = Field(
+        "last", description="'best': end on the epoch whose validation primary metric was best (a multi-task run: the average "
+        "over tasks; Hyperformer's load_best_model_at_end), each task's best epoch in report.json; 'last': the last step's weights"
+    )
     checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N steps (always at each epoch end)")
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a NaN/inf loss or gradient: 'stop' (name the step, keep the last checkpoint) or 'skip' the step (counted in report.json)"
@@ -437,6 +441,13 @@ def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
     if sections["train"].budget == "scratch-b" and sections["model"].structure is None:
         raise RecipeFieldError(source, "train.budget", "train.budget: scratch-b scales the steps by FLOPs_dense / FLOPs_pruned, "
                                "which needs a pruned structure: model.structure (a `slimtune export --slim` directory)")
+    if sections["train"].keep == "best":
+        if not sections["train"].eval_each_epoch:
+            raise RecipeFieldError(source, "train.keep", "train.keep: best chooses an epoch by its validation metrics; set train.eval_each_epoch: true")
+        private = [name for name, feature in features.items() if feature.private_training_data]
+        if private:
+            raise RecipeFieldError(source, "train.keep", f"train.keep: best chooses an epoch by the validation split of data that {private[0]} keeps "
+                                   "private, which its ε does not account for; use train.keep: last")
     if sections["task"].objective == "features" and "distill" not in features:
         raise RecipeFieldError(source, "task.objective", "task.objective: 'features' trains a bare model, which has no loss of its own; "
                                "add a distill section, e.g. distill: {teacher: MODEL, hidden: 1.0, attention: 1.0}")

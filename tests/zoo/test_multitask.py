@@ -285,3 +285,38 @@ def test_what_a_multitask_run_cannot_do_yet_is_refused_in_one_line(multitask_rec
         evaluate_run(tmp_path / "run", attack=AttackConfig(name="pgd", examples=2))
     with pytest.raises(SlimtuneError, match="not task.tasks"):
         intrinsic_dim_search(multitask_recipe)
+
+
+def test_keep_best_ends_on_the_best_validation_epoch_and_names_each_tasks_best(multitask_recipe, tmp_path):
+    from slimtune.runner import evaluate_run, train_run
+    from tests.fixtures import crash_run
+
+    multitask_recipe["train"].update(max_steps=None, epochs=3, keep="best", lr=5e-2)
+    multitask_recipe["measure"] = {"latency": False, "flops": False, "memory": False}
+    recipe = validate_recipe(multitask_recipe)
+    report = train_run(recipe, tmp_path / "run", progress=False)
+    history = report["train"]["history"]
+    averages = [entry["validation"]["average"] for entry in history]
+    kept = report["train"]["kept"]
+    assert kept["restored"] and kept["metric"] == "average" and kept["value"] == max(averages)
+    assert kept["epoch"] == history[averages.index(max(averages))]["epoch"]
+    best = report["train"]["best_epoch_per_task"]
+    assert set(best) == {"reviews", "topics"} and all(1 <= e <= 3 for e in best.values())
+    # The saved delta is the kept epoch's: re-evaluated on validation it scores the kept value.
+    from slimtune.runner import load_run
+    from slimtune.measure.evaluate import evaluate_split
+
+    assert evaluate_split(load_run(tmp_path / "run"), "validation")["average"] == pytest.approx(kept["value"])
+    assert evaluate_run(tmp_path / "run")["metrics"] == pytest.approx(report["metrics"])
+    # Resumed after the first epoch, it keeps the same epoch and weights.
+    steps_per_epoch = history[0]["step"]
+    crash_run(recipe, tmp_path / "resumed", step=steps_per_epoch + 1)
+    train_run(recipe, tmp_path / "resumed", resume=True, progress=False)
+    assert_same_delta(tmp_path / "run", tmp_path / "resumed")
+
+
+def test_keep_best_is_refused_where_it_would_peek_at_private_data(multitask_recipe):
+    multitask_recipe["train"]["keep"] = "best"
+    multitask_recipe["privacy"] = {"epsilon": 8.0}
+    with pytest.raises(SlimtuneError, match="train.keep: best chooses an epoch by the validation split of data that privacy keeps private"):
+        validate_recipe(multitask_recipe)

@@ -119,6 +119,9 @@ def build_report(
             "skipped_steps": result.skipped_steps,
             "resumed_from_step": result.resumed_from_step,
             "init_from": recipe.train.init_from,
+            "keep": recipe.train.keep,
+            "kept": result.kept,
+            **({"best_epoch_per_task": best_epochs(result.history, task)} if is_multitask(task) else {}),
             "history": result.history,
         },
         "inference": measure_inference(built, trainer),
@@ -130,6 +133,16 @@ def build_report(
         if section:
             report[hook.name] = section
     return report
+
+
+def best_epochs(history: list[dict[str, Any]], task) -> dict[str, int | None]:
+    """Each task's best epoch by its own validation primary metric (a multi-task run)."""
+    out: dict[str, int | None] = {}
+    for member in task.members:
+        key = f"{member.name}/{member.metric}"
+        scored = [(entry["validation"][key], entry["epoch"]) for entry in history if key in entry.get("validation", {})]
+        out[member.name] = max(scored, key=lambda pair: (pair[0], -pair[1]))[1] if scored else None
+    return out
 
 
 def registered_hooks() -> dict[str, type]:
@@ -187,6 +200,9 @@ def report_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     for key, section in report.items():
         if key in hook_classes and isinstance(section, dict):
             rows += hook_classes[key].report_rows(section)
+    if (kept := train.get("kept")) and kept.get("epoch") is not None:
+        restored = f"epoch {kept['epoch']} of {train.get('epochs_completed')} (validation {kept['metric']} {kept['value']:.4f})"
+        rows.append(("kept (train.keep: best)", restored if kept.get("restored") else f"the last step: {kept.get('why')}"))
     if train.get("stop_reason"):
         rows.append(("stopped early", str(train["stop_reason"])))
     return rows

@@ -53,6 +53,7 @@ class TrainResult:
     memory: dict[str, int] = field(default_factory=dict)
     skipped_steps: list[int] = field(default_factory=list)  # steps dropped for a NaN/inf loss or gradient
     resumed_from_step: int | None = None
+    kept: dict[str, Any] | None = None  # train.keep: best: the epoch restored at the end, and why
 
     @property
     def step_seconds_median(self) -> float:
@@ -106,6 +107,9 @@ class Trainer:
         #: Set by the runner: checkpoints record it and resume refuses a different base model.
         self.base_fingerprint: dict[str, str] | None = None
         self.result = TrainResult()
+        #: train.keep: best: the best validation epoch so far ({"epoch", "step", "metric", "value"}) and its tensors.
+        self.best: dict[str, Any] | None = None
+        self.best_tensors: dict[str, torch.Tensor] = {}
 
         self.pad_id = pad_id_of(tokenizer)
         if is_image_task(task) and objective != "classification":
@@ -290,6 +294,8 @@ class Trainer:
         bar.close()
         result.steps = self.step
         result.seconds = time.perf_counter() - started
+        if self.cfg.keep == "best":
+            self._restore_best(result)
         if result.stop_reason and self.accelerator.is_main_process:
             tqdm.write(f"stopped early: {result.stop_reason}")
         for hook in self.hooks:
@@ -306,11 +312,47 @@ class Trainer:
         if self.cfg.eval_each_epoch and len(self.rows["validation"]):
             entry["validation"] = self.evaluate("validation")
             self.model.train()
+            if self.cfg.keep == "best":
+                self._consider_best(entry)
         result.history.append(entry)
         if self.is_main:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in entry.get("validation", {}).items())
             tqdm.write(f"epoch {finished + 1}: train loss {self.last_loss:.4f}" + (f"; validation {shown}" if shown else ""))
         self.save_checkpoint()
+
+    # -- train.keep: best ---------------------------------------------------------------------
+    def primary_metric(self) -> tuple[str, bool]:
+        """The validation metric that ranks epochs, and whether higher is better."""
+        from slimtune.measure.report import PRIMARY_METRIC_OF_OBJECTIVE
+
+        name = PRIMARY_METRIC_OF_OBJECTIVE.get(self.objective, self.task.metric)
+        return name, name not in ("perplexity", "loss", "distill_loss")
+
+    def _consider_best(self, entry: dict[str, Any]) -> None:
+        name, higher = self.primary_metric()
+        value = entry["validation"].get(name)
+        if value is None:
+            return
+        if self.best is None or (value > self.best["value"] if higher else value < self.best["value"]):
+            self.best = {"epoch": entry["epoch"], "step": entry["step"], "metric": name, "value": float(value)}
+            self.best_tensors = {n: p.detach().clone() for n, p in self.trainable.items()}
+
+    def _restore_best(self, result: TrainResult) -> None:
+        """Put back the best epoch's trainable tensors (before the hooks' end of training)."""
+        if self.best is None:
+            result.kept = {"epoch": None, "why": "no validation metric was measured; the last step's weights are kept"}
+            return
+        same = self.best_tensors.keys() == self.trainable.keys() and all(
+            self.best_tensors[n].shape == p.shape for n, p in self.trainable.items())
+        if not same:  # a method changed the parameters mid-run (DSEE's stage 2): the old epoch's do not fit
+            result.kept = {**self.best, "restored": False, "why": "the parameters changed shape during training; the last step's weights are kept"}
+            return
+        with torch.no_grad():
+            for name, param in self.trainable.items():
+                param.copy_(self.best_tensors[name])
+        result.kept = {**self.best, "restored": True}
+        if self.is_main:
+            tqdm.write(f"kept epoch {self.best['epoch']} (validation {self.best['metric']} {self.best['value']:.4f}), train.keep: best")
 
     def _memory_meter(self):
         if not self.recipe.measure.memory:
@@ -368,8 +410,10 @@ class Trainer:
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             hooks=self.hooks,
-            extra={"history": self.result.history, "skipped_steps": self.result.skipped_steps, "base": self.base_fingerprint},
-            extra_tensors={f"delta.{k}": v for k, v in self._delta_only_state().items()},
+            extra={"history": self.result.history, "skipped_steps": self.result.skipped_steps, "base": self.base_fingerprint,
+                   "best": self.best},
+            extra_tensors={**{f"delta.{k}": v for k, v in self._delta_only_state().items()},
+                           **{f"best.{k}": v for k, v in self.best_tensors.items()}},
         )
 
     def _delta_only_state(self) -> dict[str, torch.Tensor]:
@@ -380,6 +424,8 @@ class Trainer:
         return {k: v for k, v in self.delta.state_dict(self.model).items() if k not in trainable}
 
     def _restore_delta_only_state(self, state: dict[str, Any], extra: dict[str, torch.Tensor]) -> None:
+        self.best = (state.get("trainer") or {}).get("best")
+        self.best_tensors = {k[len("best."):]: v for k, v in extra.items() if k.startswith("best.")}
         saved = {k[len("delta."):]: v for k, v in extra.items() if k.startswith("delta.")}
         if saved or self._delta_only_state():
             self.delta.load_state_dict(self.model, {**{n: p.detach() for n, p in self.trainable.items()}, **saved})
