@@ -110,3 +110,13 @@ def print_rows(title: str, rows: list[tuple[str, Any]]) -> None:
     for key, value in rows:
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     Console().print(table)
+
+
+def mean_std(values: list[float | None], scale: float = 1.0) -> str:
+    """``mean ± std`` over seeds (3 decimals; one value alone; "-" for none), values times ``scale``."""
+    values = [v * scale for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"

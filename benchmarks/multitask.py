@@ -44,7 +44,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import merge_part_and_write, print_saved
+from benchmarks.common import mean_std, merge_part_and_write, print_saved
 from benchmarks.tickets import train
 
 NAME = "multitask"
@@ -195,12 +195,6 @@ def _kept(report: dict[str, Any]) -> float | None:
     return (report.get("sparsity") or {}).get("weight_density")
 
 
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def render(result: dict[str, Any]) -> str:
@@ -211,8 +205,8 @@ def render(result: dict[str, Any]) -> str:
                   "|---|" + "---|" * len(tasks) + "---|---|---|---|"]
         for variant in dict.fromkeys(r["variant"] for r in rows):
             group = [r for r in rows if r["variant"] == variant]
-            per_task = [_mean_std([r["per_task"][t] for r in group]) for t in tasks]
-            average = _mean_std([statistics.mean(r["per_task"].values()) for r in group])
+            per_task = [mean_std([r["per_task"][t] for r in group]) for t in tasks]
+            average = mean_std([statistics.mean(r["per_task"].values()) for r in group])
             lines.append(f"| {variant} | " + " | ".join(per_task) + f" | {average} | {group[0]['trainable']:,} | {group[0]['stored']:,} | {len(group)} |")
     if rows := result.get("prune", {}).get("rows"):
         tasks = list(rows[0]["per_task"])
@@ -220,8 +214,8 @@ def render(result: dict[str, Any]) -> str:
                   "|---|---|---|" + "---|" * len(tasks) + "---|---|---|"]
         for key in dict.fromkeys((r["strategy"], r["density"], r["kind"]) for r in rows):
             group = [r for r in rows if (r["strategy"], r["density"], r["kind"]) == key]
-            per_task = [_mean_std([r["per_task"][t] for r in group]) for t in tasks]
-            average = _mean_std([statistics.mean(r["per_task"].values()) for r in group])
+            per_task = [mean_std([r["per_task"][t] for r in group]) for t in tasks]
+            average = mean_std([statistics.mean(r["per_task"].values()) for r in group])
             kept = [r["kept"] for r in group if r["kept"] is not None]
             lines.append(f"| {key[0]} | {key[1]:.2f} | {key[2]} | " + " | ".join(per_task) + f" | {average} | "
                          f"{statistics.mean(kept) if kept else float('nan'):.3f} | {len(group)} |")
@@ -261,8 +255,8 @@ def main(argv=None) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for part in parts:
         start = os.getloadavg()
-        entry = {"settings": settings, "load_average": [start, os.getloadavg()], "rows": PART_FUNCTIONS[part](args, runs)}
-        entry["load_average"][1] = os.getloadavg()
+        rows = PART_FUNCTIONS[part](args, runs)
+        entry = {"settings": settings, "load_average": [start, os.getloadavg()], "rows": rows}
         keys = types.SimpleNamespace(tasks="multi", seeds=args.seeds)  # rows are keyed by seed
         result = {**result, part: entry} if args.quick else merge_part_and_write(f"{NAME}-{args.model}", PARTS, part, entry, keys)
     print(render(result))

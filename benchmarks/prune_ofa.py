@@ -48,7 +48,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import merge_part_and_write, print_saved
+from benchmarks.common import mean_std, merge_part_and_write, print_saved
 from benchmarks.tickets import train
 
 NAME = "prune_ofa"
@@ -239,13 +239,6 @@ def _clear(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def _mean_std(values: list[float], scale: float = 1.0) -> str:
-    values = [v * scale for v in values if v is not None]
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 ORDER = ("dense", "prune-ofa lock", "prune-ofa lock + KD", "prune-ofa lock + KD + QAT int8", "one-shot magnitude", "one-shot wanda")
@@ -269,7 +262,7 @@ def render(result: dict[str, Any]) -> str:
         dense_mean = _task_mean(rows, "dense", 0.0, tasks)
         for kind, sparsity in keys:
             group = [r for r in rows if (r["kind"], r["sparsity"]) == (kind, sparsity)]
-            per_task = [_mean_std([r["test"] for r in group if r["task"] == t]) for t in tasks]
+            per_task = [mean_std([r["test"] for r in group if r["task"] == t]) for t in tasks]
             mean = _task_mean(rows, kind, sparsity, tasks)
             delta = f"{(mean - dense_mean) * 100:+.1f}" if mean is not None and dense_mean is not None else "-"
             stored = [r["encoder_stored_bytes"] for r in group if r["encoder_stored_bytes"]]

@@ -34,11 +34,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import interleaved_medians, merge_part_and_write, print_saved
+from benchmarks.common import mean_std, interleaved_medians, merge_part_and_write, print_saved
 
 NAME = "tickets"
 PARTS = ("cost", "robust", "rethinking", "structured")
@@ -203,12 +202,6 @@ def structured_part(args, runs: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def render(result: dict[str, Any]) -> str:
@@ -218,9 +211,9 @@ def render(result: dict[str, Any]) -> str:
         keys = sorted({(r["task"], r["kind"], r["density"]) for r in rows}, key=lambda k: (k[0], -k[2], k[1]))
         for task, kind, density in keys:
             group = [r for r in rows if (r["task"], r["kind"], r["density"]) == (task, kind, density)]
-            lines.append(f"| {task} | {kind} | {density} | {_mean_std([r['pgd']['clean_accuracy'] for r in group])} | "
-                         f"{_mean_std([r['pgd']['attacked_accuracy'] for r in group])} | "
-                         f"{_mean_std([r['substitution']['attacked_accuracy'] for r in group])} | {len(group)} |")
+            lines.append(f"| {task} | {kind} | {density} | {mean_std([r['pgd']['clean_accuracy'] for r in group])} | "
+                         f"{mean_std([r['pgd']['attacked_accuracy'] for r in group])} | "
+                         f"{mean_std([r['substitution']['attacked_accuracy'] for r in group])} | {len(group)} |")
     if cost := result.get("cost", {}).get("result"):
         s = cost["seconds_per_step"]
         lines += ["", f"Search step: robust {s['robust']:.3f} s, plain {s['plain']:.3f} s, ratio {cost['ratio']:.2f} "
@@ -229,7 +222,7 @@ def render(result: dict[str, Any]) -> str:
         lines += ["", "| task | density | IMP rewind | IMP random re-init | seeds |", "|---|---|---|---|---|"]
         for task, density in sorted({(r["task"], r["density"]) for r in rows}, key=lambda k: (k[0], -k[1])):
             acc = {init: [r["test_accuracy"] for r in rows if (r["task"], r["density"], r["init"]) == (task, density, init)] for init in ("rewind", "random")}
-            lines.append(f"| {task} | {density} | {_mean_std(acc['rewind'])} | {_mean_std(acc['random'])} | {len(acc['rewind'])} |")
+            lines.append(f"| {task} | {density} | {mean_std(acc['rewind'])} | {mean_std(acc['random'])} | {len(acc['rewind'])} |")
     if rows := result.get("structured", {}).get("rows"):
         variants = ("inherited", "scratch-e", "scratch-b")
         lines += ["", "| task | heads+FFN removed | FLOPs dense/pruned | dense | inherited + fine-tuned | Scratch-E | Scratch-B (steps) | seeds |",
@@ -239,8 +232,8 @@ def render(result: dict[str, Any]) -> str:
             acc = {v: [r["test_accuracy"] for r in group if r["variant"] == v] for v in variants}
             dense = [r["test_accuracy"] for r in rows if r["task"] == task and r["variant"] == "dense"]
             b_steps = sorted({r["steps"] for r in group if r["variant"] == "scratch-b"})
-            lines.append(f"| {task} | {removed:.0%} | {group[0]['flops_ratio']:.2f} | {_mean_std(dense)} | {_mean_std(acc['inherited'])} | "
-                         f"{_mean_std(acc['scratch-e'])} | {_mean_std(acc['scratch-b'])} ({'/'.join(map(str, b_steps))}) | {len(acc['inherited'])} |")
+            lines.append(f"| {task} | {removed:.0%} | {group[0]['flops_ratio']:.2f} | {mean_std(dense)} | {mean_std(acc['inherited'])} | "
+                         f"{mean_std(acc['scratch-e'])} | {mean_std(acc['scratch-b'])} ({'/'.join(map(str, b_steps))}) | {len(acc['inherited'])} |")
     return "\n".join(lines)
 
 

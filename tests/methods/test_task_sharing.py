@@ -145,3 +145,26 @@ def test_a_run_saved_before_a_field_existed_still_loads():
     assert not delta.trained_with([{**saved[0], "reduction_factor": 8}])
     per_task = Delta.from_specs([method_spec("houlsby", sharing="per-task")])
     assert not per_task.trained_with(saved)  # a non-default value of a new field is another method
+
+
+@pytest.mark.parametrize("sharing", ["per-task", "half-shared"])
+def test_per_task_lora_counts_routes_and_refuses_to_merge(sharing):
+    from slimtune.errors import SlimtuneError
+
+    torch.manual_seed(0)
+    model = multitask_bert()
+    delta = attach(model, ("lora", {"r": 2, "sharing": sharing}))
+    method = delta.methods[0]
+    t, d, r, sites = len(TASKS), 32, 2, 2 * 2  # query and value in 2 layers
+    per_site = (t * r * d if sharing == "per-task" else r * d) + t * r * d
+    trained = {n: p for n, p in delta.trainable_parameters(model).items() if n not in delta.head_names}
+    assert sum(p.numel() for p in trained.values()) == sites * per_site == method.expected_param_count(model)
+    randomize(delta, model, scale=0.3)
+    batch, ids = token_batch(batch=3), torch.tensor([1, 2, 0])
+    with torch.no_grad():
+        mixed = model(**batch, task_ids=ids).logits
+        alone = torch.cat([model(**{k: v[i:i + 1] for k, v in batch.items()}, task_ids=ids[i:i + 1]).logits for i in range(3)])
+    assert torch.allclose(mixed, alone, atol=1e-5)
+    assert not method.mergeable and not delta.can_merge
+    with pytest.raises(SlimtuneError, match="cannot be merged"):
+        delta.merge(model)

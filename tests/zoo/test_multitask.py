@@ -320,3 +320,19 @@ def test_keep_best_is_refused_where_it_would_peek_at_private_data(multitask_reci
     multitask_recipe["privacy"] = {"epsilon": 8.0}
     with pytest.raises(SlimtuneError, match="train.keep: best chooses an epoch by the validation split of data that privacy keeps private"):
         validate_recipe(multitask_recipe)
+
+
+@pytest.mark.parametrize("method", [{"name": "lora", "r": 2, "sharing": "per-task"}, {"name": "houlsby", "sharing": "half-shared"},
+                                    {"name": "prompt", "num_tokens": 2, "sharing": "per-task"}, {"name": "hyperformer"}])
+def test_task_conditioned_deltas_train_under_dp_with_exact_per_sample_gradients(multitask_recipe, tmp_path, method):
+    """Poisson batches mix tasks: every example's gradient comes from its own task's weights
+    (the engine checks each rule against autograd; a rule that disagrees is demoted, never wrong)."""
+    from slimtune.runner import evaluate_run, train_run
+
+    multitask_recipe["method"] = method
+    multitask_recipe["privacy"] = {"epsilon": None, "noise_multiplier": 0.5, "max_grad_norm": 1.0}
+    multitask_recipe["train"].update(max_steps=3)
+    multitask_recipe["measure"] = {"latency": False, "flops": False, "memory": False}
+    report = train_run(validate_recipe(multitask_recipe), tmp_path / "run", progress=False)
+    assert report["privacy"]["steps"] == 3
+    assert evaluate_run(tmp_path / "run")["metrics"] == pytest.approx(report["metrics"])

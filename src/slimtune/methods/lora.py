@@ -13,12 +13,14 @@ delta.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from slimtune.errors import SlimtuneError
 from slimtune.methods.base import MethodConfig, register
 from slimtune.core.arch import Arch, find_targets, replace_module
 from slimtune.methods.linear_update import LinearUpdate, LinearUpdateMethod
@@ -64,6 +66,53 @@ class LoRALinear(LinearUpdate):
         return f"r={self.r}, scaling={self.scaling:g}"
 
 
+class TaskLoRALinear(LoRALinear):
+    """LoRA in a multi-task run with a factor per task (``per_task``: ``"A"`` and/or ``"B"``):
+    that factor gets a leading task axis and each example uses its task's (``router``,
+    :class:`slimtune.zoo.heads.TaskRouter`). One base serves every task, so there is no single
+    ``ΔW`` to merge."""
+
+    pure_low_rank_update = False
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, per_task: tuple[str, ...], router) -> None:
+        super().__init__(base, r, alpha, dropout)
+        self.router = router
+        tasks = len(router.names)
+        with torch.no_grad():
+            if "A" in per_task:  # each task's A its own Kaiming draw
+                a = torch.empty(tasks, r, base.in_features, dtype=base.weight.dtype)
+                for t in range(tasks):
+                    nn.init.kaiming_uniform_(a[t], a=math.sqrt(5))
+                self.lora_A = nn.Parameter(a)
+            if "B" in per_task:
+                self.lora_B = nn.Parameter(torch.zeros(tasks, base.out_features, r, dtype=base.weight.dtype))
+
+    @staticmethod
+    def _project(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if weight.dim() == 2:
+            return F.linear(x, weight)
+        if bool((ids == ids[0]).all()):  # one task per batch: one matmul
+            return F.linear(x, weight[ids[0]])
+        return torch.einsum("b...i,boi->b...o", x, weight[ids])
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        ids = self.router.current("lora")
+        return self._project(self._project(self.dropout(x), self.lora_A, ids), self.lora_B, ids) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        raise SlimtuneError("method lora: a per-task update has one ΔW per task; it cannot be merged into the shared base")
+
+    def masked_update(self, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        raise SlimtuneError("method lora: per-task LoRA on a masked base is not supported; use sharing: shared")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.update(x)
+
+    def extra_repr(self) -> str:
+        per_task = [n for n in ("A", "B") if getattr(self, f"lora_{n}").dim() == 3]
+        return super().extra_repr() + f", per task: {' and '.join(per_task)}"
+
+
 class LoRAConfig(MethodConfig):
     r: int = Field(8, ge=1, description="rank of the update B A")
     alpha: float = Field(16.0, gt=0, description="scaling numerator: the update is (alpha / r) B A")
@@ -76,6 +125,9 @@ class LoRAConfig(MethodConfig):
     train_a: bool = Field(
         True, description="false: FFA-LoRA (Sun et al. 2024): A stays at its random init, only B trains (half the trainable parameters; for DP-SGD)"
     )
+    sharing: Literal["shared", "per-task", "half-shared"] = Field(
+        "shared", description="multi-task runs: 'shared', one update for all tasks (mergeable); 'per-task', A and B per task; "
+        "'half-shared', A shared and B per task (VL-Adapter's half-sharing, down projection shared)")
 
 
 @register
@@ -88,10 +140,19 @@ class LoRA(LinearUpdateMethod):
     owned_marker = ".lora_"
 
     def attach(self, model: nn.Module, arch: Arch) -> None:
-        patterns = self.config.targets or arch.default_targets("attention_qv")
+        c = self.config
+        patterns = c.targets or arch.default_targets("attention_qv")
+        per_task = {"shared": (), "per-task": ("A", "B"), "half-shared": ("B",)}[c.sharing]
+        router = getattr(model, "slimtune_task_router", None)
+        if per_task and router is None:
+            raise SlimtuneError(f"method lora: sharing '{c.sharing}' gives each task its own factors, which needs a multi-task run "
+                                "(task.tasks: a list of tasks)")
+        if per_task:
+            self.mergeable = False  # one base for every task: no single update to fold in
         self.wrapped = []
         for name, linear in find_targets(model, patterns, kind=nn.Linear):
-            replace_module(model, name, LoRALinear(linear, self.config.r, self.config.alpha, self.config.dropout))
+            layer = TaskLoRALinear(linear, c.r, c.alpha, c.dropout, per_task, router) if per_task else LoRALinear(linear, c.r, c.alpha, c.dropout)
+            replace_module(model, name, layer)
             self.wrapped.append(name)
 
     def claims(self, model: nn.Module) -> set[str]:
@@ -108,5 +169,13 @@ class LoRA(LinearUpdateMethod):
         return super().trainable_parameters(model)
 
     def expected_param_count(self, model: nn.Module) -> int:
-        """r (in + out) per wrapped linear; r * out with a frozen A (FFA-LoRA)."""
-        return sum(self.config.r * ((m.base.in_features if self.config.train_a else 0) + m.base.out_features) for m in self._layers(model))
+        """r (in + out) per wrapped linear; r * out with a frozen A (FFA-LoRA); in a multi-task
+        run of T tasks, T copies of each per-task factor: per-task T r (in + out), half-shared
+        r in + T r out."""
+        c = self.config
+        total = 0
+        for m in self._layers(model):
+            copies_a = m.lora_A.shape[0] if m.lora_A.dim() == 3 else 1
+            copies_b = m.lora_B.shape[0] if m.lora_B.dim() == 3 else 1
+            total += c.r * ((copies_a * m.base.in_features if c.train_a else 0) + copies_b * m.base.out_features)
+        return total
