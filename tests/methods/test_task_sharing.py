@@ -168,3 +168,22 @@ def test_per_task_lora_counts_routes_and_refuses_to_merge(sharing):
     assert not method.mergeable and not delta.can_merge
     with pytest.raises(SlimtuneError, match="cannot be merged"):
         delta.merge(model)
+
+
+@pytest.mark.parametrize("method", ["compacter", "compacter++"])
+def test_per_task_compacter_shares_its_rules_and_routes_fast_weights(method):
+    torch.manual_seed(0)
+    model = multitask_bert()
+    delta = attach(model, (method, {"reduction_factor": 4, "sharing": "per-task"}))
+    trained = {n: p for n, p in delta.trainable_parameters(model).items() if n not in delta.head_names}
+    t, d, m, sites = len(TASKS), 32, 32 // 4, 4 if method == "compacter" else 2
+    per_site = t * ((d + m) + m) + t * ((m + d) + d)  # rank-1 fast weights (in + out) and the bias, per task
+    assert sum(p.numel() for p in trained.values()) == sites * per_site + 4**3 == delta.methods[0].expected_param_count(model)
+    rules = [n for n in trained if "phm_rule" in n]
+    assert len(rules) == 1 and trained[rules[0]].shape == (4, 4, 4)  # one rule container for every layer and task
+    randomize(delta, model, scale=0.3)
+    batch, ids = token_batch(batch=3), torch.tensor([2, 1, 0])
+    with torch.no_grad():
+        mixed = model(**batch, task_ids=ids).logits
+        alone = torch.cat([model(**{k: v[i:i + 1] for k, v in batch.items()}, task_ids=ids[i:i + 1]).logits for i in range(3)])
+    assert torch.allclose(mixed, alone, atol=1e-5)

@@ -133,17 +133,18 @@ class BottleneckAdapter(nn.Module):
         else:
             truncated_normal_(self.up_weight, init_std)
 
-    def project(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def project(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, task_ids: torch.Tensor | None) -> torch.Tensor:
         if weight.dim() == 2:
             return F.linear(h, weight, bias)
-        ids = self.router.current("adapter")
-        if bool((ids == ids[0]).all()):  # one task per batch (the multi-task sampler's batches): one matmul
-            return F.linear(h, weight[ids[0]], bias[ids[0]])
+        if self.router.single is not None:  # one task per batch (the multi-task sampler's batches): one matmul
+            return F.linear(h, weight[self.router.single], bias[self.router.single])
+        ids = task_ids if task_ids is not None else self.router.current("adapter")
         extra = (1,) * (h.dim() - 2)  # examples of several tasks (e.g. DP's Poisson batches): each its own task's
         return torch.einsum("b...i,boi->b...o", h, weight[ids]) + bias[ids].view(len(ids), *extra, -1)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.project(self.act(self.project(h, self.down_weight, self.down_bias)), self.up_weight, self.up_bias)
+    def forward(self, h: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        down = self.project(h, self.down_weight, self.down_bias, task_ids)
+        return self.project(self.act(down), self.up_weight, self.up_bias, task_ids)
 
     def extra_repr(self) -> str:
         per_task = [side for side in ("down", "up") if getattr(self, f"{side}_weight").dim() == 3]
@@ -154,8 +155,11 @@ class BottleneckAdapter(nn.Module):
 def add_skip_hook(adapter: nn.Module):
     """Forward hook for the projection the adapter follows: ``h -> h + f(h)``."""
 
+    router = getattr(adapter, "router", None)
+
     def hook(module, args, output):
-        return output + adapter(output)
+        # A task-conditioned adapter gets each example's task as an input (DP's per-sample re-run slices it).
+        return output + (adapter(output, router.current("adapter")) if router is not None else adapter(output))
 
     return hook
 
@@ -238,7 +242,7 @@ class AdapterMethod(Method):
         """The adapter that follows the projection named ``site`` (of width ``hidden``)."""
         c = self.config
         return BottleneckAdapter(hidden, self.bottleneck_width(hidden), c.non_linearity, c.init_std, c.zero_up_init, dtype,
-                                 per_task=c.per_task, router=self.router)
+                                 per_task=c.per_task, router=self.router if c.per_task else None)
 
     def attach_shared(self, model: nn.Module, arch: Arch) -> None:
         """Hook for methods with parameters shared by all adapters (Compacter's rule matrices)."""

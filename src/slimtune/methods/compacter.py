@@ -41,37 +41,41 @@ class PHMRules(nn.Module):
 
 
 def kronecker_sum(rules: torch.Tensor, fast: torch.Tensor) -> torch.Tensor:
-    """sum_i kron(rules[i], fast[i]) for rules (n, n, n) and fast (n, p, q) -> (n p, n q)."""
-    n, p, q = fast.shape
+    """sum_i kron(rules[i], fast[i]) for rules (n, n, n) and fast (n, p, q) -> (n p, n q); with
+    fast (T, n, p, q), one per task -> (T, n p, n q)."""
+    *tasks, n, p, q = fast.shape
     # (i, a, b) x (i, c, d) -> (a, c, b, d): entry (a p + c, b q + d) of each Kronecker product
-    return torch.einsum("iab,icd->acbd", rules, fast).reshape(n * p, n * q)
+    return torch.einsum("iab,...icd->...acbd", rules, fast).reshape(*tasks, n * p, n * q)
 
 
 class PHMLinear(nn.Module):
     """y = x W + b with W = sum_i A_i (x) B_i; B_i = left_i @ right_i when factorised."""
 
     def __init__(self, in_features: int, out_features: int, n: int, rank: int, factorized: bool, bias: bool,
-                 init: str, shared_rules: PHMRules | None, init_range: float, dtype=None):
+                 init: str, shared_rules: PHMRules | None, init_range: float, dtype=None, router=None):
         super().__init__()
         self.in_features, self.out_features, self.n = in_features, out_features, n
         p, q = in_features // n, out_features // n
         self.factorized = factorized
+        # A multi-task run's per-task Compacter: fast weights and bias per task, rules shared by all.
+        self.router = router
+        tasks = (len(router.names),) if router is not None else ()
         if factorized:
-            self.W_left = nn.Parameter(torch.empty(n, p, rank, dtype=dtype))
-            self.W_right = nn.Parameter(torch.empty(n, rank, q, dtype=dtype))
+            self.W_left = nn.Parameter(torch.empty(*tasks, n, p, rank, dtype=dtype))
+            self.W_right = nn.Parameter(torch.empty(*tasks, n, rank, q, dtype=dtype))
             fast = [self.W_left, self.W_right]
         else:
-            self.W = nn.Parameter(torch.empty(n, p, q, dtype=dtype))
+            self.W = nn.Parameter(torch.empty(*tasks, n, p, q, dtype=dtype))
             fast = [self.W]
         for tensor in fast:
-            for i in range(n):  # per Kronecker factor, as in the official code
+            for factor in tensor.data.view(-1, *tensor.shape[-2:]):  # per Kronecker factor (and task), as in the official code
                 if init == "glorot-uniform":
-                    nn.init.xavier_uniform_(tensor.data[i])
+                    nn.init.xavier_uniform_(factor)
                 elif init == "glorot-normal":
-                    nn.init.xavier_normal_(tensor.data[i])
+                    nn.init.xavier_normal_(factor)
                 else:
-                    nn.init.normal_(tensor.data[i], std=init_range)
-        self.phm_bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+                    nn.init.normal_(factor, std=init_range)
+        self.phm_bias = nn.Parameter(torch.zeros(*tasks, out_features, dtype=dtype)) if bias else None
         # The shared container is referenced, not registered: it is owned once, by the model.
         self._shared = [shared_rules] if shared_rules is not None else []
         if shared_rules is None:
@@ -86,13 +90,21 @@ class PHMLinear(nn.Module):
         return self._shared[0].phm_rule if self._shared else self.phm_rule
 
     def fast_weights(self) -> torch.Tensor:
-        return torch.bmm(self.W_left, self.W_right) if self.factorized else self.W
+        return torch.matmul(self.W_left, self.W_right) if self.factorized else self.W
 
     def weight_in_out(self) -> torch.Tensor:
         return kronecker_sum(self.rules(), self.fast_weights())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight_in_out().T, self.phm_bias)
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if self.router is None:
+            return F.linear(x, self.weight_in_out().T, self.phm_bias)
+        weights = self.weight_in_out()  # (T, in, out)
+        if self.router.single is not None:  # one task per batch (the sampler's): one matmul
+            t = self.router.single
+            return F.linear(x, weights[t].T, self.phm_bias[t] if self.phm_bias is not None else None)
+        ids = task_ids if task_ids is not None else self.router.current("compacter")
+        out = torch.einsum("b...i,bio->b...o", x, weights[ids])
+        return out if self.phm_bias is None else out + self.phm_bias[ids].view(len(ids), *(1,) * (x.dim() - 2), -1)
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, n={self.n}, shared_rule={bool(self._shared)}"
@@ -105,11 +117,12 @@ class PHMAdapter(nn.Module):
         super().__init__()
         self.non_linearity = non_linearity
         self.act = activation(non_linearity)
+        self.router = phm.get("router")  # per task: the skip hook hands each example's task in
         self.down = PHMLinear(hidden, bottleneck, **phm)
         self.up = PHMLinear(bottleneck, hidden, **phm)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.up(self.act(self.down(h)))
+    def forward(self, h: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.up(self.act(self.down(h, task_ids)), task_ids)
 
 
 class CompacterConfig(AdapterPlacementConfig):
@@ -125,6 +138,9 @@ class CompacterConfig(AdapterPlacementConfig):
     factorized_phm: bool = Field(True, description="factorise the fast weights B_i into rank-phm_rank products (Compacter: yes; PHM-Adapter: no)")
     phm_bias: bool = Field(True, description="bias in each PHM layer")
     train_layer_norm: bool = Field(False, description="also train the backbone's layer norms (AdapterHub: no)")
+    sharing: Literal["shared", "per-task"] = Field(
+        "shared", description="multi-task runs: 'shared', one Compacter for all tasks; 'per-task', fast weights and biases per task "
+        "with the rule matrices shared by every layer and task (VL-Adapter's Compacter)")
 
 
 @register
@@ -158,6 +174,7 @@ class Compacter(AdapterMethod):
         return PHMAdapter(
             hidden, bottleneck, c.non_linearity, n=c.phm_dim, rank=c.phm_rank, factorized=c.factorized_phm,
             bias=c.phm_bias, init=c.phm_init, shared_rules=self.shared, init_range=c.phm_init_range, dtype=dtype,
+            router=self.router if c.sharing == "per-task" else None,
         )
 
     def shared_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
@@ -170,13 +187,15 @@ class Compacter(AdapterMethod):
 
     def expected_param_count(self, model: nn.Module) -> int:
         """n^3 shared rules + per PHM layer: rank (in + out) fast weights (in out / n unfactorised),
-        out bias, and n^3 if the rule is not shared; plus trained norms."""
+        out bias, and n^3 if the rule is not shared; plus trained norms. Per task (T tasks): the
+        fast weights and biases T times, the rules once."""
         c, n = self.config, self.config.phm_dim
+        tasks = len(self.router.names) if c.sharing == "per-task" and self.router is not None else 1
         total = n**3 if c.shared_phm_rule else 0
         for adapter in self.adapters.values():
             for layer in (adapter.down, adapter.up):
                 i, o = layer.in_features, layer.out_features
-                total += c.phm_rank * (i + o) if c.factorized_phm else i * o // n
-                total += o if c.phm_bias else 0
+                total += tasks * (c.phm_rank * (i + o) if c.factorized_phm else i * o // n)
+                total += tasks * o if c.phm_bias else 0
                 total += 0 if c.shared_phm_rule else n**3
         return total + sum(p.numel() for p in self.norms.values())

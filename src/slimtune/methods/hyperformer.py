@@ -134,12 +134,15 @@ class HyperAdapter(nn.Module):
     def shared_modules(self) -> list[nn.Module]:
         return list(self._shared)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self.router is None:  # a single-task run: its one task embedding
-            tasks, rows = torch.zeros(1, dtype=torch.long, device=h.device), None
-        else:
-            tasks, rows = torch.unique(self.router.current("hyperformer adapter"), return_inverse=True)
-        w = self._shared[0].generate(tasks, self.layer, self.block)
+    def forward(self, h: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        network = self._shared[0]
+        if self.router is None or self.router.single is not None:  # one task (a single-task run, or the sampler's batches)
+            single = 0 if self.router is None else self.router.single
+            tasks, rows = torch.tensor([single], device=h.device), None
+        else:  # examples of several tasks: every task's weights, each example taking its own
+            tasks = torch.arange(network.task_embeddings.shape[0], device=h.device)
+            rows = task_ids if task_ids is not None else self.router.current("hyperformer adapter")
+        w = network.generate(tasks, self.layer, self.block)
         d = h.shape[-1]
         if len(tasks) == 1:  # one task per batch (the multi-task sampler's): plain linear layers
             down = F.linear(h, w["down_weight"][0], w["down_bias"][0])

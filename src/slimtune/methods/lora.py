@@ -66,6 +66,33 @@ class LoRALinear(LinearUpdate):
         return f"r={self.r}, scaling={self.scaling:g}"
 
 
+class TaskLoRABranch(nn.Module):
+    """The factors of a per-task LoRA layer, called with each example's task (so that DP's
+    per-sample re-run of this module slices the task ids with the inputs)."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, scaling: float, dropout: float, per_task: tuple[str, ...],
+                 router, dtype) -> None:
+        super().__init__()
+        self.router, self.scaling = router, scaling
+        tasks = len(router.names)
+        a = torch.empty(*((tasks,) if "A" in per_task else ()), r, in_features, dtype=dtype)
+        for factor in a.view(-1, r, in_features):  # each task's A its own Kaiming draw
+            nn.init.kaiming_uniform_(factor, a=math.sqrt(5))
+        self.lora_A = nn.Parameter(a)
+        self.lora_B = nn.Parameter(torch.zeros(*((tasks,) if "B" in per_task else ()), out_features, r, dtype=dtype))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def _project(self, x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if weight.dim() == 2:
+            return F.linear(x, weight)
+        if self.router.single is not None:  # one task per batch: one matmul
+            return F.linear(x, weight[self.router.single])
+        return torch.einsum("b...i,boi->b...o", x, weight[ids])
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        return self._project(self._project(self.dropout(x), self.lora_A, task_ids), self.lora_B, task_ids) * self.scaling
+
+
 class TaskLoRALinear(LoRALinear):
     """LoRA in a multi-task run with a factor per task (``per_task``: ``"A"`` and/or ``"B"``):
     that factor gets a leading task axis and each example uses its task's (``router``,
@@ -75,29 +102,20 @@ class TaskLoRALinear(LoRALinear):
     pure_low_rank_update = False
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, per_task: tuple[str, ...], router) -> None:
-        super().__init__(base, r, alpha, dropout)
-        self.router = router
-        tasks = len(router.names)
-        with torch.no_grad():
-            if "A" in per_task:  # each task's A its own Kaiming draw
-                a = torch.empty(tasks, r, base.in_features, dtype=base.weight.dtype)
-                for t in range(tasks):
-                    nn.init.kaiming_uniform_(a[t], a=math.sqrt(5))
-                self.lora_A = nn.Parameter(a)
-            if "B" in per_task:
-                self.lora_B = nn.Parameter(torch.zeros(tasks, base.out_features, r, dtype=base.weight.dtype))
+        LinearUpdate.__init__(self, base)  # not LoRALinear's: the factors live in the branch
+        self.r, self.scaling, self.router = r, alpha / r, router
+        self.branch = TaskLoRABranch(base.in_features, base.out_features, r, self.scaling, dropout, per_task, router, base.weight.dtype)
 
-    @staticmethod
-    def _project(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        if weight.dim() == 2:
-            return F.linear(x, weight)
-        if bool((ids == ids[0]).all()):  # one task per batch: one matmul
-            return F.linear(x, weight[ids[0]])
-        return torch.einsum("b...i,boi->b...o", x, weight[ids])
+    @property
+    def lora_A(self) -> nn.Parameter:
+        return self.branch.lora_A
+
+    @property
+    def lora_B(self) -> nn.Parameter:
+        return self.branch.lora_B
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
-        ids = self.router.current("lora")
-        return self._project(self._project(self.dropout(x), self.lora_A, ids), self.lora_B, ids) * self.scaling
+        return self.branch(x, self.router.current("lora"))
 
     def delta_weight(self) -> torch.Tensor:
         raise SlimtuneError("method lora: a per-task update has one ΔW per task; it cannot be merged into the shared base")

@@ -78,6 +78,14 @@ class TaskRouter:
     def __init__(self, names: list[str]) -> None:
         self.names = list(names)
         self.task_ids: torch.Tensor | None = None
+        #: The task of every example when the batch is one task's (the sampler's batches), else None:
+        #: modules then use that task's weights as plain layers. Set with ``task_ids``, outside any
+        #: per-sample re-run, where a data-dependent test could not be made.
+        self.single: int | None = None
+
+    def set(self, task_ids: torch.Tensor | None) -> None:
+        self.task_ids = task_ids
+        self.single = int(task_ids[0]) if task_ids is not None and len(task_ids) and bool((task_ids == task_ids[0]).all()) else None
 
     def current(self, what: str) -> torch.Tensor:
         if self.task_ids is None:
@@ -144,7 +152,7 @@ def attach_task_heads(model: nn.Module, names: list[str], sizes: list[int]) -> T
         model.num_labels = max(sizes)
 
     def take_task_ids(module, args, kwargs):
-        router.task_ids = kwargs.pop("task_ids", None)
+        router.set(kwargs.pop("task_ids", None))
         return args, kwargs
 
     model.register_forward_pre_hook(take_task_ids, with_kwargs=True)
