@@ -162,7 +162,10 @@ def table_part(args, runs: Path) -> list[dict[str, Any]]:
 PRUNING = {
     "element-wise": {"name": "full", "sparsity": {"target": "base", "criterion": "movement", "schedule": "gradual", "scope": "global",
                                                   "density": 0.5}},
-    "rank": {"name": "rank-pruning", "density": 0.5, "warmup": 0.5, "prune_lr": 100.0},
+    # Chosen on validation (minilm-l2, the four tasks, 300 steps, seed 0; validation average):
+    # keep_prob 0.5 (FLOP's init) with prune_lr 100 0.499 or 300 0.511, keep_prob 0.9 with prune_lr 300
+    # 0.666 (the dense multi-task model: 0.816). Half-open gates at the start wreck the pre-trained function.
+    "rank": {"name": "rank-pruning", "density": 0.5, "warmup": 0.3, "prune_lr": 300.0, "keep_prob": 0.9},
 }
 
 
