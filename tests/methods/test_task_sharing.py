@@ -12,6 +12,15 @@ from tests.fixtures import attach, randomize, tiny_bert, token_batch
 TASKS, SIZES = ["two", "three", "four"], [2, 3, 4]
 
 
+def assert_mixed_batch_is_each_example_alone(model, batch, ids):
+    """A batch whose examples belong to several tasks gives each what it gets alone; the logits."""
+    with torch.no_grad():
+        mixed = model(**batch, task_ids=ids).logits
+        alone = torch.cat([model(**{k: v[i:i + 1] for k, v in batch.items()}, task_ids=ids[i:i + 1]).logits for i in range(len(ids))])
+    assert torch.allclose(mixed, alone, atol=1e-5)
+    return mixed
+
+
 def multitask_bert():
     model = tiny_bert(num_labels=sum(SIZES))
     attach_task_heads(model, TASKS, SIZES)
@@ -41,10 +50,7 @@ def test_each_example_uses_its_own_tasks_adapter_and_only_its_task_learns():
     randomize(delta, model, scale=0.3)
     batch = token_batch(batch=3)
     ids = torch.tensor([2, 0, 1])
-    with torch.no_grad():
-        mixed = model(**batch, task_ids=ids).logits
-        alone = [model(**{k: v[i:i + 1] for k, v in batch.items()}, task_ids=ids[i:i + 1]).logits for i in range(3)]
-    assert torch.allclose(mixed, torch.cat(alone), atol=1e-5)
+    mixed = assert_mixed_batch_is_each_example_alone(model, batch, ids)
     # Changing task 1's adapters changes task 1's outputs only.
     adapter = delta.methods[0].adapters[next(iter(delta.methods[0].adapters))]
     with torch.no_grad():
@@ -103,10 +109,7 @@ def test_hyperformer_generates_adapter_shaped_weights_that_get_gradients():
     assert grads["task_embeddings"][2].abs().sum() > 0 and grads["task_embeddings"][:2].abs().sum() == 0
     # Examples of several tasks in one batch: each as if alone.
     ids = torch.tensor([1, 0, 2])
-    with torch.no_grad():
-        mixed = model(**batch, task_ids=ids).logits
-        alone = torch.cat([model(**{k: v[i:i + 1] for k, v in batch.items()}, task_ids=ids[i:i + 1]).logits for i in range(3)])
-    assert torch.allclose(mixed, alone, atol=1e-5)
+    assert_mixed_batch_is_each_example_alone(model, batch, ids)
 
 
 def test_hyperformer_in_a_single_task_run_has_one_task_embedding():
@@ -125,10 +128,7 @@ def test_per_task_prompts_are_one_prompt_per_task():
     assert method.expected_param_count(model) == len(TASKS) * 3 * 32
     batch = token_batch(batch=3)
     ids = torch.tensor([2, 0, 1])
-    with torch.no_grad():
-        mixed = model(**batch, task_ids=ids).logits
-        alone = torch.cat([model(**{k: v[i:i + 1] for k, v in batch.items()}, task_ids=ids[i:i + 1]).logits for i in range(3)])
-    assert torch.allclose(mixed, alone, atol=1e-5)
+    assert_mixed_batch_is_each_example_alone(model, batch, ids)
     model.zero_grad()
     model(**batch, labels=torch.tensor([0, 1, 1]), task_ids=torch.ones(3, dtype=torch.long)).loss.backward()
     grad = method.prompt.embeddings.grad
@@ -161,10 +161,7 @@ def test_per_task_lora_counts_routes_and_refuses_to_merge(sharing):
     assert sum(p.numel() for p in trained.values()) == sites * per_site == method.expected_param_count(model)
     randomize(delta, model, scale=0.3)
     batch, ids = token_batch(batch=3), torch.tensor([1, 2, 0])
-    with torch.no_grad():
-        mixed = model(**batch, task_ids=ids).logits
-        alone = torch.cat([model(**{k: v[i:i + 1] for k, v in batch.items()}, task_ids=ids[i:i + 1]).logits for i in range(3)])
-    assert torch.allclose(mixed, alone, atol=1e-5)
+    assert_mixed_batch_is_each_example_alone(model, batch, ids)
     assert not method.mergeable and not delta.can_merge
     with pytest.raises(SlimtuneError, match="cannot be merged"):
         delta.merge(model)
@@ -183,7 +180,4 @@ def test_per_task_compacter_shares_its_rules_and_routes_fast_weights(method):
     assert len(rules) == 1 and trained[rules[0]].shape == (4, 4, 4)  # one rule container for every layer and task
     randomize(delta, model, scale=0.3)
     batch, ids = token_batch(batch=3), torch.tensor([2, 1, 0])
-    with torch.no_grad():
-        mixed = model(**batch, task_ids=ids).logits
-        alone = torch.cat([model(**{k: v[i:i + 1] for k, v in batch.items()}, task_ids=ids[i:i + 1]).logits for i in range(3)])
-    assert torch.allclose(mixed, alone, atol=1e-5)
+    assert_mixed_batch_is_each_example_alone(model, batch, ids)
